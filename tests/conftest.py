@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny real data set (from the embedded demo subset), tiny models, a CPU runtime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tsbd.train.runtime import Runtime
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TSBD_TEST_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def runtime() -> Runtime:
+    # fp32 keeps the hand computations exact; 2 threads is the CI machine
+    return Runtime.create("cpu", "fp32", threads=2)
+
+
+@pytest.fixture(scope="session")
+def demo():
+    from tsbd.data import load_dataset
+
+    return load_dataset("demo")
+
+
+@pytest.fixture(scope="session")
+def small(demo):
+    """A few hundred real CIFAR-10 images: 1,200 train / 400 test, class-balanced."""
+    from tsbd.data.base import Dataset
+
+    def take(split, per_class):
+        idx = torch.cat([torch.nonzero(split.y == c).flatten()[:per_class] for c in range(10)])
+        return split.subset(torch.sort(idx).values)
+
+    train, test = take(demo.train, 120), take(demo.test, 40)
+    return Dataset("demo-small", train, test, demo.classes, demo.mean, demo.std,
+                   fingerprint=train.fingerprint() + test.fingerprint(), source="demo subset")
+
+
+class TinyNet(nn.Module):
+    """A 3-conv net with a 1x1 shortcut, for surgery tests."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, stride=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.shortcut = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False))
+        self.linear = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)) + self.shortcut(h))
+        return self.linear(h.mean((2, 3)))
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return TinyNet()

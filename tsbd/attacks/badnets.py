@@ -1,0 +1,50 @@
+"""BadNets (Gu et al., 2019): a small patch stamped on the image, label flipped to the target.
+
+Default trigger as in BackdoorBench: a white 3x3 square in the bottom-right corner (6x6 on
+64-pixel images, paper App. C). ``trigger_image`` takes any image: its non-zero pixels mark and
+fill the patch (BackdoorBench's formula x' = x*[t=0] + t*[t>0]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tsbd.attacks.base import ATTACKS, Attack, AttackConfig, load_trigger_image
+from tsbd.config import option
+
+
+@dataclasses.dataclass(frozen=True)
+class BadNetsConfig(AttackConfig):
+    patch_size: int = option(0, "side of the white square; 0 = 3 per 32 px of image (3 on CIFAR, 6 on Tiny ImageNet)",
+                             "BackdoorBench resource/badnet; paper App. C")
+    trigger_image: str = option("", "image file whose non-zero pixels are the patch (overrides patch_size)",
+                                "BackdoorBench trigger_image.png format")
+
+
+@ATTACKS.register("badnets")
+class BadNets(Attack):
+    name = "badnets"
+    config_class = BadNetsConfig
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        self._trigger: torch.Tensor | None = None
+
+    def trigger(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The C x H x W uint8 trigger for images of ``shape`` (zero where the image is kept)."""
+        if self._trigger is None or tuple(self._trigger.shape) != tuple(shape):
+            c, h, w = shape
+            if self.config.trigger_image:
+                t = load_trigger_image(self.config.trigger_image, (h, w))[:c]
+            else:
+                k = self.config.patch_size or max(1, round(3 * h / 32))
+                t = torch.zeros(shape, dtype=torch.uint8)
+                t[:, h - k :, w - k :] = 255
+            self._trigger = t
+        return self._trigger
+
+    def apply(self, x, index=None, split="train"):
+        t = self.trigger(tuple(x.shape[1:]))
+        return torch.where(t > 0, t, x)

@@ -1,0 +1,119 @@
+"""The defense interface: ``Defense(config).purify(model, clean_data) -> DefenseResult``."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import time
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from tsbd.config import option, override, to_dict
+from tsbd.data.base import ImageSet
+from tsbd.errors import TsbdError
+from tsbd.registry import Registry
+from tsbd.train.runtime import Runtime, seed_everything
+
+DEFENSES: Registry[type["Defense"]] = Registry("defense", "tsbd.defenses")
+
+# monitor(stage, model) -> metrics to record after a stage (e.g. test ACC/ASR in benchmarks)
+Monitor = Callable[[str, nn.Module], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseConfig:
+    batch_size: int = option(256, "mini-batch size", "paper App. C / BackdoorBench defense configs")
+
+
+@dataclasses.dataclass
+class DefenseResult:
+    """The purified model and a record of what the defense did."""
+
+    model: nn.Module
+    defense: str
+    config: dict
+    info: dict = dataclasses.field(default_factory=dict)  # method-specific diagnostics
+    timings: dict = dataclasses.field(default_factory=dict)  # seconds per stage
+    stages: dict = dataclasses.field(default_factory=dict)  # monitor output per stage
+
+    def record(self) -> dict:
+        return {"defense": self.defense, "config": self.config, "info": self.info, "timings": self.timings,
+                "stages": self.stages}
+
+
+class Stages:
+    """Times named stages and runs the optional monitor after each."""
+
+    def __init__(self, result: DefenseResult, monitor: Monitor | None):
+        self.result, self.monitor = result, monitor
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.result.timings[name] = time.perf_counter() - t0
+
+    def observe(self, name: str, model: nn.Module) -> None:
+        if self.monitor is not None:
+            self.result.stages[name] = self.monitor(name, model)
+
+
+class Defense:
+    """Base class: subclasses set ``name``, ``config_class`` and implement :meth:`run`."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = DefenseConfig
+
+    def __init__(self, config: Any = None, **overrides: Any):
+        cfg = config if config is not None else self.config_class()
+        if not isinstance(cfg, self.config_class):
+            raise TsbdError(f"{self.name} expects a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.config = override(cfg, overrides)
+
+    def purify(self, model: nn.Module, clean: ImageSet, *, runtime: Runtime | None = None, seed: int = 0,
+               progress: bool = False, monitor: Monitor | None = None) -> DefenseResult:
+        """Return a purified copy of ``model`` (the input is not modified)."""
+        runtime = runtime or Runtime.create()
+        check_clean_data(model, clean, runtime)
+        seed_everything(seed)
+        work = copy.deepcopy(model).to(runtime.device)
+        result = DefenseResult(model=work, defense=self.name, config=to_dict(self.config))
+        total0 = time.perf_counter()
+        result.model = self.run(work, clean, runtime=runtime, seed=seed, progress=progress,
+                                stages=Stages(result, monitor), result=result)
+        result.timings["total"] = time.perf_counter() - total0
+        return result
+
+    def run(self, model: nn.Module, clean: ImageSet, *, runtime: Runtime, seed: int, progress: bool,
+            stages: Stages, result: DefenseResult) -> nn.Module:
+        raise NotImplementedError
+
+
+def check_clean_data(model: nn.Module, clean: ImageSet, runtime: Runtime) -> None:
+    """Fail early, in one line, when the clean set cannot be used with this model."""
+    if len(clean) == 0:
+        raise TsbdError("the clean defense set is empty; provide clean images (raise --clean-ratio or add data)")
+    c = clean.x.shape[1]
+    if c != 3:
+        raise TsbdError(f"clean images have {c} channels; the models expect RGB (3 channels)")
+    model_was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.to(runtime.device)(clean.x[:2].to(runtime.device).float() / 255)
+    except RuntimeError as err:
+        raise TsbdError(f"the model cannot process the clean images of size {tuple(clean.x.shape[1:])}: "
+                        f"{str(err).splitlines()[0]}; use data of the size the model was trained on") from None
+    finally:
+        model.train(model_was_training)
+    n_classes = out.shape[1]
+    if int(clean.y.max()) >= n_classes:
+        raise TsbdError(f"clean labels go up to {int(clean.y.max())} but the model has {n_classes} classes; "
+                        "use the dataset the model was trained on")
+
+
+def build_defense(name: str, config: dict[str, Any] | None = None) -> Defense:
+    return DEFENSES.get(name)(**(config or {}))

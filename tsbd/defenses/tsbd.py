@@ -1,0 +1,216 @@
+"""Two-Stage Backdoor Defense (Lin et al., "Unveiling and Mitigating Backdoor Vulnerabilities
+based on Unlearning Weight Changes and Backdoor Activeness", NeurIPS 2024), Alg. 1 and 2.
+
+Stage 1, NWC-based backdoor reinitialization:
+  a. :func:`clean_unlearn` -- gradient ascent on clean cross-entropy until clean accuracy <= 10%;
+  b. :func:`tsbd.models.surgery.neuron_weight_change` -- NWC = L1(theta_ul - theta_bd) per neuron (Eq. 1);
+  c. :func:`zero_reinit` -- among the top-n% neurons by NWC, zero the m% most-changed subweights
+     in the ORIGINAL backdoored weights.
+Stage 2, :func:`activeness_aware_finetune` -- fine-tune with the gradient-norm penalty (Eq. 2),
+  approximated as g = (1 - a) g1 + a g2, g2 taken at theta + r g1 / ||g1|| (Eq. 5, Alg. 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from tsbd.config import option
+from tsbd.data.base import ImageSet
+from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
+from tsbd.metrics import accuracy
+from tsbd.models.surgery import rank_neurons, subweight_change, zero_subweights
+from tsbd.train.engine import TrainConfig, cross_entropy_step, fit, predict
+from tsbd.train.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TSBDConfig(DefenseConfig):
+    unlearn_lr: float = option(1e-4, "clean-unlearning learning rate", "paper App. C; authors' config lr_un")
+    unlearn_momentum: float = option(0.9, "clean-unlearning SGD momentum (no weight decay)", "authors' tsbd.py")
+    unlearn_acc_threshold: float = option(0.10, "stop unlearning at the first epoch with clean acc <= this",
+                                          "paper Alg. 1 / App. C")
+    unlearn_max_epochs: int = option(1000, "give up unlearning after this many epochs (warns)",
+                                     "authors' config epochs")
+    neuron_ratio: float = option(0.15, "n: fraction of neurons (conv output channels) selected by NWC",
+                                 "paper App. C")
+    weight_ratio: float = option(0.7, "m: fraction of the selected neurons' subweights zeroed", "paper App. C")
+    reinit_scheme: Literal["v3", "v2", "v1"] = option(
+        "v3", "v3: m% most-changed subweights pooled over selected neurons; v2: m% per neuron; v1: whole neurons",
+        "paper Table 3 (V3 is TSBD)")
+    finetune_lr: float = option(0.01, "activeness-aware fine-tuning learning rate", "paper App. C")
+    finetune_momentum: float = option(0.9, "fine-tuning SGD momentum (no weight decay, no schedule)",
+                                      "authors' tsbd.py")
+    finetune_epochs: int = option(20, "fine-tuning epochs (the authors' loop runs ft_epoch+1 = 21)", "paper App. C")
+    r: float = option(0.05, "perturbation radius of the gradient-norm approximation", "paper App. C, Zhao et al. 2022")
+    alpha: float = option(0.7, "balance coefficient a = lambda / r", "paper App. C, Zhao et al. 2022")
+    perturbation_norm: Literal["per-tensor", "global"] = option(
+        "per-tensor", "normalize g1 per parameter tensor (authors' code) or globally (paper Eq. 5)",
+        "authors' tsbd.py (produced the paper's numbers)")
+    finetune_mode: Literal["activeness-aware", "vanilla", "none"] = option(
+        "activeness-aware", "stage 2 variant (vanilla / none are the paper's Table 4 ablations)", "paper Table 4")
+    augment: bool = option(True, "random crop + flip on clean batches", "authors' code (train transform)")
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 1a
+def clean_unlearn(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Runtime, *, seed: int = 0,
+                  progress: bool = False) -> tuple[nn.Module, dict]:
+    """Gradient ascent on clean cross-entropy (train mode, SGD, no weight decay) on a copy of
+    ``model``; stops at the end of the first epoch whose clean accuracy is <= the threshold."""
+    unlearned = copy.deepcopy(model)
+    opt = torch.optim.SGD([p for p in unlearned.parameters() if p.requires_grad], lr=cfg.unlearn_lr,
+                          momentum=cfg.unlearn_momentum, weight_decay=0.0)
+    train_cfg = TrainConfig(epochs=cfg.unlearn_max_epochs, batch_size=cfg.batch_size, lr=cfg.unlearn_lr,
+                            momentum=cfg.unlearn_momentum, weight_decay=0.0, schedule="constant",
+                            augment=cfg.augment, drop_last=False)
+    accs: list[float] = []
+
+    def reached_threshold(epoch: int, m: nn.Module, stats: dict) -> bool:
+        acc = accuracy(predict(m, clean.x, runtime), clean.y)
+        stats["clean_acc"] = acc
+        accs.append(acc)
+        return acc <= cfg.unlearn_acc_threshold
+
+    res = fit(unlearned, clean, train_cfg, runtime, seed=seed, step=cross_entropy_step(ascent=True), optimizer=opt,
+              on_epoch_end=reached_threshold, desc="TSBD 1a clean unlearning", progress=progress)
+    if not res.stopped_early:
+        log.warning("clean unlearning did not reach clean accuracy <= %.2f within %d epochs (last %.3f); "
+                    "NWC is computed from the last state -- raise unlearn_lr or unlearn_max_epochs",
+                    cfg.unlearn_acc_threshold, cfg.unlearn_max_epochs, accs[-1] if accs else float("nan"))
+    return unlearned, {"epochs": res.epochs, "reached_threshold": res.stopped_early,
+                       "clean_acc_per_epoch": accs}
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 1c
+def zero_reinit(backdoored: nn.Module, weight_change: dict[str, torch.Tensor], neuron_ratio: float,
+                weight_ratio: float, scheme: str = "v3") -> tuple[nn.Module, dict]:
+    """Copy of ``backdoored`` with the most-changed subweights of the top-NWC neurons set to 0.
+
+    ``weight_change[layer]`` is |theta_ul - theta_bd| as K x I (see :func:`subweight_change`).
+    The top ``neuron_ratio`` of all neurons by NWC (global ranking) are selected; then
+    v3 (TSBD): the ``weight_ratio`` most-changed subweights pooled over all selected neurons
+    (one threshold; ties at the threshold are zeroed too, as in the authors' code);
+    v2: the ``weight_ratio`` most-changed subweights of each selected neuron; v1: whole neurons.
+    """
+    if not 0 <= neuron_ratio <= 1 or not 0 <= weight_ratio <= 1:
+        raise ValueError("neuron_ratio and weight_ratio must be in [0, 1]")
+    nwc = {name: d.sum(dim=1) for name, d in weight_change.items()}
+    ranked = rank_neurons(nwc)
+    n_select = int(neuron_ratio * len(ranked))
+    selected = ranked[:n_select]
+    masks = {name: torch.zeros_like(d, dtype=torch.bool) for name, d in weight_change.items()}
+    for name, k in selected:
+        masks[name][k] = True  # provisional: whole neuron (v1)
+    if scheme == "v3" and selected:
+        pool = torch.cat([weight_change[name][masks[name].any(1)].flatten() for name in masks if masks[name].any()])
+        n_zero = int(weight_ratio * pool.numel())
+        if n_zero == 0:
+            masks = {name: torch.zeros_like(m) for name, m in masks.items()}
+        else:
+            threshold = torch.topk(pool, n_zero).values[-1]
+            masks = {name: m & (weight_change[name] >= threshold) for name, m in masks.items()}
+    elif scheme == "v2":
+        for name, m in masks.items():
+            rows = m.any(1).nonzero().flatten()
+            if len(rows):
+                per = int(weight_ratio * m.shape[1])
+                m[rows] = False
+                if per:
+                    top = torch.topk(weight_change[name][rows], per, dim=1).indices
+                    m[rows.unsqueeze(1), top] = True
+    elif scheme != "v1":
+        raise ValueError(f"unknown reinit scheme {scheme!r}")
+    model = copy.deepcopy(backdoored)
+    zeroed = zero_subweights(model, masks)
+    per_layer = {name: int(m.any(1).sum()) for name, m in masks.items() if m.any()}
+    return model, {"neurons_total": len(ranked), "neurons_selected": n_select, "subweights_zeroed": zeroed,
+                   "selected_per_layer": per_layer, "scheme": scheme}
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 2
+def activeness_aware_step(r: float, alpha: float, norm: str = "per-tensor"):
+    """The Aa-FT step (Alg. 2): g1 at theta; g2 at theta + r g1/||g1||; update with (1-a) g1 + a g2.
+
+    ``norm="per-tensor"`` divides each tensor's g1 by its own L2 norm (authors' code);
+    ``"global"`` by the norm of the whole gradient (paper Eq. 5).
+    """
+    if norm not in ("per-tensor", "global"):
+        raise ValueError(f"unknown perturbation norm {norm!r}")
+
+    def step(model, x, y, optimizer, runtime):
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        with runtime.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        g1 = torch.autograd.grad(loss, params, allow_unused=True)
+        g1 = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g1)]
+        with torch.no_grad():
+            if norm == "global":
+                total = torch.sqrt(sum((g.float() ** 2).sum() for g in g1)) + 1e-12
+                eps = [r * g / total for g in g1]
+            else:
+                eps = [r * g / (g.norm() + 1e-12) for g in g1]
+            for p, e in zip(params, eps):
+                p.add_(e)
+        with runtime.autocast():
+            loss2 = nn.functional.cross_entropy(model(x), y)
+        g2 = torch.autograd.grad(loss2, params, allow_unused=True)
+        with torch.no_grad():
+            for p, e, a, b in zip(params, eps, g1, g2):
+                p.sub_(e)
+                p.grad = (1 - alpha) * a + (alpha * b if b is not None else 0)
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def activeness_aware_finetune(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Runtime, *,
+                              seed: int = 0, progress: bool = False) -> dict:
+    """Fine-tune ``model`` in place on the clean set (SGD, constant lr, no weight decay)."""
+    if cfg.finetune_mode == "none" or cfg.finetune_epochs == 0:
+        return {"epochs": 0}
+    train_cfg = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.finetune_lr,
+                            momentum=cfg.finetune_momentum, weight_decay=0.0, schedule="constant",
+                            augment=cfg.augment, drop_last=False)
+    step = (activeness_aware_step(cfg.r, cfg.alpha, cfg.perturbation_norm)
+            if cfg.finetune_mode == "activeness-aware" else cross_entropy_step())
+    res = fit(model, clean, train_cfg, runtime, seed=seed + 1, step=step, desc="TSBD 2 activeness-aware FT",
+              progress=progress)
+    return {"epochs": res.epochs, "final_loss": res.history[-1]["loss"] if res.history else math.nan}
+
+
+# ------------------------------------------------------------------------------------------
+@DEFENSES.register("tsbd")
+class TSBD(Defense):
+    """Two-Stage Backdoor Defense (paper Alg. 1)."""
+
+    name = "tsbd"
+    config_class = TSBDConfig
+
+    def run(self, model, clean, *, runtime, seed, progress, stages, result):
+        cfg: TSBDConfig = self.config
+        with stages.stage("clean_unlearn"):
+            unlearned, result.info["unlearn"] = clean_unlearn(model, clean, cfg, runtime, seed=seed, progress=progress)
+        with stages.stage("nwc"):
+            change = subweight_change(model, unlearned)
+        del unlearned
+        with stages.stage("zero_reinit"):
+            model, result.info["reinit"] = zero_reinit(model, change, cfg.neuron_ratio, cfg.weight_ratio,
+                                                       cfg.reinit_scheme)
+        stages.observe("after_reinit", model)
+        with stages.stage("finetune"):
+            result.info["finetune"] = activeness_aware_finetune(model, clean, cfg, runtime, seed=seed,
+                                                                progress=progress)
+        stages.observe("after_finetune", model)
+        return model

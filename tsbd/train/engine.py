@@ -1,0 +1,265 @@
+"""The single training loop and evaluation loop.
+
+Attack training, clean unlearning, fine-tuning and every baseline defense run through
+:func:`fit`; methods differ only in the *step* they plug in (plain cross-entropy, gradient
+ascent, the two-gradient activeness-aware step, ...), an optional per-batch hook (on-the-fly
+poisoning) and an epoch-end callback (early stopping). Images stay uint8 in memory; each batch
+is augmented with torch ops, scaled to [0, 1] and laid out channels_last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tsbd.config import option
+from tsbd.data.base import ImageSet
+from tsbd.errors import TsbdError
+from tsbd.train.augment import crop_flip
+from tsbd.train.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule and data settings of one :func:`fit` call (BackdoorBench's attack
+    training defaults unless a method overrides them)."""
+
+    epochs: int = option(100, "training epochs", "BackdoorBench prototype/cifar10.yaml")
+    batch_size: int = option(128, "mini-batch size", "BackdoorBench prototype/cifar10.yaml")
+    lr: float = option(0.01, "(peak) learning rate", "BackdoorBench prototype/cifar10.yaml")
+    momentum: float = option(0.9, "SGD momentum", "BackdoorBench prototype/cifar10.yaml")
+    weight_decay: float = option(5e-4, "SGD weight decay", "BackdoorBench prototype/cifar10.yaml")
+    nesterov: bool = option(False, "Nesterov momentum", "BackdoorBench (plain SGD)")
+    schedule: Literal["cosine", "onecycle", "constant"] = option(
+        "cosine", "learning-rate schedule (cosine per epoch; onecycle per step)", "BackdoorBench CosineAnnealingLR"
+    )
+    warmup: float = option(0.2, "onecycle: fraction of steps spent warming up", "airbench recipe")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", "BackdoorBench (none)")
+    augment: bool = option(True, "random crop (pad 4) + horizontal flip", "BackdoorBench train transform")
+    drop_last: bool = option(True, "drop the last incomplete batch", "BackdoorBench train loader")
+
+
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer, Runtime], torch.Tensor]
+BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], "tuple[torch.Tensor, torch.Tensor]"]
+EpochEnd = Callable[[int, nn.Module, dict], Optional[bool]]
+
+
+@dataclasses.dataclass
+class FitResult:
+    epochs: int  # epochs completed
+    seconds: float
+    stopped_early: bool
+    history: list[dict]
+    images: int  # images processed
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def cross_entropy_step(label_smoothing: float = 0.0, ascent: bool = False) -> StepFn:
+    """Plain SGD step on cross-entropy; ``ascent=True`` maximizes it (unlearning)."""
+    sign = -1.0 if ascent else 1.0
+
+    def step(model, x, y, optimizer, runtime):
+        with runtime.autocast():
+            loss = nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        (sign * loss).backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TsbdError("the model has no trainable parameters; check that its weights are not all frozen")
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0
+    )
+
+
+def _lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":  # stepped per epoch, T_max = epochs (BackdoorBench)
+        epoch = step // steps_per_epoch
+        return 0.5 * (1 + math.cos(math.pi * epoch / max(1, cfg.epochs)))
+    if cfg.schedule == "onecycle":  # linear warm-up then linear decay to 0, per step
+        warm = max(1, int(cfg.warmup * total))
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+    raise TsbdError(f"unknown schedule {cfg.schedule!r}; choose cosine, onecycle or constant")
+
+
+def to_model_input(x_uint8: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """uint8 N x C x H x W -> float in [0, 1], on the runtime's device, channels_last."""
+    x = x_uint8.to(runtime.device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def iterate_batches(
+    data: ImageSet,
+    batch_size: int,
+    runtime: Runtime,
+    *,
+    generator: torch.Generator | None = None,
+    shuffle: bool = True,
+    augment: bool = False,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (float images in [0, 1], labels) batches on the runtime's device."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        xb = data.x[idx.to(data.x.device)]
+        if augment:
+            xb = crop_flip(xb, generator)
+        yield to_model_input(xb, runtime), data.y[idx.to(data.y.device)].to(runtime.device, non_blocking=True)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def fit(
+    model: nn.Module,
+    data: ImageSet,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    *,
+    seed: int = 0,
+    step: StepFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    batch_hook: BatchHook | None = None,
+    on_epoch_end: EpochEnd | None = None,
+    checkpoint: str | Path | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` in place on ``data`` for ``cfg.epochs`` epochs.
+
+    ``step`` does forward/backward/update for one batch and returns the loss (default:
+    cross-entropy SGD). ``batch_hook(x, y, generator)`` may rewrite a batch (on-the-fly
+    poisoning). ``on_epoch_end(epoch, model, stats)`` returning True stops training.
+    With ``checkpoint`` set, state is saved there after every epoch and a rerun resumes.
+    """
+    if len(data) == 0:
+        raise TsbdError("the training set is empty; provide at least one image")
+    if cfg.epochs < 0 or cfg.batch_size <= 0:
+        raise TsbdError(f"epochs must be >= 0 and batch size > 0, got {cfg.epochs} and {cfg.batch_size}")
+    model.to(runtime.device).to(memory_format=torch.channels_last)
+    step = step or cross_entropy_step(cfg.label_smoothing)
+    optimizer = optimizer or make_optimizer(model, cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    drop_last = cfg.drop_last and len(data) >= cfg.batch_size
+    steps_per_epoch = len(data) // cfg.batch_size if drop_last else math.ceil(len(data) / cfg.batch_size)
+    if runtime.device.type == "cuda":  # keep the whole uint8 set on the GPU: no per-batch copies
+        data = ImageSet(data.x.to(runtime.device), data.y.to(runtime.device))
+
+    history: list[dict] = []
+    start_epoch = 0
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    if ckpt_path and ckpt_path.exists():
+        try:
+            state = torch.load(ckpt_path, map_location=runtime.device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"].cpu())
+            start_epoch, history = int(state["epoch"]), list(state["history"])
+            log.info("resumed %s from %s at epoch %d", desc, ckpt_path, start_epoch)
+        except Exception as err:  # a torn or foreign checkpoint: start over rather than fail
+            log.warning("ignoring unreadable checkpoint %s (%s); starting from epoch 0", ckpt_path, err)
+            start_epoch, history = 0, []
+
+    total_steps = cfg.epochs * steps_per_epoch
+    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=desc, disable=not progress,
+               unit="step", leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    images = 0
+    stopped = False
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            loss_sum = torch.zeros((), device=runtime.device)
+            n_batches = 0
+            t_epoch = time.perf_counter()
+            for i, (x, y) in enumerate(iterate_batches(data, cfg.batch_size, runtime, generator=generator,
+                                                       augment=cfg.augment, drop_last=drop_last)):
+                factor = _lr_factor(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
+                if batch_hook is not None:
+                    x, y = batch_hook(x, y, generator)
+                loss = step(model, x, y, optimizer, runtime)
+                loss_sum += loss.float()
+                n_batches += 1
+                images += len(y)
+                if n_batches % 50 == 0 or progress:
+                    value = float(loss)
+                    if not math.isfinite(value):
+                        raise TsbdError(
+                            f"{desc}: the loss became {value} at epoch {epoch + 1}, batch {n_batches}; "
+                            f"lower the learning rate (now {base_lrs[0]:g})"
+                        )
+                    bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{value:.3f}", refresh=False)
+                bar.update(1)
+            mean_loss = float(loss_sum) / max(1, n_batches)
+            if not math.isfinite(mean_loss):
+                raise TsbdError(
+                    f"{desc}: the loss became {mean_loss} in epoch {epoch + 1}; lower the learning rate (now {base_lrs[0]:g})"
+                )
+            stats = {"epoch": epoch + 1, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                     "seconds": time.perf_counter() - t_epoch}
+            if on_epoch_end is not None and on_epoch_end(epoch + 1, model, stats):
+                stopped = True
+            history.append(stats)
+            if ckpt_path:
+                _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                             "generator": generator.get_state(), "epoch": epoch + 1,
+                                             "history": history})
+            if stopped:
+                break
+    finally:
+        bar.close()
+    done = history[-1]["epoch"] if history else 0
+    return FitResult(epochs=done, seconds=time.perf_counter() - t0, stopped_early=stopped, history=history,
+                     images=images)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, runtime: Runtime, batch_size: int = 1024,
+            progress: bool = False) -> torch.Tensor:
+    """Predicted class of each uint8 image (eval mode), as a CPU int64 tensor."""
+    was_training = model.training
+    model.eval()
+    model.to(runtime.device)
+    out = []
+    for start in tqdm(range(0, len(x), batch_size), desc="eval", disable=not progress, leave=False):
+        xb = to_model_input(x[start : start + batch_size], runtime)
+        with runtime.autocast():
+            out.append(model(xb).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
