@@ -148,3 +148,15 @@ def test_clean_unlearning_stops_at_threshold(small, runtime):
     assert info["epochs"] == len(accs)
     # the input model was not touched
     assert accuracy(predict(model, small.train.x, runtime), small.train.y) == pytest.approx(acc0)
+
+
+def test_zero_reinit_on_channels_last_weights(tiny_net):
+    """fit() leaves weights channels_last; zeroing must still hit exactly the chosen subweights."""
+    other = _known_change(tiny_net)
+    change = subweight_change(tiny_net, other)
+    cl = copy.deepcopy(tiny_net).to(memory_format=torch.channels_last)
+    assert not cl.conv2.weight.is_contiguous()
+    model, info = zero_reinit(cl, change, 2 / 24 + 1e-9, 0.5)
+    ref, _ = zero_reinit(tiny_net, change, 2 / 24 + 1e-9, 0.5)
+    assert torch.equal(model.conv2.weight.contiguous(), ref.conv2.weight)
+    assert info["subweights_zeroed"] >= 72

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import logging
 import sys
@@ -20,6 +21,9 @@ from typing import Any
 from tsbd.errors import TsbdError
 
 log = logging.getLogger("tsbd")
+
+# modules that add subcommands (bench, report, analyze, inspect, show-attack)
+EXTRA_COMMANDS = ["tsbd.bench.cli", "tsbd.analysis.cli", "tsbd.interop.cli", "tsbd.attacks.show"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -326,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="registered datasets, models, attacks, defenses and their options")
     p.set_defaults(func=cmd_list)
+
+    # Commands of other subsystems: each module has register(subparsers, add_runtime_args, add_data_root)
+    for module in EXTRA_COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name is None or not module.startswith(err.name):
+                raise
+            continue
+        mod.register(sub, _add_runtime_args, _add_data_root)
     return parser
 
 

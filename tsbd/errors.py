@@ -11,3 +11,7 @@ class TsbdError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class DivergedError(TsbdError):
+    """Training produced a non-finite loss (raised by the engine; unlearning treats it as an end)."""

@@ -57,3 +57,15 @@ def clean_defense_split(n_train: int, poison_index: torch.Tensor | None, ratio: 
     if poison_index is not None and len(poison_index):
         mask[poison_index] = False
     return sample_indices(torch.nonzero(mask).flatten(), count, seed)
+
+
+def holdout_split(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Split the defender's clean set into (fit part, held-out part) for choosing a pruning level
+    or threshold without touching test data. ``fraction`` of the images go to the held-out part."""
+    if not 0 < fraction < 1:
+        raise TsbdError(f"held-out fraction must be in (0, 1), got {fraction}")
+    n_hold = max(1, round(fraction * len(data)))
+    if n_hold >= len(data):
+        raise TsbdError(f"the clean set ({len(data)} images) is too small to hold out {fraction:.0%}; add clean data")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.subset(torch.sort(perm[n_hold:]).values), data.subset(torch.sort(perm[:n_hold]).values)

@@ -24,6 +24,7 @@ from torch import nn
 from tsbd.config import option
 from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
+from tsbd.errors import DivergedError
 from tsbd.metrics import accuracy
 from tsbd.models.surgery import rank_neurons, subweight_change, zero_subweights
 from tsbd.train.engine import TrainConfig, cross_entropy_step, fit, predict
@@ -73,15 +74,27 @@ def clean_unlearn(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: R
                             momentum=cfg.unlearn_momentum, weight_decay=0.0, schedule="constant",
                             augment=cfg.augment, drop_last=False)
     accs: list[float] = []
+    last_state = {k: v.detach().clone() for k, v in unlearned.state_dict().items()}
 
     def reached_threshold(epoch: int, m: nn.Module, stats: dict) -> bool:
         acc = accuracy(predict(m, clean.x, runtime), clean.y)
         stats["clean_acc"] = acc
         accs.append(acc)
+        for k, v in m.state_dict().items():
+            last_state[k].copy_(v)
         return acc <= cfg.unlearn_acc_threshold
 
-    res = fit(unlearned, clean, train_cfg, runtime, seed=seed, step=cross_entropy_step(ascent=True), optimizer=opt,
-              on_epoch_end=reached_threshold, desc="TSBD 1a clean unlearning", progress=progress)
+    try:
+        res = fit(unlearned, clean, train_cfg, runtime, seed=seed, step=cross_entropy_step(ascent=True),
+                  optimizer=opt, on_epoch_end=reached_threshold, desc="TSBD 1a clean unlearning", progress=progress)
+    except DivergedError:
+        # gradient ascent drove the loss to infinity before accuracy reached the threshold (a model
+        # already near chance): the unlearning is as complete as it gets; use the last finite epoch
+        unlearned.load_state_dict(last_state)
+        log.warning("clean unlearning diverged after %d epochs (clean acc %.3f); using the last finite state",
+                    len(accs), accs[-1] if accs else float("nan"))
+        return unlearned, {"epochs": len(accs), "reached_threshold": False, "diverged": True,
+                           "clean_acc_per_epoch": accs}
     if not res.stopped_early:
         log.warning("clean unlearning did not reach clean accuracy <= %.2f within %d epochs (last %.3f); "
                     "NWC is computed from the last state -- raise unlearn_lr or unlearn_max_epochs",

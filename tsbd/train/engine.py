@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from tsbd.config import option
 from tsbd.data.base import ImageSet
-from tsbd.errors import TsbdError
+from tsbd.errors import DivergedError, TsbdError
 from tsbd.train.augment import crop_flip
 from tsbd.train.runtime import Runtime
 
@@ -155,6 +155,7 @@ def fit(
     checkpoint: str | Path | None = None,
     desc: str = "train",
     progress: bool = True,
+    train_mode: bool = True,
 ) -> FitResult:
     """Train ``model`` in place on ``data`` for ``cfg.epochs`` epochs.
 
@@ -162,6 +163,8 @@ def fit(
     cross-entropy SGD). ``batch_hook(x, y, generator)`` may rewrite a batch (on-the-fly
     poisoning). ``on_epoch_end(epoch, model, stats)`` returning True stops training.
     With ``checkpoint`` set, state is saved there after every epoch and a rerun resumes.
+    ``train_mode=False`` keeps the model in eval mode (frozen BN statistics), for methods that
+    optimize something other than the weights (trigger reverse-engineering, masks).
     """
     if len(data) == 0:
         raise TsbdError("the training set is empty; provide at least one image")
@@ -202,7 +205,7 @@ def fit(
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            model.train()
+            model.train(train_mode)
             loss_sum = torch.zeros((), device=runtime.device)
             n_batches = 0
             t_epoch = time.perf_counter()
@@ -220,7 +223,7 @@ def fit(
                 if n_batches % 50 == 0 or progress:
                     value = float(loss)
                     if not math.isfinite(value):
-                        raise TsbdError(
+                        raise DivergedError(
                             f"{desc}: the loss became {value} at epoch {epoch + 1}, batch {n_batches}; "
                             f"lower the learning rate (now {base_lrs[0]:g})"
                         )
@@ -228,7 +231,7 @@ def fit(
                 bar.update(1)
             mean_loss = float(loss_sum) / max(1, n_batches)
             if not math.isfinite(mean_loss):
-                raise TsbdError(
+                raise DivergedError(
                     f"{desc}: the loss became {mean_loss} in epoch {epoch + 1}; lower the learning rate (now {base_lrs[0]:g})"
                 )
             stats = {"epoch": epoch + 1, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],

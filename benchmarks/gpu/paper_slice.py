@@ -1,0 +1,114 @@
+"""One GPU run: a slice of the paper's CIFAR-10 / PreAct-ResNet18 table.
+
+Trains the attacked PreAct-ResNet18 (the "gpu" preset unless --preset says otherwise), then runs
+TSBD and the baseline defenses on it, writing every result row to --out as soon as it exists
+(so a run cut short still returns what it finished). Defenses that would not fit in
+--budget-seconds are skipped and listed as such.
+
+On the device machine (data copied into an ignored folder of the checkout and carried):
+    PYTHONPATH=. python3 benchmarks/gpu/paper_slice.py --data-root .device/data \
+        --trigger-dir .device/triggers --attacks badnets --out $OUT/slice.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from tsbd.artifacts import provenance, write_json_atomic
+from tsbd.attacks import build_attack
+from tsbd.data import load_dataset
+from tsbd.defenses import DEFENSES
+from tsbd.pipeline import defend_model, setup_attack, train_attacked_model, train_config
+from tsbd.train.runtime import Runtime
+
+PAPER_TRIGGERS = {"badnets": {"trigger_image": "trigger_image.png"},
+                  "blended": {"trigger_image": "hello_kitty.jpeg", "blend_ratio": 0.2}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--trigger-dir", default=None)
+    ap.add_argument("--dataset", default="cifar10")
+    ap.add_argument("--model", default="preact_resnet18")
+    ap.add_argument("--arch-opt", action="append", default=[], help="KEY=INT model kwarg (tiny CPU checks)")
+    ap.add_argument("--preset", default="gpu")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--attacks", default="badnets")
+    ap.add_argument("--defenses", default="tsbd,ft,fp,nad,clp,anp,nc,ibau,rnp")
+    ap.add_argument("--defense-opt", action="append", default=[], help="NAME.KEY=VALUE (tiny CPU checks)")
+    ap.add_argument("--clean-ratio", type=float, default=0.05)
+    ap.add_argument("--limit-train", type=int, default=0, help="use only the first N training images (CPU checks)")
+    ap.add_argument("--budget-seconds", type=float, default=1e9)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    t_start = time.perf_counter()
+    rt = Runtime.create(args.device, args.precision)
+    ds = load_dataset(args.dataset, root=args.data_root)
+    if args.limit_train:
+        gen = torch.Generator().manual_seed(args.seed)  # the archives are sorted by class: sample at random
+        ds.train = ds.train.subset(torch.randperm(len(ds.train), generator=gen)[: args.limit_train])
+        ds.test = ds.test.subset(torch.randperm(len(ds.test), generator=gen)[: max(100, args.limit_train // 5)])
+    arch_kwargs = {k: int(v) for k, v in (o.split("=", 1) for o in args.arch_opt)}
+    defense_opts: dict[str, dict] = {}
+    for o in args.defense_opt:
+        key, value = o.split("=", 1)
+        name, field = key.split(".", 1)
+        defense_opts.setdefault(name, {})[field] = value
+    out = {"machine": {"device": str(rt.device), "gpu": torch.cuda.get_device_name() if rt.device.type == "cuda" else None,
+                       **rt.describe()},
+           "args": vars(args), "dataset": ds.describe(), "provenance": provenance(), "rows": [], "skipped": []}
+
+    def save():
+        out["elapsed_seconds"] = time.perf_counter() - t_start
+        write_json_atomic(args.out, out)
+
+    for attack_name in args.attacks.split(","):
+        opts = dict(PAPER_TRIGGERS.get(attack_name, {})) if args.trigger_dir else {}
+        if "trigger_image" in opts:
+            opts["trigger_image"] = str(Path(args.trigger_dir) / opts["trigger_image"])
+        setup = setup_attack(ds, build_attack(attack_name, opts), args.seed, rt)
+        cfg = train_config(args.preset, {"epochs": args.epochs} if args.epochs else None)
+        model, meta = train_attacked_model(setup, args.model, cfg, rt, arch_kwargs=arch_kwargs, progress=False)
+        out["rows"].append({"attack": attack_name, "defense": "none", "metrics": meta["metrics"],
+                            "seconds": meta["timings"]["train"], "train": meta["train"],
+                            "images_per_second": meta["train_images_per_second"]})
+        print(attack_name, "none", meta["metrics"], round(meta["timings"]["train"], 1), flush=True)
+        save()
+        per_defense: list[float] = []
+        for name in args.defenses.split(","):
+            if name not in DEFENSES:
+                out["skipped"].append({"attack": attack_name, "defense": name, "why": "not registered"})
+                continue
+            left = args.budget_seconds - (time.perf_counter() - t_start)
+            guess = max(per_defense) if per_defense else 0.0
+            if left < guess * 1.2:
+                out["skipped"].append({"attack": attack_name, "defense": name, "why": f"budget ({left:.0f}s left)"})
+                save()
+                continue
+            t0 = time.perf_counter()
+            try:
+                res, rec = defend_model(model, setup, name, defense_opts.get(name), args.clean_ratio, rt,
+                                        seed=args.seed, metrics_before=meta["metrics"])
+                row = {"attack": attack_name, "defense": name, "metrics": rec["metrics"], "timings": res.timings,
+                       "info": res.info, "stages": rec["defense"]["stages"], "config": rec["defense"]["config"]}
+            except Exception as err:  # record and go on: one failing defense must not lose the rest
+                row = {"attack": attack_name, "defense": name, "error": f"{type(err).__name__}: {err}"}
+            row["seconds"] = time.perf_counter() - t0
+            per_defense.append(row["seconds"])
+            out["rows"].append(row)
+            print(attack_name, name, row.get("metrics", row.get("error")), round(row["seconds"], 1), flush=True)
+            save()
+    save()
+
+
+if __name__ == "__main__":
+    main()

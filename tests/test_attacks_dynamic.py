@@ -1,0 +1,154 @@
+"""The training-controllable attacks: WaNet's warp field and batch hook, Input-aware's mask and
+generator training, and that a tiny model trained through the pipeline learns each backdoor.
+
+Everything runs on the 1,200-image ``small`` set with tiny widths and a few epochs. To get a
+clear signal that cheaply, the learning test uses a stronger WaNet warp (s = 4, 20% poisoned)
+than the paper's s = 0.5, which needs far more data and epochs to be learned.
+"""
+
+import pytest
+import torch
+
+from tsbd.attacks import build_attack
+from tsbd.attacks.inputaware import mask_density
+from tsbd.attacks.wanet import identity_grid
+from tsbd.metrics import evaluate
+from tsbd.models import build_model, init_from_data
+from tsbd.pipeline import AttackSetup, train_attacked_model, train_config
+from tsbd.train import fit
+
+TINY_NET = {"widths": [16, 32, 32]}
+EPOCHS = 8
+# G/M at 1/4 width, batch 32 so a few epochs give enough steps, lr drop after epoch 4
+TINY_IAD = {"width": 0.25, "batch_size": 32, "mask_epochs": 6, "mask_milestones": [4], "joint_epochs": 4}
+
+
+def _train_cfg():
+    return train_config("cpu", {"epochs": EPOCHS, "batch_size": 64})
+
+
+def _shuffled_batch(small, size=128):
+    """A batch as the engine hands it to a hook: shuffled, float in [0, 1]."""
+    idx = torch.randperm(len(small.train), generator=torch.Generator().manual_seed(0))[:size]
+    return small.train.x[idx].float() / 255, small.train.y[idx]
+
+
+# -- WaNet -----------------------------------------------------------------------------------
+def test_wanet_warp_field_is_smooth_and_bounded(small):
+    attack = build_attack("wanet")
+    attack.prepare(small, seed=0)
+    noise, grid = attack.noise, attack.grid
+    assert grid.shape == (1, 32, 32, 2) and grid.abs().max() <= 1
+    shift_px = (grid - identity_grid(32, 32)) * (32 - 1) / 2  # grid units -> pixels
+    s = attack.config.s
+    assert 0 < shift_px.abs().max() <= s * noise.abs().max() / 2 + 1e-5  # s = 0.5: under a pixel or so
+    # smooth: k = 4 control points over 32 px, so neighbouring pixels move almost alike
+    step = max((noise[:, 1:] - noise[:, :-1]).abs().max(), (noise[:, :, 1:] - noise[:, :, :-1]).abs().max())
+    assert step <= 0.4 * noise.abs().max()
+
+
+def test_wanet_is_identity_at_zero_strength(small):
+    attack = build_attack("wanet", {"s": 0.0})
+    attack.prepare(small, seed=0)
+    assert torch.equal(attack.apply(small.test.x), small.test.x)
+
+
+def test_wanet_apply_is_seeded_and_deterministic(small):
+    a, b, c = build_attack("wanet"), build_attack("wanet"), build_attack("wanet")
+    a.prepare(small, seed=1)
+    b.prepare(small, seed=1)
+    c.prepare(small, seed=2)
+    x = small.test.x[:50]
+    out = a.apply(x)
+    assert out.dtype == torch.uint8 and not torch.equal(out, x)
+    assert torch.equal(out, a.apply(x)) and torch.equal(out, b.apply(x))
+    assert a.describe()["warp_field"]["sha256"] == b.describe()["warp_field"]["sha256"]
+    assert a.describe()["warp_field"]["sha256"] != c.describe()["warp_field"]["sha256"]
+    assert set(a.warp_state()) == {"noise_grid", "grid"}
+
+
+def test_wanet_hook_noise_mode_keeps_labels(small):
+    # no crop or rotation: each output is its input, flipped or not, unless noise-warped
+    attack = build_attack("wanet", {"random_crop": 0, "random_rotation": 0, "s": 2.0})
+    attack.prepare(small, seed=0)
+    assert attack.train_overrides() == {"augment": False}  # the hook augments instead of the engine
+    x, y = _shuffled_batch(small)
+    out, y_out = attack.batch_hook(0)(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(y_out, y)
+    kept = torch.tensor([torch.allclose(o, i, atol=1e-6) or torch.allclose(o, i.flip(2), atol=1e-6)
+                         for o, i in zip(out, x)])
+    changed = torch.nonzero(~kept).flatten()
+    assert len(changed) == attack.cross_count(128) == 24  # int(int(0.1 * 128) * 2), as BackdoorBench
+    assert torch.all(y[changed] != attack.config.target)  # stored poisoned images are never re-warped
+
+
+# -- Input-aware -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def iad(small, runtime, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    attack = build_attack("inputaware", TINY_IAD)
+    attack.prepare(small, seed=0, runtime=runtime, arch="airbench", arch_kwargs=TINY_NET, cache_dir=cache)
+    return attack, cache
+
+
+def test_inputaware_mask_density_near_target(iad, small, runtime):
+    attack, _ = iad
+    density = mask_density(attack.trigger, small.test.x, runtime)
+    # an untrained mask covers about half the image; stage 1 pulls it to ~mask_density (0.032)
+    # while the diversity term keeps it from vanishing
+    assert 0.01 < density < 0.1
+    assert attack.describe()["trigger"]["info"]["mask_density"] == pytest.approx(
+        mask_density(attack.trigger, small.test.x[:2000], runtime), abs=1e-6)
+
+
+def test_inputaware_apply_is_the_trigger_formula_and_cached(iad, small, runtime):
+    attack, cache = iad
+    x = small.test.x[:40]
+    out = attack.apply(x)
+    with torch.no_grad():
+        xf = x.float() / 255
+        g, m = attack.trigger.patterns(xf), attack.trigger.masks(xf)
+        expected = ((xf + (g - xf) * m) * 255).round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(out, expected) and torch.equal(out, attack.apply(x))
+    assert m.shape == (40, 1, 32, 32) and g.shape == (40, 3, 32, 32)
+    # a second prepare finds G and M in the cache and poisons identically
+    again = build_attack("inputaware", TINY_IAD)
+    again.prepare(small, seed=0, runtime=runtime, arch="airbench", arch_kwargs=TINY_NET, cache_dir=cache)
+    assert again.resource.from_cache and torch.equal(again.apply(x), out)
+    assert again.describe()["trigger"]["fingerprint"] == attack.describe()["trigger"]["fingerprint"]
+    clf = again.joint_classifier()
+    assert clf(xf[:2]).shape == (2, 10)
+
+
+def test_inputaware_cross_mode_keeps_labels(iad, small):
+    attack, _ = iad
+    x, y = _shuffled_batch(small)
+    out, y_out = attack.batch_hook(0)(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(y_out, y)
+    changed = torch.nonzero((out - x).abs().flatten(1).amax(1) > 0).flatten()
+    assert 0 < len(changed) <= attack.cross_count(128) == 12
+    assert torch.all(y[changed] != attack.config.target)
+
+
+# -- both: the backdoor is learned -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def clean_model(small, runtime):
+    torch.manual_seed(0)
+    model = build_model("airbench", 10, mean=small.mean, std=small.std, **TINY_NET)
+    init_from_data(model, small.train.x)
+    fit(model, small.train, _train_cfg(), runtime, seed=0, progress=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["wanet", "inputaware"])
+def test_a_poisoned_tiny_model_learns_the_backdoor(name, small, runtime, clean_model, iad):
+    if name == "wanet":
+        attack = build_attack("wanet", {"s": 4.0, "poison_ratio": 0.2})
+        attack.prepare(small, seed=0)
+    else:
+        attack = iad[0]
+    setup = AttackSetup(small, attack, 0, attack.poison_train(small.train, 0), attack.poison_test(small.test))
+    model, meta = train_attacked_model(setup, "airbench", _train_cfg(), runtime, arch_kwargs=TINY_NET)
+    clean = evaluate(clean_model, small.test, setup.poisoned_test, runtime)
+    assert meta["metrics"]["asr"] > clean["asr"] + 0.2, (meta["metrics"], clean)
+    assert meta["train"]["augment"] is (name != "wanet")  # WaNet's hook augments instead

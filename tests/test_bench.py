@@ -1,0 +1,273 @@
+"""`tsbd bench` end to end on a tiny grid: local executor, resume, failures, SIGKILL, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tsbd.bench.cells import CellContext, CellResult, artifact_path, checkpoint_path, now_iso
+from tsbd.bench.executors import run_grid
+from tsbd.bench.grid import Plan, attack_cell, defense_cell, load_grid
+from tsbd.bench.store import Store
+from tsbd.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+# 2 attacks x (No Defense + TSBD), tiny airbench, a few hundred demo images: 4 cells, seconds each
+TINY_GRID = """\
+name = "tiny"
+dataset = "demo"
+model = "airbench"
+preset = "cpu"
+attack = ["badnets", "blended"]
+defense = ["none", "tsbd"]
+poison_ratio = 0.1
+clean_ratio = 0.25
+seed = 0
+limit_train = 300
+limit_test = 100
+
+[train]
+epochs = {epochs}
+batch_size = 64
+
+[model_opts.airbench]
+widths = [16, 32, 32]
+
+[defense_opts.tsbd]
+unlearn_lr = 0.01
+unlearn_max_epochs = 3
+finetune_epochs = 1
+"""
+RUNTIME = ["--device", "cpu", "--precision", "fp32", "--threads", "1", "--quiet"]
+
+
+def write_grid(tmp_path: Path, epochs: int = 1) -> Path:
+    grid = tmp_path / "tiny.toml"
+    grid.write_text(TINY_GRID.format(epochs=epochs))
+    return grid
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    return e
+
+
+def runs_by_cell(store: Store) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for r in store.runs():
+        out.setdefault(r["cell"], []).append(r["outcome"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+def test_tiny_grid_end_to_end_then_resume_runs_nothing(tmp_path, monkeypatch):
+    import tsbd.pipeline
+
+    grid, results = write_grid(tmp_path), tmp_path / "results"
+    checkpoints = []
+    real_train = tsbd.pipeline.train_attacked_model
+
+    def recording_train(*args, **kwargs):
+        checkpoints.append(kwargs.get("checkpoint"))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(tsbd.pipeline, "train_attacked_model", recording_train)
+    assert main(["bench", str(grid), "--results", str(results), *RUNTIME]) == 0
+
+    plan = load_grid(grid)
+    with Store(results) as store:
+        rows = {r["id"]: r for r in store.cells("tiny")}
+        assert len(rows) == 4 and {r["status"] for r in rows.values()} == {"done"}
+        attacks = [r for r in rows.values() if r["kind"] == "attack"]
+        defenses = [r for r in rows.values() if r["kind"] == "defense"]
+        assert len(attacks) == 2 and len(defenses) == 2
+        assert {d["parent"] for d in defenses} == {a["id"] for a in attacks}
+        for r in rows.values():
+            assert r["config"] == plan.by_id[r["id"]].config  # the stored config is what the id hashes
+            assert 0 <= r["metrics"]["acc"] <= 1 and 0 <= r["metrics"]["asr"] <= 1
+            assert (results / r["artifact"] / "meta.json").is_file()
+            assert (results / r["artifact"] / "model.safetensors").is_file()
+            assert r["versions"]["torch"] and r["host"] and r["started"] <= r["finished"]
+        for d in defenses:
+            assert 0 <= d["metrics"]["der"] <= 1
+            meta = json.loads((results / d["artifact"] / "meta.json").read_text())
+            assert meta["parent"] == d["parent"] and meta["kind"] == "defended"
+        # attack training was checkpointed to the cell's resume file, removed once done
+        assert sorted(map(str, checkpoints)) == sorted(str(checkpoint_path(results, a["id"])) for a in attacks)
+        assert not any(Path(c).exists() for c in checkpoints)
+        assert runs_by_cell(store) == {cid: ["done"] for cid in rows}
+
+    # rerunning the same command redoes nothing
+    with Store(results) as store:
+        summary = run_grid(plan, store, CellContext(str(results), device="cpu", precision="fp32", threads=1))
+        assert summary.ran == 0 and summary.done == 4
+        assert runs_by_cell(store) == {cid: ["done"] for cid in rows}
+    assert len(checkpoints) == 2
+
+
+# ------------------------------------------------------------------------------------------
+def fake_plan(n_attacks: int, n_defenses: int, name: str = "fake") -> Plan:
+    cells = []
+    for i in range(n_attacks):
+        a = attack_cell(dataset={"name": "demo", "fingerprint": "x"}, model={"name": "m", "options": {}},
+                        attack={"name": f"attack{i}", "config": {"poison_ratio": 0.1}}, train={"epochs": 1}, seed=0)
+        cells.append(a)
+        cells += [defense_cell(a, defense={"name": f"defense{j}", "config": {}}, clean_ratio=0.05, seed=0)
+                  for j in range(n_defenses)]
+    return Plan(name, {"name": name}, cells)
+
+
+def fake_runner(fail_ids=(), sleep_s=0.0, log=None):
+    """Writes a tiny artifact and returns made-up metrics; raises for ``fail_ids``."""
+
+    def run(cell, parent, ctx, cache):
+        if log is not None:
+            log.append(cell.id)
+        if cell.id in fail_ids:
+            raise RuntimeError(f"boom in {cell.id}\nsecond line of the error")
+        time.sleep(sleep_s)
+        out = artifact_path(ctx.results_dir, cell.id)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "record.json").write_text("{}")
+        return CellResult({"acc": 0.9, "asr": 0.1, "der": 0.9}, {"total": sleep_s}, {"tsbd": "0.1"},
+                          f"artifacts/{cell.id}", "host", now_iso(), now_iso())
+
+    return run
+
+
+def test_failing_cell_is_recorded_the_grid_goes_on_and_retry_failed_reruns_it(tmp_path):
+    plan = fake_plan(2, 2)
+    bad_attack, bad_defense = plan.attack_cells[0], plan.defenses_of(plan.attack_cells[1].id)[0]
+    ctx = CellContext(str(tmp_path))
+    with Store(tmp_path) as store:
+        s = run_grid(plan, store, ctx, runner=fake_runner({bad_attack.id, bad_defense.id}))
+        assert (s.done, s.failed) == (2, 4)  # the failed attack takes its 2 defenses with it
+        rows = {r["id"]: r for r in store.cells()}
+        assert rows[bad_attack.id]["error"] == f"RuntimeError: boom in {bad_attack.id}"  # one line
+        for d in plan.defenses_of(bad_attack.id):
+            assert rows[d.id]["status"] == "failed" and bad_attack.id in rows[d.id]["error"]
+        assert rows[bad_defense.id]["status"] == "failed"
+        assert "second line" in store.runs(bad_attack.id)[0]["detail"]  # the traceback is kept
+
+        ran = []
+        s = run_grid(plan, store, ctx, runner=fake_runner(log=ran))  # failed cells stay failed
+        assert ran == [] and s.failed == 4
+
+        s = run_grid(plan, store, ctx, runner=fake_runner(log=ran), retry_failed=True)
+        assert s.done == 6 and s.failed == 0
+        assert sorted(ran) == sorted([bad_attack.id, bad_defense.id] + [d.id for d in plan.defenses_of(bad_attack.id)])
+        assert ran.index(bad_attack.id) < min(ran.index(d.id) for d in plan.defenses_of(bad_attack.id))
+
+
+def test_ctrl_c_hands_the_running_cell_back(tmp_path):
+    plan = fake_plan(1, 1)
+
+    def interrupted(cell, parent, ctx, cache):
+        raise KeyboardInterrupt
+
+    with Store(tmp_path) as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_grid(plan, store, CellContext(str(tmp_path)), runner=interrupted)
+        assert store.state(plan.cells[0].id)["status"] == "pending"
+        assert store.runs(plan.cells[0].id)[0]["outcome"] == "interrupted"
+        assert run_grid(plan, store, CellContext(str(tmp_path)), runner=fake_runner()).done == 2
+
+
+# ------------------------------------------------------------------------------------------
+def test_sigkill_in_the_middle_of_a_cell_then_restart_finishes_every_cell_once(tmp_path):
+    grid, results = write_grid(tmp_path, epochs=3), tmp_path / "results"
+    cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), *RUNTIME]
+    proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = None
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            db = results / "results.sqlite"
+            if db.exists():
+                try:
+                    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+                        row = conn.execute("SELECT id FROM cells WHERE status = 'running'").fetchone()
+                except sqlite3.OperationalError:
+                    row = None
+                if row:
+                    time.sleep(0.3)  # well inside the cell
+                    killed = row[0]
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.wait(timeout=60)
+    assert killed is not None, proc.stderr.read().decode()[-2000:]
+    assert proc.returncode == -signal.SIGKILL
+
+    with Store(results) as store:
+        assert store.state(killed)["status"] == "running"  # left behind by the dead process
+        done_before = {r["id"] for r in store.cells() if r["status"] == "done"}
+
+    rerun = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    with Store(results) as store:
+        rows = store.cells("tiny")
+        assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+        runs = runs_by_cell(store)
+        for r in rows:
+            assert runs[r["id"]].count("done") == 1, runs  # every cell done exactly once
+            if r["id"] == killed:
+                assert runs[r["id"]] == ["abandoned", "done"] and r["attempts"] == 2
+            else:
+                assert runs[r["id"]] == ["done"] and r["attempts"] == 1
+        for cid in done_before:  # finished cells were not redone
+            assert runs[cid] == ["done"]
+        assert sum(len(v) for v in runs.values()) == 5
+    assert not list((results / "checkpoints").glob("*.resume.pt"))
+    assert sorted(p.name for p in (results / "artifacts").iterdir() if not p.name.startswith(".")) == \
+        sorted(r["id"] for r in rows)
+
+
+# ------------------------------------------------------------------------------------------
+TWO_PROCESS_SCRIPT = """
+import json, sys, time
+sys.path.insert(0, {tests!r})
+from test_bench import fake_plan, fake_runner
+from tsbd.bench.cells import CellContext
+from tsbd.bench.executors import run_grid
+from tsbd.bench.store import Store
+
+ran = []
+store = Store({results!r})
+summary = run_grid(fake_plan(8, 4), store, CellContext({results!r}), runner=fake_runner(sleep_s=0.05, log=ran),
+                   poll_s=0.05)
+print(json.dumps({{"ran": ran, "done": summary.done}}))
+"""
+
+
+def test_two_processes_on_one_store_share_the_work_and_lose_no_row(tmp_path):
+    results = tmp_path / "results"
+    script = TWO_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent), results=str(results))
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    plan = fake_plan(8, 4)
+    ran = [set(o["ran"]) for o in outs]
+    assert ran[0] | ran[1] == {c.id for c in plan.cells}
+    assert not ran[0] & ran[1]  # no cell ran twice
+    assert all(o["done"] == len(plan.cells) for o in outs)
+    with Store(results) as store:
+        rows = store.cells()
+        assert len(rows) == len(plan.cells) and all(r["status"] == "done" for r in rows)
+        assert all(r["metrics"] == {"acc": 0.9, "asr": 0.1, "der": 0.9} for r in rows)
+        assert runs_by_cell(store) == {c.id: ["done"] for c in plan.cells}

@@ -1,0 +1,210 @@
+"""Grid specs and cell identity: expansion, sweeps, validation, content hashes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tsbd.bench.cells import class_balanced_subset
+from tsbd.bench.grid import (PRESETS, attack_cell, cell_id, check_names, defense_cell, expand, load_spec, parse_set,
+                             relevant_versions)
+from tsbd.errors import TsbdError
+
+TINY = {
+    "name": "tiny", "dataset": "demo", "model": "airbench", "preset": "cpu", "attack": ["badnets", "blended"],
+    "defense": ["none", "tsbd"], "poison_ratio": 0.1, "clean_ratio": 0.25, "seed": 0,
+    "limit_train": 300, "limit_test": 100,
+    "train": {"epochs": 1, "batch_size": 64},
+    "model_opts": {"airbench": {"widths": [16, 32, 32]}},
+    "defense_opts": {"tsbd": {"unlearn_lr": 0.01, "unlearn_max_epochs": 3, "finetune_epochs": 1}},
+}
+
+
+def spec(**changes):
+    s = copy.deepcopy(TINY)
+    s.update(changes)
+    return s
+
+
+def leaves(obj, path=()):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from leaves(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from leaves(v, path + (i,))
+    else:
+        yield path, obj
+
+
+def mutate(obj, path):
+    out = copy.deepcopy(obj)
+    node = out
+    for p in path[:-1]:
+        node = node[p]
+    v = node[path[-1]]
+    if isinstance(v, bool):
+        node[path[-1]] = not v
+    elif isinstance(v, (int, float)):
+        node[path[-1]] = v + 1
+    elif v is None:
+        node[path[-1]] = 0
+    else:
+        node[path[-1]] = f"{v}x"
+    return out
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return expand(spec())
+
+
+def test_cell_id_is_a_stable_content_hash():
+    # a fixed config hashes to a fixed id: the scheme itself must not drift
+    assert cell_id({"kind": "attack", "seed": 0, "x": [1, 2.5, "a"]}) == "04172646f87d9097"
+    assert cell_id({"seed": 0, "x": [1, 2.5, "a"], "kind": "attack"}) == cell_id(
+        {"kind": "attack", "seed": 0, "x": [1, 2.5, "a"]})  # key order is irrelevant
+
+
+def test_expanding_twice_gives_the_same_cells(plan):
+    again = expand(spec())
+    assert [c.id for c in again.cells] == [c.id for c in plan.cells]
+    assert all(c.id == cell_id(c.config) for c in plan.cells)
+
+
+def test_attack_cell_id_changes_when_any_field_changes(plan):
+    cell = plan.attack_cells[0]
+    paths = list(leaves(cell.config))
+    assert len(paths) > 25  # attack, train, model, dataset, seed, versions fields
+    for path, _ in paths:
+        changed = mutate(cell.config, path)
+        assert cell_id(changed) != cell.id, path
+    for part in ("dataset", "model", "attack", "train", "versions"):
+        assert part in cell.config
+    assert cell.config["versions"] == relevant_versions()
+    assert cell.config["dataset"]["limit_train"] == 300 and cell.config["dataset"]["fingerprint"]
+
+
+def test_defense_cell_id_changes_when_any_field_changes(plan):
+    cell = next(c for c in plan.cells if c.kind == "defense")
+    for path, _ in leaves(cell.config):
+        assert cell_id(mutate(cell.config, path)) != cell.id, path
+    assert cell.config["parent"] == cell.parent
+
+
+def test_grid_axes_and_option_sweeps_expand():
+    p = expand(spec(seed=[0, 1], defense_opts={"tsbd": {"neuron_ratio": [0.1, 0.15], "finetune_epochs": 1}}))
+    attacks = p.attack_cells
+    assert len(attacks) == 2 * 2  # 2 attacks x 2 seeds
+    for a in attacks:
+        ds = p.defenses_of(a.id)
+        assert sorted(d.config["defense"]["config"]["neuron_ratio"] for d in ds) == [0.1, 0.15]
+        assert all(d.parent == a.id for d in ds)  # one attacked model shared by both defense cells
+    # each attack cell is followed by its own defense cells
+    order = [c.parent or c.id for c in p.cells]
+    assert order == sorted(order, key=order.index)
+
+
+def test_sequence_field_list_is_one_value_and_list_of_lists_an_axis():
+    one = expand(spec(defense=["none"]))
+    assert len(one.cells) == 2
+    assert one.cells[0].config["model"]["options"]["widths"] == [16, 32, 32]
+    two = expand(spec(defense=["none"], attack="badnets", model_opts={"airbench": {"widths": [[16, 32, 32], [8, 16, 16]]}}))
+    assert sorted(c.config["model"]["options"]["widths"][0] for c in two.cells) == [8, 16]
+
+
+def test_explicit_defaults_hash_like_omitted_ones():
+    default = expand(spec(defense=["none"], attack="badnets", model_opts={}))
+    explicit = expand(spec(defense=["none"], attack="badnets", model_opts={"airbench": {"widths": [32, 64, 128]}}))
+    assert default.cells[0].id == explicit.cells[0].id
+
+
+def test_poison_ratio_axis_and_per_defense_clean_ratio():
+    p = expand(spec(attack="badnets", poison_ratio=[0.05, 0.1],
+                    defense_opts={"tsbd": {"clean_ratio": [0.1, 0.2], "finetune_epochs": 1}}))
+    assert sorted(a.config["attack"]["config"]["poison_ratio"] for a in p.attack_cells) == [0.05, 0.1]
+    assert sorted({d.config["clean_ratio"] for d in p.cells if d.kind == "defense"}) == [0.1, 0.2]
+    assert all("clean_ratio" not in d.config["defense"]["config"] for d in p.cells if d.kind == "defense")
+
+
+def test_unknown_names_are_listed_at_load_time():
+    with pytest.raises(TsbdError) as err:
+        expand(spec(attack=["badnets", "nosuchattack"], defense=["none", "nosuchdefense", "otherdefense"]))
+    msg = str(err.value)
+    assert "nosuchattack" in msg and "nosuchdefense" in msg and "otherdefense" in msg
+    assert "\n" not in msg and "badnets" in msg  # one line, with the registered names
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_name_only_registered_methods_or_say_which_are_not(preset):
+    from tsbd.attacks import ATTACKS
+    from tsbd.defenses import DEFENSES
+
+    s = load_spec(preset)
+    missing = [a for a in s["attack"] if a not in ATTACKS] + [d for d in s["defense"] if d != "none" and d not in DEFENSES]
+    if not missing:
+        check_names(s)
+        return
+    with pytest.raises(TsbdError) as err:
+        check_names(s)
+    for name in missing:
+        assert name in str(err.value)
+
+
+def test_bad_options_and_keys_are_one_line_errors(tmp_path):
+    with pytest.raises(TsbdError, match="bogus"):
+        expand(spec(defense_opts={"tsbd": {"bogus": 1}}))
+    with pytest.raises(TsbdError, match="no option 'depth'"):
+        expand(spec(model_opts={"airbench": {"depth": 3}}))
+    with pytest.raises(TsbdError, match="unknown key"):
+        load_spec_from(tmp_path, 'name = "x"\nattacks = ["badnets"]\n')
+    with pytest.raises(TsbdError, match="not valid TOML"):
+        load_spec_from(tmp_path, "attack = [\n")
+    with pytest.raises(TsbdError, match="neither a preset"):
+        load_spec(tmp_path / "missing.toml")
+
+
+def load_spec_from(tmp_path, text):
+    f = tmp_path / "g.toml"
+    f.write_text(text)
+    return load_spec(f)
+
+
+def test_set_overrides_use_toml_values(tmp_path):
+    f = tmp_path / "g.toml"
+    f.write_text('attack = "badnets"\n[train]\nepochs = 3\n')
+    s = load_spec(f, parse_set(["train.epochs=5", 'defense=["none"]', "limit_train=100", "dataset=demo"]))
+    assert s["train"]["epochs"] == 5 and s["defense"] == ["none"] and s["limit_train"] == 100
+    assert s["dataset"] == "demo" and s["name"] == "g"
+
+
+def test_class_balanced_subset_is_deterministic_and_balanced(demo):
+    a = class_balanced_subset(demo.train, 300, 10)
+    b = class_balanced_subset(demo.train, 300, 10)
+    assert len(a) == 300 and torch.equal(a.x, b.x)
+    assert torch.bincount(a.y, minlength=10).tolist() == [30] * 10
+    assert class_balanced_subset(demo.train, 0, 10) is demo.train
+
+
+def test_synthetic_cells_for_other_tests():
+    a = attack_cell(dataset={"name": "d"}, model={"name": "m"}, attack={"name": "a", "config": {}}, train={}, seed=0)
+    d = defense_cell(a, defense={"name": "x", "config": {}}, clean_ratio=0.05, seed=0)
+    assert d.parent == a.id and d.id != a.id
+
+
+def test_the_docs_example_grid_loads(tmp_path):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "bench.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", doc, re.S).group(1)
+    f = tmp_path / "example.toml"
+    f.write_text(example)
+    # the example's data set needs a data root; its grid is checked on the embedded demo data
+    plan = expand(load_spec(f, {"dataset": "demo", "limit_train": 200, "limit_test": 100}))
+    assert len(plan.attack_cells) == 2 * 2  # 2 attacks x 2 seeds
+    assert len(plan.cells) == 4 * (1 + 2)  # each with TSBD at two neuron ratios
+    blended = next(c for c in plan.attack_cells if c.config["attack"]["name"] == "blended")
+    assert blended.config["attack"]["config"]["blend_ratio"] == 0.2 and blended.config["train"]["epochs"] == 20

@@ -1,0 +1,194 @@
+"""`tsbd report`: tables match the store, paper numbers beside ours, plots; the shipped paper data."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tsbd.bench.cells import CellResult, now_iso
+from tsbd.bench.grid import Plan, attack_cell, defense_cell, relevant_versions
+from tsbd.bench.paper import DATA, PaperIndex
+from tsbd.bench.store import Store
+from tsbd.cli import main
+from tsbd.config import to_dict
+
+# made-up results: (attack, defense, clean ratio, tsbd options) -> (acc, asr, der)
+NO_DEF = {"badnets": (0.85, 0.95), "blended": (0.80, 0.99)}
+DEF = {
+    ("badnets", "tsbd", ()): (0.84, 0.02, 0.96),
+    ("badnets", "tsbd", (("neuron_ratio", 0.3),)): (0.80, 0.01, 0.95),
+    ("badnets", "otherdef", ()): (0.86, 0.50, 0.72),
+    ("blended", "tsbd", ()): (0.78, 0.05, 0.96),
+    ("blended", "tsbd", (("neuron_ratio", 0.3),)): (0.79, 0.03, 0.97),
+    ("blended", "otherdef", ()): (0.81, 0.90, 0.545),
+}
+
+
+def _defaults(kind, name):
+    from tsbd.attacks import ATTACKS
+    from tsbd.defenses import DEFENSES
+
+    reg = ATTACKS if kind == "attack" else DEFENSES
+    return to_dict(reg.get(name).config_class())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """A store with 2 attacks x (No Defense, TSBD, TSBD variant, an unregistered defense), one failure."""
+    folder = tmp_path_factory.mktemp("results")
+    cells, metrics = [], {}
+    for att, (acc, asr) in NO_DEF.items():
+        a = attack_cell(dataset={"name": "cifar10", "options": {}, "limit_train": 0, "limit_test": 0,
+                                 "fingerprint": "f" * 16},
+                        model={"name": "airbench", "options": {"widths": [32, 64, 128]}},
+                        attack={"name": att, "config": _defaults("attack", att)},
+                        train={"epochs": 30, "batch_size": 256, "lr": 0.2, "schedule": "onecycle"}, seed=0,
+                        versions=relevant_versions())
+        cells.append(a)
+        metrics[a.id] = {"acc": acc, "asr": asr, "ra": 0.0}
+        for (att2, name, opts), (dacc, dasr, dder) in DEF.items():
+            if att2 != att:
+                continue
+            config = {**_defaults("defense", "tsbd"), **dict(opts)} if name == "tsbd" else {"batch_size": 256}
+            d = defense_cell(a, defense={"name": name, "config": config}, clean_ratio=0.05, seed=0)
+            cells.append(d)
+            metrics[d.id] = {"acc": dacc, "asr": dasr, "der": dder}
+    failed = defense_cell(cells[0], defense={"name": "otherdef", "config": {"batch_size": 1}}, clean_ratio=0.05, seed=0)
+    cells.append(failed)
+    with Store(folder) as store:
+        store.register(Plan("fixture", {"name": "fixture"}, cells))
+        for c in cells:
+            assert store.claim(c.id) == "claimed"
+            if c.id == failed.id:
+                store.fail(c.id, "RuntimeError: out of memory")
+                continue
+            store.complete(c.id, CellResult(metrics[c.id], {"total": 1.0}, {"tsbd": "0.1"}, f"artifacts/{c.id}",
+                                            "testhost", now_iso(), now_iso()))
+    return folder
+
+
+def md_rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| ---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def ours(cell: str) -> float:
+    return float(re.sub(r"\s*\(.*\)", "", cell).strip("*"))
+
+
+def paper(cell: str) -> float | None:
+    m = re.search(r"\(([\d.]+)\)", cell)
+    return float(m.group(1)) if m else None
+
+
+def test_report_tables_match_the_database(results, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(results), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    rows = md_rows(md)
+    header = rows["Attack"]
+    assert header == ["No Defense ACC", "No Defense ASR",
+                      "TSBD (neuron_ratio=0.15) ACC", "TSBD (neuron_ratio=0.15) ASR", "TSBD (neuron_ratio=0.15) DER",
+                      "TSBD (neuron_ratio=0.3) ACC", "TSBD (neuron_ratio=0.3) ASR", "TSBD (neuron_ratio=0.3) DER",
+                      "otherdef ACC", "otherdef ASR", "otherdef DER"]
+    cols = {h: i for i, h in enumerate(header)}
+    for att, label in (("badnets", "BadNets"), ("blended", "Blended")):
+        row = rows[label]
+        assert ours(row[cols["No Defense ACC"]]) == pytest.approx(100 * NO_DEF[att][0], abs=0.005)
+        assert ours(row[cols["No Defense ASR"]]) == pytest.approx(100 * NO_DEF[att][1], abs=0.005)
+        for (att2, name, opts), values in DEF.items():
+            if att2 != att:
+                continue
+            prefix = "otherdef" if name == "otherdef" else f"TSBD (neuron_ratio={dict(opts).get('neuron_ratio', 0.15):g})"
+            for metric, v in zip(("ACC", "ASR", "DER"), values):
+                assert ours(row[cols[f"{prefix} {metric}"]]) == pytest.approx(100 * v, abs=0.005), (att, prefix, metric)
+    # the average row is the mean over attacks
+    avg = rows["**Average**"]
+    assert ours(avg[cols["otherdef ASR"]]) == pytest.approx(70.0, abs=0.005)
+    # best defense per row in bold: BadNets ASR is lowest for the neuron_ratio=0.3 variant, ACC highest for otherdef
+    assert rows["BadNets"][cols["TSBD (neuron_ratio=0.3) ASR"]].startswith("**1.00**")
+    assert rows["BadNets"][cols["otherdef ACC"]].startswith("**86.00**")
+    assert not rows["BadNets"][cols["No Defense ACC"]].startswith("**")  # No Defense is not a defense
+    # the paper's numbers beside ours where the paper has the cell (Table 1 via Tables 7/8), nowhere else
+    assert paper(rows["BadNets"][cols["No Defense ACC"]]) == 91.32
+    assert paper(rows["Blended"][cols["No Defense ASR"]]) == 99.92
+    assert paper(rows["BadNets"][cols["TSBD (neuron_ratio=0.15) DER"]]) == 96.53
+    assert paper(rows["Blended"][cols["TSBD (neuron_ratio=0.15) ACC"]]) == 91.61
+    assert paper(rows["BadNets"][cols["TSBD (neuron_ratio=0.3) ASR"]]) is None  # not a setting of the paper
+    assert paper(rows["BadNets"][cols["otherdef ACC"]]) is None
+    assert paper(avg[cols["TSBD (neuron_ratio=0.15) ASR"]]) == 2.18
+    # failures are listed with their one-line error
+    assert "RuntimeError: out of memory" in md and "1 failed" in md
+
+    html = (out / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 2 and "<style>" in html
+    assert "<b>1.00</b>" in html and '<span class="paper">91.32</span>' in html
+    for name in ("acc-asr", "der"):
+        for ext in ("png", "svg"):
+            f = out / "plots" / f"t1-cifar10-airbench-{name}.{ext}"
+            assert f.is_file() and f.stat().st_size > 1000
+    assert (out / "plots" / "t1-cifar10-airbench-acc-asr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_of_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no results store" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# the shipped paper numbers
+@pytest.fixture(scope="module")
+def tables():
+    return {t["id"]: t for t in json.loads(DATA.read_text())["tables"]}
+
+
+def test_paper_tables_have_the_tables_the_bench_compares_with(tables):
+    assert {"table1", "table2", "table5", "table6"} <= set(tables)
+    for t in tables.values():
+        keys = {c["key"] for c in t["columns"]}
+        for attack, row in t["rows"].items():
+            assert attack in PaperIndex().doc["attacks"]
+            assert set(row) <= keys
+            assert all(len(v) == 3 for v in row.values())
+        assert set(t["average"]) <= keys
+
+
+def test_paper_der_values_follow_from_their_acc_and_asr(tables):
+    checked = 0
+    for t in tables.values():
+        for row in t["rows"].values():
+            before = row.get("none")
+            for key, (acc, asr, der) in row.items():
+                if key == "none" or der is None or before is None or before[1] is None:
+                    continue
+                expect = (max(0.0, before[1] - asr) - max(0.0, before[0] - acc) + 100) / 2
+                assert der == pytest.approx(expect, abs=0.011), (t["id"], key, row)
+                checked += 1
+    assert checked >= 8 * 5  # Tables 1, 7 and 8
+
+
+def test_paper_averages_are_the_means_of_their_rows(tables):
+    for t in tables.values():
+        for key, avg in t["average"].items():
+            for i, value in enumerate(avg):
+                vals = [row[key][i] for row in t["rows"].values() if key in row]
+                if value is not None:
+                    assert sum(vals) / len(vals) == pytest.approx(value, abs=0.011), (t["id"], key, i)
+
+
+def test_table1_columns_are_the_default_setting_of_tables_7_and_8(tables):
+    t1, t7, t8 = tables["table1"], tables["table7"], tables["table8"]
+    assert t1["average"]["tsbd"] == [91.70, 2.18, 97.09]  # quoted in Sec. 4.2
+    assert t1["average"]["none"][0] == 91.34
+    for attack, row in t1["rows"].items():
+        assert row["none"] == t7["rows"][attack]["none"] == t8["rows"][attack]["none"]
+        assert row["tsbd"] == t7["rows"][attack]["tsbd"] == t8["rows"][attack]["tsbd"]
+    # Table 4's Aa-FT column is the same default TSBD run (ACC, ASR)
+    for attack, row in tables["table4"]["rows"].items():
+        assert row["tsbd"][:2] == t1["rows"][attack]["tsbd"][:2]

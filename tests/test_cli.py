@@ -1,0 +1,84 @@
+"""The command line end to end on the embedded data, and its one-line errors."""
+
+import json
+
+import pytest
+
+from tsbd.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "bd"
+    code = main(["attack", "--attack", "badnets", "--dataset", "demo", "--epochs", "1", "--precision", "fp32",
+                 "--train-opt", "batch_size=512", "--attack-opt", "patch_size=4", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_attack_writes_artifact(attacked):
+    meta = json.loads((attacked / "meta.json").read_text())
+    assert meta["attack"]["name"] == "badnets" and meta["attack"]["config"]["patch_size"] == 4
+    assert meta["train"]["epochs"] == 1 and meta["train"]["batch_size"] == 512
+    assert meta["dataset"]["name"] == "demo" and len(meta["dataset"]["fingerprint"]) == 16
+    assert meta["runtime"]["precision"] == "fp32" and meta["seed"] == 0
+    assert 0 <= meta["metrics"]["acc"] <= 1 and 0 <= meta["metrics"]["asr"] <= 1
+    assert not list(attacked.parent.glob("*.resume.pt"))  # resume checkpoint removed when done
+
+
+def test_eval_and_defend_json(attacked, tmp_path, capsys):
+    code, out, _ = _run(capsys, "eval", str(attacked), "--json", "--precision", "fp32")
+    assert code == 0
+    metrics = json.loads(out)
+    saved = json.loads((attacked / "meta.json").read_text())["metrics"]
+    assert metrics["acc"] == pytest.approx(saved["acc"]) and metrics["asr"] == pytest.approx(saved["asr"])
+
+    code, out, _ = _run(capsys, "defend", str(attacked), "--defense", "tsbd", "--opt", "finetune_epochs=1",
+                        "--opt", "unlearn_lr=0.01", "--json", "--precision", "fp32", "--quiet",
+                        "--out", str(tmp_path / "pure"))
+    assert code == 0
+    res = json.loads(out)
+    assert {"acc", "asr", "ra", "der", "timings", "before"} <= set(res)
+    assert 0 <= res["der"] <= 1 and res["timings"]["total"] > 0
+    meta = json.loads((tmp_path / "pure" / "meta.json").read_text())
+    assert meta["kind"] == "defended" and meta["defense"]["config"]["finetune_epochs"] == 1
+    assert meta["clean"]["count"] == 500  # 5% of the 10,000 embedded training images
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["eval", "/nonexistent/model"], "not found"),
+        (["attack", "--attack", "nope", "--out", "x"], "unknown attack"),
+        (["attack", "--dataset", "cifar10", "--data-root", "/nonexistent", "--out", "x"], "TSBD_DATA_ROOT"),
+        (["attack", "--attack-opt", "bogus=1", "--out", "x"], "unknown option"),
+        (["attack", "--train-opt", "lr=abc", "--out", "x"], "invalid value"),
+        (["defend", "/nonexistent", "--defense", "tsbd"], "not found"),
+    ],
+)
+def test_bad_input_is_one_line(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TSBD_DATA_ROOT", raising=False)
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tsbd: error:") and needle in lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_defend_with_mismatched_checkpoint(attacked, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(attacked, bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["arch"]["num_classes"] = 43
+    (bad / "meta.json").write_text(json.dumps(meta))
+    code, _, err = _run(capsys, "defend", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and "does not fit" in err and not (tmp_path / "o").exists()

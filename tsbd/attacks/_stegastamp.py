@@ -1,0 +1,165 @@
+"""A small StegaStamp-style encoder/decoder for SSBA's sample-specific triggers.
+
+After StegaStamp (Tancik et al., CVPR 2020) as SSBA's authors and BackdoorBench's
+``resource/ssba`` scripts use it (the latter via ArtificialGANFingerprints' ``train.py``:
+secret -> dense -> 3-channel map upsampled to the image, concatenated with the image, a
+U-Net, loss = w * L2(image) + BCE(bits)), scaled down to train on CPU:
+
+* encoder: secret (``bits``) -> Linear -> 3 x 8 x 8 map, nearest-upsampled to H x W and
+  concatenated with the image (centred at 0); two 3x3 convs at full resolution (``width``),
+  two at half resolution (2 * ``width``), bilinear upsampling, a skip connection, two 3x3
+  convs, and a last 3x3 conv to 3 channels whose initial weights are scaled down by 10, so
+  training starts near the unchanged image while the decoder already sees the secret. Its output is the residual added to the image (x' = clip(x + r)).
+* decoder: four 3x3 convs (three with stride 2), adaptive average pool to 4 x 4, two linear
+  layers -> one logit per bit.
+
+No batch norm, so embedding is a fixed function of (image, secret) in eval and train mode.
+Training draws a fresh random secret for every image (as StegaStamp does), so the encoder
+learns to hide any secret and the decoder to read it; the backdoor then embeds one fixed
+secret in every poisoned image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tsbd.data.base import ImageSet
+from tsbd.train.engine import FitResult, TrainConfig, fit, to_model_input
+from tsbd.train.runtime import Runtime
+
+SECRET_SIDE = 8  # the secret's dense map is 3 x 8 x 8 before upsampling (StegaStamp: 3 x 50 x 50 for 400 px)
+INIT_RESIDUAL_SCALE = 0.1  # a small but non-zero start: the decoder sees the secret from the first step
+EMBED_BATCH = 256  # images encoded per forward pass when poisoning
+
+
+def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+
+
+class StegaStampEncoder(nn.Module):
+    """(image in [0, 1], secret bits in {0, 1}) -> residual image of the same shape."""
+
+    def __init__(self, bits: int, width: int = 32):
+        super().__init__()
+        self.secret_dense = nn.Linear(bits, 3 * SECRET_SIDE * SECRET_SIDE)
+        self.inc1, self.inc2 = _conv(6, width), _conv(width, width)
+        self.down1, self.down2 = _conv(width, 2 * width, stride=2), _conv(2 * width, 2 * width)
+        self.up = _conv(2 * width, width)
+        self.merge1, self.merge2 = _conv(2 * width, width), _conv(width, width)
+        self.residual = _conv(width, 3)
+        with torch.no_grad():
+            self.residual.weight.mul_(INIT_RESIDUAL_SCALE)
+
+    def forward(self, x: torch.Tensor, secret: torch.Tensor) -> torch.Tensor:
+        s = self.secret_dense(secret).view(-1, 3, SECRET_SIDE, SECRET_SIDE)
+        s = F.interpolate(s, size=x.shape[-2:], mode="nearest")
+        h = F.relu(self.inc2(F.relu(self.inc1(torch.cat([x - 0.5, s], 1)))))
+        d = F.relu(self.down2(F.relu(self.down1(h))))
+        u = F.relu(self.up(F.interpolate(d, size=h.shape[-2:], mode="bilinear", align_corners=False)))
+        m = F.relu(self.merge2(F.relu(self.merge1(torch.cat([h, u], 1)))))
+        return self.residual(m)
+
+
+class StegaStampDecoder(nn.Module):
+    """Image in [0, 1] -> one logit per secret bit."""
+
+    def __init__(self, bits: int, width: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv(3, width), nn.ReLU(),
+            _conv(width, width, stride=2), nn.ReLU(),
+            _conv(width, 2 * width, stride=2), nn.ReLU(),
+            _conv(2 * width, 2 * width, stride=2), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Linear(2 * width * 16, 256), nn.ReLU(), nn.Linear(256, bits))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x - 0.5))
+
+
+class StegaStamp(nn.Module):
+    """Encoder and decoder trained together (one module, so :func:`fit` trains both)."""
+
+    def __init__(self, bits: int, width: int = 32):
+        super().__init__()
+        self.bits = bits
+        self.encoder = StegaStampEncoder(bits, width)
+        self.decoder = StegaStampDecoder(bits, width)
+
+    def embed(self, x: torch.Tensor, secret: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] with ``secret`` (one row per image, or one row for all) hidden in them."""
+        if secret.ndim == 1:
+            secret = secret.expand(len(x), -1)
+        return (x + self.encoder(x, secret.to(x.dtype))).clamp(0, 1)
+
+    def training_step(self, l2_weight: float, ramp_steps: int, seed: int):
+        """A :func:`tsbd.train.fit` step: random secrets, loss = w * MSE(image) + BCE(bits), with w
+        growing linearly from 0 to ``l2_weight`` over ``ramp_steps`` steps (ArtificialGANFingerprints)."""
+        gen = torch.Generator().manual_seed(seed)
+        done = [0]
+
+        def step(model: "StegaStamp", x, y, optimizer, runtime):
+            weight = l2_weight * min(1.0, done[0] / ramp_steps) if ramp_steps > 0 else l2_weight
+            done[0] += 1
+            secret = torch.randint(0, 2, (len(x), model.bits), generator=gen).float().to(x.device)
+            with runtime.autocast():
+                stamped = model.embed(x, secret)
+                logits = model.decoder(stamped)
+            loss = weight * F.mse_loss(stamped.float(), x) + F.binary_cross_entropy_with_logits(logits.float(), secret)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        return step
+
+
+def train_stegastamp(images: ImageSet, *, bits: int, width: int, epochs: int, batch_size: int, lr: float,
+                     l2_weight: float, l2_ramp: float, seed: int, runtime: Runtime, progress: bool = False) -> tuple[StegaStamp, FitResult]:
+    """Train a :class:`StegaStamp` on ``images`` through the engine's :func:`fit` (Adam, constant lr)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = StegaStamp(bits, width)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=0.0, weight_decay=0.0,
+                      schedule="constant", augment=False, drop_last=len(images) >= batch_size)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    steps = epochs * (len(images) // batch_size if cfg.drop_last else math.ceil(len(images) / batch_size))
+    step = net.training_step(l2_weight, int(l2_ramp * steps), seed)
+    result = fit(net, images, cfg, runtime, seed=seed, step=step, optimizer=optimizer,
+                 desc="SSBA encoder/decoder", progress=progress)
+    return net.eval(), result
+
+
+@torch.no_grad()
+def embed_images(net: StegaStamp, x_uint8: torch.Tensor, secret: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """uint8 images with ``secret`` embedded, rounded back to uint8 (what the victim trains on)."""
+    net.eval().to(runtime.device)
+    out = []
+    for start in range(0, len(x_uint8), EMBED_BATCH):
+        xb = to_model_input(x_uint8[start : start + EMBED_BATCH], runtime).contiguous()
+        stamped = net.embed(xb, secret.to(runtime.device))
+        out.append(stamped.float().mul_(255).round_().clamp_(0, 255).to(torch.uint8).cpu())
+    return torch.cat(out) if out else x_uint8.clone()
+
+
+@torch.no_grad()
+def bit_accuracy(net: StegaStamp, x_uint8: torch.Tensor, secret: torch.Tensor, runtime: Runtime) -> float:
+    """Fraction of the secret's bits the decoder reads back from uint8 stamped images."""
+    net.eval().to(runtime.device)
+    hits, total = 0.0, 0
+    for start in range(0, len(x_uint8), EMBED_BATCH):
+        logits = net.decoder(to_model_input(x_uint8[start : start + EMBED_BATCH], runtime).contiguous())
+        hits += float(((logits > 0).float().cpu() == secret.view(1, -1)).float().sum())
+        total += logits.numel()
+    return hits / max(1, total)
+
+
+def psnr(a_uint8: torch.Tensor, b_uint8: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB between two uint8 image batches (inf when identical)."""
+    mse = float((a_uint8.float() - b_uint8.float()).pow(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)

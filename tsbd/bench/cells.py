@@ -1,0 +1,248 @@
+"""Running one cell: train an attacked model, or defend one, and write its artifact folder.
+
+Both kinds call the pipeline's building blocks (:func:`tsbd.pipeline.setup_attack`,
+:func:`~tsbd.pipeline.train_attacked_model`, :func:`~tsbd.pipeline.defend_model`). The artifact
+goes to ``RESULTS_DIR/artifacts/<cell id>/`` through :func:`tsbd.artifacts.save_model`, which
+writes a temporary folder and renames it into place; only then does the caller mark the cell
+done. Attack training checkpoints to ``RESULTS_DIR/checkpoints/<cell id>.resume.pt`` after every
+epoch, so a killed run resumes mid-training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tsbd.bench.grid import Cell
+from tsbd.errors import TsbdError
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = "artifacts"
+CHECKPOINTS = "checkpoints"
+RECORD = "record.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class CellContext:
+    """Where results go and how cells run (never part of a cell's identity)."""
+
+    results_dir: str
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    data_root: str | None = None
+    cache_dir: str | None = None
+    progress: bool = False
+    save_defended_models: bool = True
+
+    def runtime(self):
+        from tsbd.train.runtime import Runtime
+
+        return Runtime.create(self.device, self.precision, self.threads)
+
+
+@dataclasses.dataclass
+class CellResult:
+    metrics: dict
+    timings: dict
+    versions: dict
+    artifact: str  # relative to the results folder
+    host: str
+    started: str
+    finished: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------
+# data
+def class_balanced_subset(split, limit: int, num_classes: int, seed: int = 0):
+    """``limit`` images of ``split``, as equal a number per class as the data allows, drawn in a
+    seeded random order and kept in dataset order; the whole split when ``limit`` is 0 or larger."""
+    if limit <= 0 or limit >= len(split):
+        return split
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    per_class = [order[split.y[order] == c] for c in range(num_classes)]
+    quota = [limit // num_classes + (1 if c < limit % num_classes else 0) for c in range(num_classes)]
+    # classes with fewer images than their quota hand the rest to the others, in class order
+    short = sum(max(0, q - len(p)) for q, p in zip(quota, per_class))
+    chosen = []
+    for c, p in enumerate(per_class):
+        take = min(len(p), quota[c])
+        extra = min(short, len(p) - take)
+        short -= extra
+        chosen.append(p[: take + extra])
+    idx = torch.sort(torch.cat(chosen)).values
+    return split.subset(idx)
+
+
+def load_bench_dataset(ds_spec: dict, *, data_root: str | None = None, cache_dir: str | None = None):
+    """The dataset of a cell's ``dataset`` spec: loaded, then cut to ``limit_train``/``limit_test``."""
+    from tsbd.data import Dataset, load_dataset
+
+    ds = load_dataset(ds_spec["name"], root=data_root, cache_dir=cache_dir, **ds_spec.get("options", {}))
+    lt, lte = int(ds_spec.get("limit_train", 0)), int(ds_spec.get("limit_test", 0))
+    if not lt and not lte:
+        return ds
+    train = class_balanced_subset(ds.train, lt, ds.num_classes)
+    test = class_balanced_subset(ds.test, lte, ds.num_classes)
+    import hashlib
+
+    fp = hashlib.sha256(f"{ds.fingerprint}:{train.fingerprint()}:{test.fingerprint()}".encode()).hexdigest()[:16]
+    return Dataset(ds.name, train, test, ds.classes, ds.mean, ds.std, fingerprint=fp,
+                   source=f"{ds.source} (subset: {len(train)} train, {len(test)} test)")
+
+
+class DataCache:
+    """The last dataset and attack setup a process used, so that the defense cells of one
+    attacked model do not reload and re-poison the data."""
+
+    def __init__(self):
+        self._dataset: tuple[str, Any] | None = None
+        self._setup: tuple[str, Any] | None = None
+
+    def dataset(self, ds_spec: dict, ctx: CellContext):
+        from tsbd.bench.grid import canonical_json
+
+        key = canonical_json({k: v for k, v in ds_spec.items() if k != "fingerprint"})
+        if self._dataset is None or self._dataset[0] != key:
+            self._dataset = None
+            self._setup = None
+            ds = load_bench_dataset(ds_spec, data_root=ctx.data_root, cache_dir=ctx.cache_dir)
+            want = ds_spec.get("fingerprint")
+            if want and ds.fingerprint != want:
+                raise TsbdError(f"dataset {ds_spec['name']} has fingerprint {ds.fingerprint}, but the grid was planned "
+                                f"with {want}; the data changed -- rerun `tsbd bench` to plan against the current data")
+            self._dataset = (key, ds)
+        return self._dataset[1]
+
+    def setup(self, attack_cell: Cell, ctx: CellContext, runtime):
+        from tsbd.attacks import build_attack
+        from tsbd.pipeline import setup_attack
+
+        if self._setup is None or self._setup[0] != attack_cell.id:
+            c = attack_cell.config
+            ds = self.dataset(c["dataset"], ctx)
+            attack = build_attack(c["attack"]["name"], c["attack"]["config"])
+            setup = setup_attack(ds, attack, c["seed"], runtime, arch=c["model"]["name"], cache_dir=ctx.cache_dir,
+                                 progress=ctx.progress)
+            self._setup = (attack_cell.id, setup)
+        return self._setup[1]
+
+
+# ------------------------------------------------------------------------------------------
+# the two kinds of cell
+def artifact_path(results_dir: str | Path, cell_id: str) -> Path:
+    return Path(results_dir) / ARTIFACTS / cell_id
+
+
+def checkpoint_path(results_dir: str | Path, cell_id: str) -> Path:
+    return Path(results_dir) / CHECKPOINTS / f"{cell_id}.resume.pt"
+
+
+def run_attack_cell(cell: Cell, ctx: CellContext, cache: DataCache | None = None) -> CellResult:
+    from tsbd.artifacts import provenance, save_model
+    from tsbd.config import override
+    from tsbd.pipeline import train_attacked_model
+    from tsbd.train.engine import TrainConfig
+
+    started = now_iso()
+    t0 = time.perf_counter()
+    cache = cache or DataCache()
+    runtime = ctx.runtime()
+    c = cell.config
+    setup = cache.setup(cell, ctx, runtime)
+    t_setup = time.perf_counter() - t0
+    cfg = override(TrainConfig(), c["train"])
+    ckpt = checkpoint_path(ctx.results_dir, cell.id)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    model, meta = train_attacked_model(setup, c["model"]["name"], cfg, runtime, arch_kwargs=c["model"]["options"],
+                                       progress=ctx.progress, checkpoint=ckpt)
+    meta["dataset"].update(limit_train=c["dataset"]["limit_train"], limit_test=c["dataset"]["limit_test"],
+                           options=c["dataset"]["options"])
+    meta["bench"] = {"cell": cell.id, "kind": "attack", "config": c}
+    out = artifact_path(ctx.results_dir, cell.id)
+    save_model(out, model, meta)
+    ckpt.unlink(missing_ok=True)
+    timings = {"setup": t_setup, **meta["timings"], "total": time.perf_counter() - t0}
+    return CellResult(metrics=dict(meta["metrics"]), timings=timings, versions=_versions(runtime, provenance()),
+                      artifact=str(Path(ARTIFACTS) / cell.id), host=socket.gethostname(), started=started,
+                      finished=now_iso())
+
+
+def run_defense_cell(cell: Cell, parent: Cell, ctx: CellContext, cache: DataCache | None = None) -> CellResult:
+    from tsbd.artifacts import load_model, provenance, save_model, write_json_atomic
+    from tsbd.pipeline import defend_model
+
+    started = now_iso()
+    t0 = time.perf_counter()
+    cache = cache or DataCache()
+    runtime = ctx.runtime()
+    c = cell.config
+    parent_dir = artifact_path(ctx.results_dir, parent.id)
+    # weights from the artifact, never from memory: every executor sees the same model
+    model, parent_meta = load_model(parent_dir, runtime.device)
+    setup = cache.setup(parent, ctx, runtime)
+    t_setup = time.perf_counter() - t0
+    result, record = defend_model(model, setup, c["defense"]["name"], c["defense"]["config"], c["clean_ratio"],
+                                  runtime, seed=c["seed"], progress=ctx.progress,
+                                  metrics_before=parent_meta.get("metrics"))
+    meta = {k: parent_meta[k] for k in ("classes", "dataset", "attack", "poison", "train") if k in parent_meta}
+    meta.update({"kind": "defended", "parent": parent.id, **record, "timings": result.timings,
+                 "bench": {"cell": cell.id, "kind": "defense", "config": c}})
+    out = artifact_path(ctx.results_dir, cell.id)
+    if ctx.save_defended_models:
+        save_model(out, result.model, meta)
+    else:  # the record alone, still written to a temporary folder and renamed into place
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            write_json_atomic(tmp / RECORD, meta)
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    metrics = dict(record["metrics"])
+    if record["defense"].get("stages"):
+        metrics["stages"] = record["defense"]["stages"]
+    timings = {"setup": t_setup, **result.timings, "cell": time.perf_counter() - t0}
+    return CellResult(metrics=metrics, timings=timings, versions=_versions(runtime, provenance()),
+                      artifact=str(Path(ARTIFACTS) / cell.id), host=socket.gethostname(), started=started,
+                      finished=now_iso())
+
+
+def run_cell(cell: Cell, parent: Cell | None, ctx: CellContext, cache: DataCache | None = None) -> CellResult:
+    """Run ``cell`` (``parent`` is a defense cell's attack cell, already done)."""
+    if cell.kind == "attack":
+        return run_attack_cell(cell, ctx, cache)
+    if parent is None:
+        raise ValueError(f"defense cell {cell.id} needs its attack cell")
+    return run_defense_cell(cell, parent, ctx, cache)
+
+
+def _versions(runtime, prov: dict) -> dict:
+    return {**prov["versions"], "runtime": runtime.describe()}
+
+
+def one_line_error(err: BaseException) -> str:
+    """A failure as one line: a TsbdError's message, else ``Type: first line``."""
+    if isinstance(err, TsbdError):
+        return str(err)
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

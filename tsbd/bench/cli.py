@@ -1,0 +1,143 @@
+"""``tsbd bench GRID`` and ``tsbd report RESULTS_DIR`` (registered by :mod:`tsbd.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+
+from tsbd.errors import TsbdError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESULTS = Path("runs") / "bench"
+
+BENCH_EPILOG = """\
+GRID is a TOML file or a preset:
+{presets}
+
+Grid keys (each axis a value or a list): dataset, model, preset, attack, defense, poison_ratio,
+clean_ratio, seed, limit_train, limit_test; tables [train], [model_opts.NAME],
+[attack_opts(.NAME)], [defense_opts(.NAME)], [dataset_opts.NAME] whose list values are axes too.
+See docs/bench.md.
+
+Rerunning the same command resumes: finished cells are never redone, a cell that was running
+when the process died is redone (attack training from its last epoch checkpoint), failed cells
+are kept failed unless --retry-failed. Several bench processes may share one results folder.
+"""
+
+
+def register(subparsers, add_runtime_args, add_data_root) -> None:
+    from tsbd.bench.executors import EXECUTORS
+    from tsbd.bench.grid import PRESETS
+
+    presets = "\n".join(f"  {name}: {spec['description']}" for name, spec in PRESETS.items())
+    p = subparsers.add_parser("bench", help="run a benchmark grid into a resumable results store",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=BENCH_EPILOG.format(presets=presets))
+    p.add_argument("grid", help="TOML grid file or preset name (see below)")
+    p.add_argument("--results", default=None,
+                   help=f"results folder (default: {DEFAULT_RESULTS}/<grid name>)")
+    p.add_argument("--set", action="append", dest="set_values", metavar="KEY=VALUE",
+                   help="override a grid key, VALUE in TOML syntax (e.g. --set train.epochs=5 --set "
+                        "'attack=[\"badnets\"]'); repeatable")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: one cell after another in this process; ray: cells as Ray tasks (default: local)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: start a local Ray instance); needs a results folder all "
+                        "nodes can reach")
+    p.add_argument("--cpus-per-cell", type=float, default=1, help="Ray: CPUs reserved per cell (default: 1)")
+    p.add_argument("--gpus-per-cell", type=float, default=None,
+                   help="Ray: GPUs reserved per cell (default: 1 when the device is CUDA, else 0)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
+    p.add_argument("--report", action="store_true", help="write the report into the results folder at the end")
+    add_data_root(p)
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_bench, seed=None)
+    for action in p._actions:  # the runtime group's --seed: here it overrides the grid's seed axis
+        if action.dest == "seed":
+            action.help = "run only this seed (default: the grid's seed axis)"
+
+    p = subparsers.add_parser("report", help="tables and plots (Markdown + HTML) from a bench results folder")
+    p.add_argument("results", help="results folder of `tsbd bench`")
+    p.add_argument("--out", default=None, help="folder for report.md, report.html and plots/ (default: RESULTS)")
+    p.add_argument("--grid", default=None, help="only this grid's cells (default: every cell in the folder)")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_bench(args) -> int:
+    from rich.console import Console
+
+    from tsbd.bench.cells import CellContext
+    from tsbd.bench.executors import run_grid
+    from tsbd.bench.grid import load_grid, parse_set
+    from tsbd.bench.store import Store
+
+    console = Console(stderr=True)
+    plan = load_grid(args.grid, overrides=parse_set(args.set_values), data_root=args.data_root,
+                     cache_dir=args.cache_dir, seeds=None if args.seed is None else [args.seed])
+    results = Path(args.results) if args.results else DEFAULT_RESULTS / re.sub(r"[^A-Za-z0-9._-]+", "-", plan.name)
+    if results.exists() and not results.is_dir():
+        raise TsbdError(f"--results {results} is a file; pass a folder")
+    store = Store(results)
+    try:
+        new = store.register(plan)
+        counts = {"done": 0, "failed": 0, "running": 0, "pending": 0}
+        for cell in plan.cells:
+            counts[store.state(cell.id)["status"]] += 1
+        console.print(f"[bold]{plan.describe()}[/] -> {results} ({new} new; {counts['done']} done, "
+                      f"{counts['failed']} failed, {counts['running']} running, {counts['pending']} pending)")
+        if args.dry_run:
+            _print_plan(plan, store, console)
+            return 0
+        gpus = args.gpus_per_cell
+        if gpus is None:
+            import torch
+
+            gpus = 1 if args.device != "cpu" and torch.cuda.is_available() else 0
+        ctx = CellContext(str(results), device=args.device, precision=args.precision, threads=args.threads,
+                          data_root=args.data_root, cache_dir=args.cache_dir, progress=not args.quiet,
+                          save_defended_models=bool(plan.spec.get("save_defended_models", True)))
+        summary = run_grid(plan, store, ctx, executor=args.executor, retry_failed=args.retry_failed,
+                           progress=not args.quiet, address=args.address, cpus_per_cell=args.cpus_per_cell,
+                           gpus_per_cell=gpus)
+    finally:
+        store.close()
+    console.print(f"{summary.done}/{summary.total} cells done, {summary.failed} failed; this run: {summary.ran} "
+                  f"cells in {summary.seconds / 60:.1f} min")
+    for cell_id, error in summary.errors:
+        console.print(f"  [red]failed[/] {cell_id}: {error}")
+    if args.report:
+        from tsbd.bench.report import write_report
+
+        files = write_report(results, grid=plan.name)
+        console.print(f"report: {files['md']} and {files['html']}")
+    if summary.failed:
+        console.print("rerun with --retry-failed to try the failed cells again")
+        return 1
+    return 0
+
+
+def _print_plan(plan, store, console) -> None:
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    for col in ("cell", "kind", "what", "status", "attempts"):
+        table.add_column(col)
+    for cell in plan.cells:
+        row = store.state(cell.id)
+        what = cell.label() if cell.kind == "attack" else f"  {cell.label()}"
+        table.add_row(cell.id, cell.kind, what, row["status"], str(row["attempts"]))
+    console.print(table)
+
+
+def cmd_report(args) -> int:
+    from tsbd.bench.report import write_report
+
+    files = write_report(args.results, out_dir=args.out, grid=args.grid, plots=not args.no_plots)
+    print(files["md"])
+    print(files["html"])
+    return 0

@@ -1,0 +1,265 @@
+"""Executors: run a plan's cells into the store, sequentially in-process (``local``) or as Ray
+tasks (``ray``).
+
+Both follow the same protocol, which makes reruns resume and lets several bench processes share
+one store: a cell is claimed in the store before it runs (``done`` cells are skipped, ``failed``
+ones too unless retrying, cells another live process runs are waited for), its artifact is
+written, and only then is it marked done -- or failed with a one-line error, after which the grid
+goes on. A defense cell runs once its attack cell is done; when that failed, the defense cell is
+failed with the reason. Ctrl-C hands the running cells back (pending) before stopping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from typing import Callable
+
+from tsbd.bench.cells import CellContext, CellResult, DataCache, one_line_error, run_cell
+from tsbd.bench.grid import Cell, Plan
+from tsbd.bench.store import Heartbeat, Store
+from tsbd.errors import TsbdError
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "ray")
+CellRunner = Callable[[Cell, "Cell | None", CellContext, DataCache], CellResult]
+
+
+@dataclasses.dataclass
+class Summary:
+    """What one ``run_grid`` call did."""
+
+    total: int
+    done: int = 0  # cells done at the end (this run or before)
+    failed: int = 0  # cells failed at the end
+    ran: int = 0  # cells this process ran to done
+    errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (cell id, error) failed in this run
+    seconds: float = 0.0
+
+
+class _Progress:
+    """The overall bar: cells finished (done or failed) out of the grid's total."""
+
+    def __init__(self, plan: Plan, finished: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(plan.cells), initial=finished, desc=f"bench {plan.name}", unit="cell",
+                        disable=not enabled, dynamic_ncols=True, position=0, leave=True)
+
+    def step(self, label: str | None = None) -> None:
+        self.bar.update(1)
+        if label:
+            self.bar.set_postfix_str(label, refresh=False)
+
+    def show(self, label: str) -> None:
+        self.bar.set_postfix_str(label)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Scheduler:
+    """The claim protocol shared by the executors."""
+
+    def __init__(self, plan: Plan, store: Store, retry_failed: bool, summary: Summary):
+        self.plan, self.store, self.retry_failed, self.summary = plan, store, retry_failed, summary
+        self.finished: set[str] = set()  # terminal for this run
+        self.attempted: set[str] = set()  # claimed by this run (a failed cell is retried at most once)
+        for cell in plan.cells:
+            row = store.state(cell.id)
+            if row and (row["status"] == "done" or (row["status"] == "failed" and not retry_failed)):
+                self.finished.add(cell.id)
+
+    def prepare(self, cell: Cell) -> str:
+        """``finished`` (nothing to do, known before), ``skipped`` (nothing to do, found now: done by
+        another process, or failed because its attack cell failed), ``wait`` (its parent or another
+        process is not done) or ``claimed`` (this process must run it now)."""
+        if cell.id in self.finished:
+            return "finished"
+        retry = self.retry_failed and cell.id not in self.attempted
+        row = self.store.state(cell.id)
+        if row["status"] == "done" or (row["status"] == "failed" and not retry):
+            return self._finish(cell)
+        if cell.parent is not None:
+            parent = self.store.state(cell.parent)
+            if parent["status"] == "failed" and (parent["id"] in self.finished or not self.retry_failed):
+                error = f"not run: its attack cell {cell.parent} failed ({parent['error']})"
+                if self.store.fail(cell.id, error, claim=True):
+                    self.summary.errors.append((cell.id, error))
+                return self._finish(cell)
+            if parent["status"] != "done":
+                return "wait"
+        status = self.store.claim(cell.id, retry_failed=retry)
+        if status == "claimed":
+            self.attempted.add(cell.id)
+            return "claimed"
+        if status == "busy":
+            return "wait"
+        return self._finish(cell)
+
+    def _finish(self, cell: Cell) -> str:
+        self.finished.add(cell.id)
+        return "skipped"
+
+    def record(self, cell: Cell, result: CellResult | None, err: BaseException | None, detail: str = "") -> None:
+        self.finished.add(cell.id)
+        if err is None:
+            if self.store.complete(cell.id, result):
+                self.summary.ran += 1
+            else:
+                log.warning("cell %s was taken over by another process; its result is not recorded", cell.id)
+            return
+        message = one_line_error(err)
+        self.store.fail(cell.id, message, detail)
+        self.summary.errors.append((cell.id, message))
+        log.warning("cell %s (%s) failed: %s", cell.id, cell.label(), message)
+
+    def finalize(self, t0: float) -> Summary:
+        counts = {"done": 0, "failed": 0}
+        for cell in self.plan.cells:
+            status = self.store.state(cell.id)["status"]
+            if status in counts:
+                counts[status] += 1
+        self.summary.done, self.summary.failed = counts["done"], counts["failed"]
+        self.summary.seconds = time.perf_counter() - t0
+        return self.summary
+
+
+def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "local", retry_failed: bool = False,
+             progress: bool = False, runner: CellRunner = run_cell, address: str | None = None,
+             cpus_per_cell: float = 1, gpus_per_cell: float = 0, poll_s: float = 2.0,
+             heartbeat_s: float = 30.0) -> Summary:
+    """Run every cell of ``plan`` not yet done into ``store`` (registering the plan first)."""
+    if executor not in EXECUTORS:
+        raise TsbdError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    store.register(plan)
+    t0 = time.perf_counter()
+    summary = Summary(total=len(plan.cells))
+    sched = _Scheduler(plan, store, retry_failed, summary)
+    bar = _Progress(plan, len(sched.finished), progress)
+    try:
+        with Heartbeat(store, heartbeat_s):
+            if executor == "local":
+                _run_local(plan, sched, ctx, bar, runner, poll_s)
+            else:
+                _run_ray(plan, sched, ctx, bar, runner, address, cpus_per_cell, gpus_per_cell, poll_s)
+    finally:
+        bar.close()
+    return sched.finalize(t0)
+
+
+# ------------------------------------------------------------------------------------------
+def _run_local(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, runner: CellRunner,
+               poll_s: float) -> None:
+    cache = DataCache()
+    todo = list(plan.cells)
+    while todo:
+        waiting = []
+        for cell in todo:
+            state = sched.prepare(cell)
+            if state == "wait":
+                waiting.append(cell)
+                continue
+            if state in ("finished", "skipped"):
+                if state == "skipped":
+                    bar.step()
+                continue
+            parent = plan.by_id.get(cell.parent) if cell.parent else None
+            bar.show(cell.label())
+            log.info("running %s cell %s (%s)", cell.kind, cell.id, cell.label())
+            try:
+                result = runner(cell, parent, ctx, cache)
+            except Exception as err:  # the grid goes on; the error is recorded with the cell
+                sched.record(cell, None, err, traceback.format_exc())
+            except BaseException:  # Ctrl-C, SystemExit: hand the cell back, then stop
+                sched.store.release(cell.id)
+                raise
+            else:
+                sched.record(cell, result, None)
+            bar.step()
+        if waiting and len(waiting) == len(todo):
+            time.sleep(poll_s)  # only cells another process is running, or their defenses
+        todo = waiting
+
+
+# ------------------------------------------------------------------------------------------
+_WORKER_CACHE: DataCache | None = None
+
+
+def _ray_task(runner: CellRunner, cell: Cell, parent: Cell | None, ctx: CellContext) -> CellResult:
+    """One cell in a Ray worker; the worker keeps the last dataset and attack setup it used."""
+    global _WORKER_CACHE
+    if _WORKER_CACHE is None:
+        _WORKER_CACHE = DataCache()
+    return runner(cell, parent, ctx, _WORKER_CACHE)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise TsbdError("the ray executor needs Ray: pip install 'tsbd[ray]' (or pip install ray)") from None
+    return ray
+
+
+def _ray_error(err: BaseException) -> BaseException:
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+def _run_ray(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, runner: CellRunner,
+             address: str | None, cpus_per_cell: float, gpus_per_cell: float, poll_s: float) -> None:
+    ray = import_ray()
+    started_here = False
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        except ConnectionError as err:
+            raise TsbdError(f"cannot connect to the Ray cluster at {address}: {err}") from None
+        started_here = True
+    task = ray.remote(_ray_task).options(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)
+    # each worker gets as many threads as CPUs it reserved; workers draw no bars
+    worker_ctx = dataclasses.replace(ctx, threads=max(1, int(cpus_per_cell)), progress=False)
+    in_flight: dict = {}
+    todo = list(plan.cells)
+    try:
+        while todo or in_flight:
+            waiting = []
+            for cell in todo:
+                state = sched.prepare(cell)
+                if state == "wait":
+                    waiting.append(cell)
+                elif state == "skipped":
+                    bar.step()
+                elif state == "claimed":
+                    parent = plan.by_id.get(cell.parent) if cell.parent else None
+                    in_flight[task.remote(runner, cell, parent, worker_ctx)] = cell
+            todo = waiting
+            if in_flight:
+                bar.show(f"{len(in_flight)} running")
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_s)
+                for ref in ready:
+                    cell = in_flight.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except Exception as err:
+                        cause = _ray_error(err)
+                        sched.record(cell, None, cause, "".join(traceback.format_exception(cause))[-20000:])
+                    else:
+                        sched.record(cell, result, None)
+                    bar.step(cell.label())
+            elif todo:
+                time.sleep(poll_s)  # cells another process is running
+    except BaseException:
+        for ref, cell in in_flight.items():
+            try:
+                ray.cancel(ref, force=True)
+            finally:
+                sched.store.release(cell.id)
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()

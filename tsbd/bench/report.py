@@ -1,0 +1,593 @@
+"""``tsbd report RESULTS_DIR``: the paper's table layout from a results store, as Markdown and as
+one standalone HTML page, with plots as PNG and SVG.
+
+One table per (dataset, model, training, poison ratio) found in the store: attacks as rows (seeds
+averaged), defenses as column groups ACC / ASR / DER with the attacked model itself as
+"No Defense", the best defense per row in bold, an average row. Where the paper has the same cell
+(see :mod:`tsbd.bench.paper`) its number stands beside ours. Plots per table: ACC against ASR for
+every defense, and DER per attack.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from tsbd.bench.grid import NO_DEFENSE, canonical_json
+from tsbd.bench.paper import (ATTACK_NAMES, DATASET_NAMES, DEFENSE_NAMES, METRICS, MODEL_NAMES, PaperIndex,
+                              attack_order, defense_order, display, non_default)
+from tsbd.bench.store import Store
+
+log = logging.getLogger(__name__)
+
+MD_NAME = "report.md"
+HTML_NAME = "report.html"
+PLOTS = "plots"
+
+
+# ------------------------------------------------------------------------------------------
+# collecting
+@dataclasses.dataclass
+class Row:
+    key: str
+    attack: str
+    config: dict  # resolved attack config without poison_ratio
+    changed: dict  # options that differ from the attack's defaults
+    label: str = ""
+
+
+@dataclasses.dataclass
+class Column:
+    key: str
+    defense: str
+    clean_ratio: float | None
+    config: dict
+    changed: dict
+    label: str = ""
+
+
+@dataclasses.dataclass
+class ResultTable:
+    key: dict  # dataset, model, train, poison_ratio, versions
+    rows: list[Row]
+    columns: list[Column]
+    values: dict[tuple[str, str], dict]  # (row, column) -> mean metrics in %, "n" seeds, "cells"
+    title: str = ""
+    slug: str = ""
+    paper: dict[tuple[str, str], tuple[list, str]] = dataclasses.field(default_factory=dict)
+    paper_avg: dict[str, tuple[list, str]] = dataclasses.field(default_factory=dict)
+    paper_tables: list[dict] = dataclasses.field(default_factory=list)
+    plots: dict[str, dict[str, Path]] = dataclasses.field(default_factory=dict)  # kind -> {png, svg}
+
+    def value(self, row: str, col: str, metric: str) -> float | None:
+        v = self.values.get((row, col))
+        return None if v is None else v.get(metric)
+
+    def average(self, col: str, metric: str) -> float | None:
+        vals = [self.value(r.key, col, metric) for r in self.rows]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    def best(self, row: str | None, metric: str) -> set[str]:
+        """The defense columns with the best ``metric`` in a row (None: the average row)."""
+        cols = [c for c in self.columns if c.defense != NO_DEFENSE]
+        vals = {c.key: (self.average(c.key, metric) if row is None else self.value(row, c.key, metric)) for c in cols}
+        vals = {k: v for k, v in vals.items() if v is not None}
+        if len(vals) < 2:
+            return set()
+        target = min(vals.values()) if metric == "asr" else max(vals.values())
+        return {k for k, v in vals.items() if abs(v - target) < 1e-9}
+
+
+def _defaults(registry_name: str, name: str) -> dict | None:
+    from tsbd.config import to_dict
+
+    try:
+        if registry_name == "attack":
+            from tsbd.attacks import ATTACKS as reg
+        else:
+            from tsbd.defenses import DEFENSES as reg
+        if name not in reg:
+            return None
+        return to_dict(reg.get(name).config_class())
+    except Exception:  # a method that cannot be built any more: compare nothing
+        return None
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(obj) if isinstance(obj, list) else obj}
+
+
+def _varying(dicts: list[dict]) -> list[str]:
+    flat = [_flatten(d) for d in dicts]
+    keys = sorted({k for f in flat for k in f})
+    return [k for k in keys if len({canonical_json(f.get(k)) for f in flat}) > 1]
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _describe(d: dict) -> str:
+    return ", ".join(f"{k}={_fmt_value(v)}" for k, v in d.items())
+
+
+def collect(store: Store, grid: str | None = None, paper: PaperIndex | None = None) -> list[ResultTable]:
+    """Group the store's done cells into paper-style tables."""
+    paper = paper or PaperIndex()
+    rows = store.cells(grid)
+    by_id = {r["id"]: r for r in rows}
+    if grid is not None:  # parents of the grid's defense cells are in the grid too, but be safe
+        for r in rows:
+            if r["parent"] and r["parent"] not in by_id:
+                parent = store.state(r["parent"])
+                if parent:
+                    by_id[parent["id"]] = parent
+    groups: dict[str, dict] = {}
+    for r in by_id.values():
+        if r["kind"] != "attack" or r["status"] != "done":
+            continue
+        c = r["config"]
+        attack_cfg = dict(c["attack"]["config"])
+        poison = attack_cfg.pop("poison_ratio", None)
+        key = {"dataset": c["dataset"], "model": c["model"], "train": c["train"], "poison_ratio": poison,
+               "versions": c["versions"]}
+        g = groups.setdefault(canonical_json(key), {"key": key, "entries": []})
+        g["entries"].append((r, None))
+        for d in by_id.values():
+            if d["kind"] == "defense" and d["parent"] == r["id"] and d["status"] == "done":
+                g["entries"].append((r, d))
+
+    tables = []
+    for g in groups.values():
+        rows_: dict[str, Row] = {}
+        cols: dict[str, Column] = {}
+        acc: dict[tuple[str, str], list[dict]] = {}
+        for a, d in g["entries"]:
+            attack = a["config"]["attack"]
+            cfg = {k: v for k, v in attack["config"].items() if k != "poison_ratio"}
+            rkey = canonical_json({"name": attack["name"], "config": cfg})
+            if rkey not in rows_:
+                defaults = _defaults("attack", attack["name"])
+                if defaults:
+                    defaults.pop("poison_ratio", None)
+                rows_[rkey] = Row(rkey, attack["name"], cfg, non_default(cfg, defaults))
+            if d is None:
+                ckey = NO_DEFENSE
+                if ckey not in cols:
+                    cols[ckey] = Column(ckey, NO_DEFENSE, None, {}, {})
+            else:
+                dd = d["config"]["defense"]
+                ckey = canonical_json({"name": dd["name"], "config": dd["config"], "clean": d["config"]["clean_ratio"]})
+                if ckey not in cols:
+                    cols[ckey] = Column(ckey, dd["name"], d["config"]["clean_ratio"], dd["config"],
+                                        non_default(dd["config"], _defaults("defense", dd["name"])))
+            m = (d or a)["metrics"] or {}
+            acc.setdefault((rkey, ckey), []).append({"acc": m.get("acc"), "asr": m.get("asr"),
+                                                      "der": m.get("der") if d is not None else None,
+                                                      "cell": (d or a)["id"]})
+        values = {}
+        for k, items in acc.items():
+            entry: dict[str, Any] = {"n": len(items), "cells": [i["cell"] for i in items]}
+            for metric in METRICS:
+                vals = [i[metric] for i in items if i[metric] is not None and not math.isnan(i[metric])]
+                entry[metric] = 100 * sum(vals) / len(vals) if vals else None
+            values[k] = entry
+        row_list = sorted(rows_.values(), key=lambda r: (attack_order(r.attack), r.key))
+        col_list = sorted(cols.values(), key=lambda c: (defense_order(c.defense), c.clean_ratio or 0, c.key))
+        _label_rows(row_list)
+        _label_columns(col_list)
+        tables.append(ResultTable(g["key"], row_list, col_list, values))
+
+    _title_tables(tables)
+    for t in tables:
+        _attach_paper(t, paper)
+    return tables
+
+
+def _label_rows(rows: list[Row]) -> None:
+    for name in {r.attack for r in rows}:
+        same = [r for r in rows if r.attack == name]
+        vary = _varying([r.config for r in same]) if len(same) > 1 else []
+        for r in same:
+            flat = _flatten(r.config)
+            extra = _describe({k: flat.get(k) for k in vary})
+            r.label = display(r.attack, ATTACK_NAMES) + (f" ({extra})" if extra else "")
+
+
+def _label_columns(cols: list[Column]) -> None:
+    for name in {c.defense for c in cols}:
+        same = [c for c in cols if c.defense == name]
+        vary = _varying([{"clean_ratio": c.clean_ratio, **c.config} for c in same]) if len(same) > 1 else []
+        for c in same:
+            flat = _flatten({"clean_ratio": c.clean_ratio, **c.config})
+            extra = _describe({("clean" if k == "clean_ratio" else k): flat.get(k) for k in vary})
+            c.label = display(c.defense, DEFENSE_NAMES) + (f" ({extra})" if extra else "")
+
+
+def _title_tables(tables: list[ResultTable]) -> None:
+    vary = _varying([t.key for t in tables]) if len(tables) > 1 else []
+    vary = [k for k in vary if k not in ("dataset.name", "model.name", "poison_ratio")]
+    tables.sort(key=lambda t: (t.key["dataset"]["name"], t.key["model"]["name"], t.key["poison_ratio"] or 0,
+                               canonical_json(t.key)))
+    for i, t in enumerate(tables, 1):
+        k = t.key
+        flat = _flatten(k)
+        title = (f"{display(k['dataset']['name'], DATASET_NAMES)} · {display(k['model']['name'], MODEL_NAMES)} · "
+                 f"poison {100 * (k['poison_ratio'] or 0):g}%")
+        extra = _describe({key: flat.get(key) for key in vary})
+        t.title = title + (f" · {extra}" if extra else "")
+        t.slug = f"t{i}-" + re.sub(r"[^a-z0-9]+", "-", f"{k['dataset']['name']}-{k['model']['name']}").strip("-")
+
+
+def _attach_paper(t: ResultTable, paper: PaperIndex) -> None:
+    k = t.key
+    tables = paper.candidates(k["dataset"]["name"], k["model"]["name"], k["poison_ratio"] or 0)
+    used: dict[str, dict] = {}
+    for r in t.rows:
+        for c in t.columns:
+            hit = paper.lookup(tables, r.attack, r.changed, c.defense, c.clean_ratio, c.changed, c.config)
+            if hit:
+                t.paper[(r.key, c.key)] = (hit[0], hit[1]["id"])
+                used[hit[1]["id"]] = hit[1]
+    for c in t.columns:
+        hit = paper.average(tables, c.defense, c.clean_ratio, c.changed, c.config)
+        if hit and any((r.key, c.key) in t.paper for r in t.rows):
+            t.paper_avg[c.key] = (hit[0], hit[1]["id"])
+            used[hit[1]["id"]] = hit[1]
+    t.paper_tables = list(used.values())
+
+
+# ------------------------------------------------------------------------------------------
+# rendering
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _metrics_of(col: Column) -> tuple[str, ...]:
+    return ("acc", "asr") if col.defense == NO_DEFENSE else METRICS
+
+
+def _paper_value(t: ResultTable, row: str | None, col: str, metric: str) -> float | None:
+    hit = t.paper_avg.get(col) if row is None else t.paper.get((row, col))
+    if not hit:
+        return None
+    return hit[0][METRICS.index(metric)]
+
+
+def _paper_note(t: ResultTable) -> str:
+    if not t.paper_tables:
+        return "The paper has no cell matching this table's settings."
+    names = []
+    for p in t.paper_tables:
+        names.append(f"{p['caption'].split(':')[0]} ({display(p['model'], MODEL_NAMES)}, "
+                     f"{display(p['dataset'], DATASET_NAMES)})")
+    notes = [p["note"] for p in t.paper_tables if p.get("note")]
+    model_note = ""
+    if t.key["model"]["name"] not in {p["model"] for p in t.paper_tables}:
+        model_note = (f" The paper did not use {display(t.key['model']['name'], MODEL_NAMES)}; its numbers are for "
+                      f"{', '.join(sorted({display(p['model'], MODEL_NAMES) for p in t.paper_tables}))}.")
+    return ("In parentheses: the paper's value for the same attack and defense, from " + "; ".join(names) + "."
+            + model_note + (" " + " ".join(notes) if notes else ""))
+
+
+def _settings_lines(t: ResultTable) -> list[str]:
+    k = t.key
+    ds = k["dataset"]
+    subset = ""
+    if ds.get("limit_train") or ds.get("limit_test"):
+        subset = f", subset of {ds.get('limit_train') or 'all'} train / {ds.get('limit_test') or 'all'} test images"
+    model_opts = _describe(k["model"]["options"])
+    train = k["train"]
+    lines = [f"Data: {ds['name']} (fingerprint {ds.get('fingerprint', '?')}{subset}).",
+             f"Model: {k['model']['name']}" + (f" ({model_opts})" if model_opts else "") + ".",
+             f"Attack training: {train.get('epochs')} epochs, batch {train.get('batch_size')}, lr {train.get('lr')}, "
+             f"{train.get('schedule')} schedule; poison ratio {k['poison_ratio']}.",
+             f"Versions: tsbd {k['versions'].get('tsbd')}, torch {k['versions'].get('torch')}."]
+    seeds = {v["n"] for v in t.values.values()}
+    if seeds != {1}:
+        lines.append(f"Each value is the mean over {'/'.join(str(s) for s in sorted(seeds))} seeds.")
+    for c in t.columns:
+        if c.defense == NO_DEFENSE:
+            continue
+        opts = _describe(c.changed)
+        lines.append(f"{c.label}: clean ratio {c.clean_ratio:g}" + (f"; options {opts}" if opts else "; paper defaults")
+                     + ".")
+    for r in t.rows:
+        if r.changed:
+            lines.append(f"{r.label}: attack options {_describe(r.changed)}.")
+    return lines
+
+
+def render_markdown(tables: list[ResultTable], summary: dict) -> str:
+    out = ["# tsbd benchmark report", ""]
+    out += _summary_lines(summary, md=True)
+    for t in tables:
+        out += ["", f"## {t.title}", "",
+                "ACC, ASR and DER in %; ours first" + (", the paper's in parentheses" if t.paper else "")
+                + ". Best defense per row in bold.", ""]
+        header = ["Attack"]
+        align = ["---"]
+        for c in t.columns:
+            for m in _metrics_of(c):
+                header.append(f"{c.label} {m.upper()}")
+                align.append("---:")
+        out.append("| " + " | ".join(header) + " |")
+        out.append("| " + " | ".join(align) + " |")
+        for r in [*t.rows, None]:
+            cells = [r.label if r else "**Average**"]
+            for c in t.columns:
+                for m in _metrics_of(c):
+                    v = t.average(c.key, m) if r is None else t.value(r.key, c.key, m)
+                    text = _num(v)
+                    if v is not None and c.key in t.best(None if r is None else r.key, m):
+                        text = f"**{text}**"
+                    p = _paper_value(t, None if r is None else r.key, c.key, m)
+                    if p is not None:
+                        text += f" ({p:.2f})"
+                    cells.append(text)
+            out.append("| " + " | ".join(cells) + " |")
+        out += ["", _paper_note(t), ""]
+        out += [f"- {line}" for line in _settings_lines(t)]
+        if t.plots:
+            out.append("")
+            for kind, files in t.plots.items():
+                out.append(f"![{kind} {t.title}]({files['png'].as_posix()}) "
+                           f"([SVG]({files['svg'].as_posix()}))")
+    if summary.get("failures"):
+        out += ["", "## Failed cells", "", "| cell | kind | what | error |", "|---|---|---|---|"]
+        for f in summary["failures"]:
+            out.append(f"| {f['id']} | {f['kind']} | {f['what']} | {f['error'].replace('|', '/')} |")
+    return "\n".join(out) + "\n"
+
+
+def _summary_lines(summary: dict, md: bool) -> list[str]:
+    counts = summary["counts"]
+    lines = [f"Results: `{summary['results']}`" + (f", grid `{summary['grid']}`" if summary.get("grid") else
+                                                   (f", grids {', '.join(summary['grids'])}" if summary['grids'] else "")),
+             "",
+             f"Cells: {counts['done']} done, {counts['failed']} failed, {counts['running']} running, "
+             f"{counts['pending']} pending. Compute time of done cells: {summary['compute_s'] / 60:.1f} min "
+             f"on {', '.join(summary['hosts']) or '-'}."]
+    return lines
+
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 2rem auto;
+       max-width: 1400px; padding: 0 1rem; color: #1d1d1f; background: #fff; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { font-size: 1.2rem; margin-top: 2.2rem; }
+p.meta { color: #555; margin: .2rem 0; }
+.wrap { overflow-x: auto; }
+table.results { border-collapse: collapse; font-size: .86rem; font-variant-numeric: tabular-nums; margin: .6rem 0; }
+table.results th, table.results td { padding: .25rem .5rem; text-align: right; white-space: nowrap; }
+table.results th { background: #f3f4f6; font-weight: 600; }
+table.results thead tr:first-child th { border-bottom: 1px solid #c9ccd1; text-align: center; }
+table.results thead tr:last-child th { border-bottom: 2px solid #555; font-weight: 500; color: #333; }
+table.results th.attack, table.results td.attack { text-align: left; }
+table.results td.group-start, table.results th.group-start { border-left: 1px solid #d0d3d8; }
+table.results tbody tr:nth-child(even) td { background: #fafafa; }
+table.results tr.average td { border-top: 2px solid #555; font-weight: 600; background: #f3f4f6; }
+table.results td b { color: #0b5cad; }
+span.paper { display: block; color: #8a8f98; font-size: .74rem; }
+ul.settings { color: #444; font-size: .84rem; }
+p.note { color: #555; font-size: .84rem; max-width: 1100px; }
+.plots { display: flex; flex-wrap: wrap; gap: 1rem; }
+.plots figure { margin: 0; } .plots img { max-width: 640px; width: 100%; border: 1px solid #e5e7eb; }
+.plots figcaption { font-size: .8rem; color: #555; }
+table.failures { border-collapse: collapse; font-size: .84rem; }
+table.failures td, table.failures th { border: 1px solid #ddd; padding: .2rem .5rem; text-align: left; }
+"""
+
+
+def render_html(tables: list[ResultTable], summary: dict, out_dir: Path) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+             "<title>tsbd benchmark report</title>", f"<style>{CSS}</style></head><body>",
+             "<h1>tsbd benchmark report</h1>"]
+    for line in _summary_lines(summary, md=False):
+        if line:
+            parts.append(f"<p class=\"meta\">{e(line).replace('`', '')}</p>")
+    for t in tables:
+        parts.append(f"<h2 id=\"{e(t.slug)}\">{e(t.title)}</h2>")
+        parts.append("<p class=\"meta\">ACC, ASR and DER in %; ours on top"
+                     + (", the paper's below in grey" if t.paper else "") + ". Best defense per row in bold.</p>")
+        parts.append('<div class="wrap"><table class="results"><thead><tr>'
+                     '<th class="attack" rowspan="2">Attack</th>')
+        for c in t.columns:
+            parts.append(f"<th class=\"group-start\" colspan=\"{len(_metrics_of(c))}\">{e(c.label)}</th>")
+        parts.append("</tr><tr>")
+        for c in t.columns:
+            for i, m in enumerate(_metrics_of(c)):
+                arrow = "&darr;" if m == "asr" else "&uarr;"
+                start = ' class="group-start"' if i == 0 else ""
+                parts.append(f"<th{start}>{m.upper()} {arrow}</th>")
+        parts.append("</tr></thead><tbody>")
+        for r in [*t.rows, None]:
+            parts.append("<tr class=\"average\">" if r is None else "<tr>")
+            parts.append(f"<td class=\"attack\">{e(r.label) if r else 'Average'}</td>")
+            for c in t.columns:
+                for i, m in enumerate(_metrics_of(c)):
+                    v = t.average(c.key, m) if r is None else t.value(r.key, c.key, m)
+                    text = _num(v)
+                    if v is not None and c.key in t.best(None if r is None else r.key, m):
+                        text = f"<b>{text}</b>"
+                    p = _paper_value(t, None if r is None else r.key, c.key, m)
+                    if p is not None:
+                        text += f"<span class=\"paper\">{p:.2f}</span>"
+                    start = ' class="group-start"' if i == 0 else ""
+                    parts.append(f"<td{start}>{text}</td>")
+            parts.append("</tr>")
+        parts.append("</tbody></table></div>")
+        parts.append(f"<p class=\"note\">{e(_paper_note(t))}</p>")
+        parts.append("<ul class=\"settings\">" + "".join(f"<li>{e(s)}</li>" for s in _settings_lines(t)) + "</ul>")
+        if t.plots:
+            parts.append("<div class=\"plots\">")
+            for kind, files in t.plots.items():
+                data = base64.b64encode((out_dir / files["png"]).read_bytes()).decode()
+                caption = "ACC against ASR per defense" if kind == "acc-asr" else "DER per attack"
+                parts.append(f"<figure><img alt=\"{e(caption)}\" src=\"data:image/png;base64,{data}\">"
+                             f"<figcaption>{e(caption)} (<a href=\"{e(files['svg'].as_posix())}\">SVG</a>)"
+                             "</figcaption></figure>")
+            parts.append("</div>")
+    if summary.get("failures"):
+        parts.append("<h2>Failed cells</h2><table class=\"failures\"><tr><th>cell</th><th>kind</th><th>what</th>"
+                     "<th>error</th></tr>")
+        for f in summary["failures"]:
+            parts.append(f"<tr><td>{e(f['id'])}</td><td>{e(f['kind'])}</td><td>{e(f['what'])}</td>"
+                         f"<td>{e(f['error'])}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------------
+# plots
+def _plot(t: ResultTable, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    folder = out_dir / PLOTS
+    folder.mkdir(parents=True, exist_ok=True)
+    colors = plt.get_cmap("tab10").colors
+    markers = "osD^vP*Xh<>"
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for i, c in enumerate(t.columns):
+        color = colors[i % len(colors)]
+        pts = [(t.value(r.key, c.key, "asr"), t.value(r.key, c.key, "acc")) for r in t.rows]
+        pts = [p for p in pts if None not in p]
+        if pts:
+            ax.scatter(*zip(*pts), s=46, color=color, marker=markers[i % len(markers)], label=c.label, zorder=3)
+        paper = [(_paper_value(t, r.key, c.key, "asr"), _paper_value(t, r.key, c.key, "acc")) for r in t.rows]
+        paper = [p for p in paper if None not in p]
+        if paper:
+            ax.scatter(*zip(*paper), s=46, facecolors="none", edgecolors=[color], marker=markers[i % len(markers)],
+                       zorder=2, label=f"{c.label} (paper)")
+    ax.set_xlabel("ASR (%)  lower is better")
+    ax.set_ylabel("ACC (%)  higher is better")
+    ax.set_xlim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.set_title(t.title, fontsize=9)
+    ax.legend(fontsize=7, loc="best", frameon=False)
+    fig.tight_layout()
+    t.plots["acc-asr"] = _save(fig, folder, f"{t.slug}-acc-asr")
+    plt.close(fig)
+
+    defenses = [c for c in t.columns if c.defense != NO_DEFENSE]
+    if defenses:
+        fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(t.rows) * max(1, len(defenses)) / 2 + 2), 4.2))
+        width = 0.8 / len(defenses)
+        xs = range(len(t.rows))
+        for j, c in enumerate(defenses):
+            color = colors[(t.columns.index(c)) % len(colors)]
+            offs = [x - 0.4 + width * (j + 0.5) for x in xs]
+            vals = [t.value(r.key, c.key, "der") for r in t.rows]
+            ax.bar([o for o, v in zip(offs, vals) if v is not None], [v for v in vals if v is not None], width,
+                   color=color, label=c.label)
+            paper = [_paper_value(t, r.key, c.key, "der") for r in t.rows]
+            if any(p is not None for p in paper):
+                ax.scatter([o for o, p in zip(offs, paper) if p is not None], [p for p in paper if p is not None],
+                           marker="_", s=160, color="black", zorder=3,
+                           label="paper" if j == 0 or "paper" not in ax.get_legend_handles_labels()[1] else None)
+        ax.axhline(50, color="#888", lw=0.8, ls="--")
+        ax.set_xticks(list(xs), [r.label for r in t.rows], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("DER (%)  higher is better")
+        ax.set_ylim(0, 105)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(t.title, fontsize=9)
+        ax.legend(fontsize=7, frameon=False, ncol=min(5, len(defenses) + 1), loc="upper center",
+                  bbox_to_anchor=(0.5, -0.2))
+        fig.tight_layout()
+        t.plots["der"] = _save(fig, folder, f"{t.slug}-der")
+        plt.close(fig)
+
+
+def _save(fig, folder: Path, stem: str) -> dict[str, Path]:
+    out = {}
+    for ext in ("png", "svg"):
+        path = folder / f"{stem}.{ext}"
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=130, bbox_inches="tight",
+                    metadata={"Date": None} if ext == "svg" else None)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
+        out[ext] = Path(PLOTS) / path.name
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+def summarize(store: Store, grid: str | None, results: Path) -> dict:
+    rows = store.cells(grid)
+    counts = {s: 0 for s in ("pending", "running", "done", "failed")}
+    compute = 0.0
+    hosts = set()
+    failures = []
+    by_id = {r["id"]: r for r in rows}
+    for r in rows:
+        counts[r["status"]] += 1
+        if r["status"] == "done":
+            t = r["timings"] or {}
+            compute += float(t.get("cell", t.get("total", 0.0)) or 0.0)
+            if r["host"]:
+                hosts.add(r["host"])
+        if r["status"] == "failed":
+            c = r["config"]
+            if r["kind"] == "attack":
+                what = f"{c['attack']['name']} on {c['dataset']['name']} / {c['model']['name']}, seed {c['seed']}"
+            else:
+                parent = by_id.get(r["parent"]) or store.state(r["parent"]) or {}
+                pa = (parent.get("config") or {}).get("attack", {}).get("name", "?")
+                what = f"{c['defense']['name']} against {pa}, clean {c['clean_ratio']:g}"
+            failures.append({"id": r["id"], "kind": r["kind"], "what": what, "error": r["error"] or ""})
+    return {"results": str(results), "grid": grid, "grids": store.grids(), "counts": counts, "compute_s": compute,
+            "hosts": sorted(hosts), "failures": failures}
+
+
+def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, grid: str | None = None,
+                 plots: bool = True, paper_tables: str | None = None) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` and the plots for the store in ``results_dir``."""
+    results = Path(results_dir)
+    out = Path(out_dir) if out_dir else results
+    out.mkdir(parents=True, exist_ok=True)
+    with Store(results, create=False) as store:
+        if grid is not None and grid not in store.grids():
+            from tsbd.errors import TsbdError
+
+            raise TsbdError(f"no grid {grid!r} in {results}; it has: {', '.join(store.grids()) or 'none'}")
+        tables = collect(store, grid, PaperIndex(paper_tables))
+        summary = summarize(store, grid, results)
+    if plots:
+        for t in tables:
+            _plot(t, out)
+    files = {"md": out / MD_NAME, "html": out / HTML_NAME}
+    _write_text(files["md"], render_markdown(tables, summary))
+    _write_text(files["html"], render_html(tables, summary, out))
+    for t in tables:
+        for kind, f in t.plots.items():
+            files[f"{t.slug}-{kind}"] = out / f["png"]
+    return files
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
