@@ -34,13 +34,13 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "backdoorbench": TrainConfig(),
     "cpu": TrainConfig(epochs=30, batch_size=256, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
                        schedule="onecycle", warmup=0.2, label_smoothing=0.1),
-    "gpu": TrainConfig(epochs=35, batch_size=512, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
+    "gpu": TrainConfig(epochs=35, batch_size=512, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                        schedule="onecycle", warmup=0.15),
 }
 PRESET_HELP = {
     "backdoorbench": "BackdoorBench defaults: 100 epochs, batch 128, SGD 0.01/0.9/5e-4, cosine (paper scale)",
     "cpu": "CPU preset: 30 epochs, batch 256, SGD nesterov lr 0.2, wd 5e-4, onecycle, label smoothing 0.1",
-    "gpu": "GPU preset for paper-scale models: 35 epochs, batch 512, SGD nesterov lr 0.2, wd 5e-4, onecycle",
+    "gpu": "GPU preset for paper-scale models: 35 epochs, batch 512, SGD nesterov lr 0.1, wd 5e-4, onecycle",
 }
 
 

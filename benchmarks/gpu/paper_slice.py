@@ -71,7 +71,41 @@ def main() -> None:
         out["elapsed_seconds"] = time.perf_counter() - t_start
         write_json_atomic(args.out, out)
 
+    def run_defense(attack_name, setup, model, meta, name, per_defense):
+        if name not in DEFENSES:
+            out["skipped"].append({"attack": attack_name, "defense": name, "why": "not registered"})
+            return
+        left = args.budget_seconds - (time.perf_counter() - t_start)
+        guess = max(per_defense) if per_defense else 0.0
+        if left < guess * 1.2:
+            out["skipped"].append({"attack": attack_name, "defense": name, "why": f"budget ({left:.0f}s left)"})
+            save()
+            return
+        t0 = time.perf_counter()
+        try:
+            res, rec = defend_model(model, setup, name, defense_opts.get(name), args.clean_ratio, rt,
+                                    seed=args.seed, metrics_before=meta["metrics"])
+            row = {"attack": attack_name, "defense": name, "metrics": rec["metrics"], "timings": res.timings,
+                   "info": res.info, "stages": rec["defense"]["stages"], "config": rec["defense"]["config"]}
+        except Exception as err:  # record and go on: one failing defense must not lose the rest
+            row = {"attack": attack_name, "defense": name, "error": f"{type(err).__name__}: {err}"}
+        row["seconds"] = time.perf_counter() - t0
+        per_defense.append(row["seconds"])
+        out["rows"].append(row)
+        print(attack_name, name, row.get("metrics", row.get("error")), round(row["seconds"], 1), flush=True)
+        save()
+
+    # phase 1: every attack model and TSBD on it; phase 2: the baselines, while the budget lasts
+    trained = []
+    per_attack: list[float] = []
+    defenses = args.defenses.split(",")
+    first, rest = defenses[:1], defenses[1:]
     for attack_name in args.attacks.split(","):
+        left = args.budget_seconds - (time.perf_counter() - t_start)
+        if per_attack and left < max(per_attack) * 1.2:
+            out["skipped"].append({"attack": attack_name, "defense": "*", "why": f"budget ({left:.0f}s left)"})
+            continue
+        t_attack = time.perf_counter()
         opts = dict(PAPER_TRIGGERS.get(attack_name, {})) if args.trigger_dir else {}
         if "trigger_image" in opts:
             opts["trigger_image"] = str(Path(args.trigger_dir) / opts["trigger_image"])
@@ -83,30 +117,14 @@ def main() -> None:
                             "images_per_second": meta["train_images_per_second"]})
         print(attack_name, "none", meta["metrics"], round(meta["timings"]["train"], 1), flush=True)
         save()
-        per_defense: list[float] = []
-        for name in args.defenses.split(","):
-            if name not in DEFENSES:
-                out["skipped"].append({"attack": attack_name, "defense": name, "why": "not registered"})
-                continue
-            left = args.budget_seconds - (time.perf_counter() - t_start)
-            guess = max(per_defense) if per_defense else 0.0
-            if left < guess * 1.2:
-                out["skipped"].append({"attack": attack_name, "defense": name, "why": f"budget ({left:.0f}s left)"})
-                save()
-                continue
-            t0 = time.perf_counter()
-            try:
-                res, rec = defend_model(model, setup, name, defense_opts.get(name), args.clean_ratio, rt,
-                                        seed=args.seed, metrics_before=meta["metrics"])
-                row = {"attack": attack_name, "defense": name, "metrics": rec["metrics"], "timings": res.timings,
-                       "info": res.info, "stages": rec["defense"]["stages"], "config": rec["defense"]["config"]}
-            except Exception as err:  # record and go on: one failing defense must not lose the rest
-                row = {"attack": attack_name, "defense": name, "error": f"{type(err).__name__}: {err}"}
-            row["seconds"] = time.perf_counter() - t0
-            per_defense.append(row["seconds"])
-            out["rows"].append(row)
-            print(attack_name, name, row.get("metrics", row.get("error")), round(row["seconds"], 1), flush=True)
-            save()
+        for name in first:
+            run_defense(attack_name, setup, model, meta, name, [])
+        per_attack.append(time.perf_counter() - t_attack)
+        trained.append((attack_name, setup, model, meta))
+    per_defense: list[float] = []
+    for name in rest:
+        for attack_name, setup, model, meta in trained:
+            run_defense(attack_name, setup, model, meta, name, per_defense)
     save()
 
 
