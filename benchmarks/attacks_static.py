@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from tsbd.attacks import build_attack
 from tsbd.data import load_dataset
 from tsbd.data.base import Dataset
 from tsbd.pipeline import TRAIN_PRESETS, setup_attack, train_attacked_model, train_config
-from tsbd.train.runtime import Runtime
+from tsbd.train.runtime import Runtime, cpu_name
 
 ATTACKS = ("sig", "lf", "ssba", "trojan")
 TINY_SETTINGS = {  # resource settings of --tiny (the full run uses each attack's defaults)
@@ -37,16 +36,6 @@ TINY_SETTINGS = {  # resource settings of --tiny (the full run uses each attack'
     "ssba": {"train_images": 500, "epochs": 2},
     "trojan": {"mask_update_iters": 50, "clean_epochs": 2},
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def class_balanced_subset(ds: Dataset, train_per_class: int, test_per_class: int) -> Dataset:

@@ -12,8 +12,6 @@ Attacked models are saved under --work and reused on a rerun (resume).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -21,17 +19,7 @@ from tsbd.artifacts import load_model, provenance, save_model, write_json_atomic
 from tsbd.attacks import build_attack
 from tsbd.data import load_dataset
 from tsbd.pipeline import defend_model, setup_attack, train_attacked_model, train_config
-from tsbd.train.runtime import Runtime
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from tsbd.train.runtime import Runtime, cpu_name
 
 
 def main() -> None:
@@ -74,9 +62,10 @@ def main() -> None:
                "train_images_per_second": meta.get("train_images_per_second"), "defenses": {}}
         print(name, "no defense", meta["metrics"], flush=True)
         for variant in args.variants.split(","):
-            if variant == "vanilla-ft":  # the 20-epoch plain fine-tune TSBD's time is compared with
-                opts = {"finetune_mode": "vanilla", "unlearn_max_epochs": 0, "neuron_ratio": 0.0}
-                dname = "tsbd"
+            if variant == "vanilla-ft":  # a plain 20-epoch fine-tune with TSBD's stage-2 optimizer settings,
+                # the baseline TSBD's wall time is compared with (issue: at most 2.5x)
+                opts = {"epochs": 20, "weight_decay": 0.0, "schedule": "constant"}
+                dname = "ft"
             else:
                 opts = {"perturbation_norm": variant}
                 dname = "tsbd"

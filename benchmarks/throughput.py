@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import numpy as np
 import torch
+
+from tsbd.train.runtime import cpu_name
 from PIL import Image
 
 from tsbd.artifacts import provenance, write_json_atomic
@@ -29,16 +30,6 @@ from tsbd.data import load_dataset
 from tsbd.data.base import ImageSet
 from tsbd.models import build_model
 from tsbd.train import Runtime, TrainConfig, fit
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def matmul_peak(runtime: Runtime, n: int = 2048, reps: int = 10) -> float:

@@ -64,3 +64,13 @@ class TinyNet(nn.Module):
 def tiny_net():
     torch.manual_seed(0)
     return TinyNet()
+
+
+# Tiny settings for attacks that generate resources, so registry-wide tests run in seconds.
+TINY_ARCH = {"arch": "airbench", "arch_kwargs": {"widths": [8, 16, 32]}}
+TINY_ATTACKS = {
+    "inputaware": {"width": 0.125, "mask_epochs": 1, "joint_epochs": 1, "batch_size": 64},
+    "lf": {"images": 300, "epochs": 2, "batch_size": 100, "clean_epochs": 2},
+    "ssba": {"train_images": 512, "epochs": 6, "width": 8, "secret_bits": 16, "batch_size": 16},
+    "trojan": {"mask_update_iters": 40, "clean_epochs": 2},
+}

@@ -6,17 +6,25 @@ import torch
 from tsbd.attacks import ATTACKS, build_attack
 from tsbd.errors import TsbdError
 
+from conftest import TINY_ARCH, TINY_ATTACKS
+
 ALL = ATTACKS.names()
 
 
 @pytest.fixture(scope="module")
-def prepared(small):
-    out = {}
-    for name in ALL:
-        attack = build_attack(name)
-        attack.prepare(small, seed=0)
-        out[name] = attack
-    return out
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("attack-cache")
+
+
+def _prepare(name, small, runtime, cache, seed):
+    attack = build_attack(name, TINY_ATTACKS.get(name))
+    attack.prepare(small, runtime=runtime, seed=seed, cache_dir=cache, **TINY_ARCH)
+    return attack
+
+
+@pytest.fixture(scope="module")
+def prepared(small, runtime, cache):
+    return {name: _prepare(name, small, runtime, cache, 0) for name in ALL}
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -53,10 +61,8 @@ def test_poisoned_test_set(name, prepared, small):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_deterministic_for_a_seed(name, small):
-    a, b = build_attack(name), build_attack(name)
-    a.prepare(small, seed=3)
-    b.prepare(small, seed=3)
+def test_deterministic_for_a_seed(name, small, runtime, cache):
+    a, b = _prepare(name, small, runtime, cache, 3), _prepare(name, small, runtime, cache, 3)
     pa, pb = a.poison_train(small.train, seed=3), b.poison_train(small.train, seed=3)
     assert torch.equal(pa.poison_index, pb.poison_index)
     assert torch.equal(pa.data.x, pb.data.x)

@@ -2,8 +2,10 @@
 generator training, and that a tiny model trained through the pipeline learns each backdoor.
 
 Everything runs on the 1,200-image ``small`` set with tiny widths and a few epochs. To get a
-clear signal that cheaply, the learning test uses a stronger WaNet warp (s = 4, 20% poisoned)
-than the paper's s = 0.5, which needs far more data and epochs to be learned.
+clear signal that cheaply, the learning test poisons 20% (not 10%) and uses a stronger WaNet
+warp (s = 4, a shift of up to ~4 px) than the paper's s = 0.5, which needs far more data and
+epochs to be learned; Input-aware's G and M are a quarter of BackdoorBench's width, trained for
+6 + 4 epochs instead of 25 + 75.
 """
 
 import pytest
@@ -19,8 +21,10 @@ from tsbd.train import fit
 
 TINY_NET = {"widths": [16, 32, 32]}
 EPOCHS = 8
-# G/M at 1/4 width, batch 32 so a few epochs give enough steps, lr drop after epoch 4
-TINY_IAD = {"width": 0.25, "batch_size": 32, "mask_epochs": 6, "mask_milestones": [4], "joint_epochs": 4}
+# G/M at 1/4 width, batch 32 so a few epochs give enough steps, mask lr drop after epoch 4;
+# 20% poisoned so that 8 epochs on 1,200 images show the backdoor clearly
+TINY_IAD = {"width": 0.25, "batch_size": 32, "mask_epochs": 6, "mask_milestones": [4], "joint_epochs": 4,
+            "poison_ratio": 0.2}
 
 
 def _train_cfg():
@@ -53,18 +57,19 @@ def test_wanet_is_identity_at_zero_strength(small):
     assert torch.equal(attack.apply(small.test.x), small.test.x)
 
 
-def test_wanet_apply_is_seeded_and_deterministic(small):
+def test_wanet_apply_is_seeded_and_deterministic(small, tmp_path):
     a, b, c = build_attack("wanet"), build_attack("wanet"), build_attack("wanet")
-    a.prepare(small, seed=1)
-    b.prepare(small, seed=1)
-    c.prepare(small, seed=2)
+    a.prepare(small, seed=1, cache_dir=tmp_path)
+    b.prepare(small, seed=1, cache_dir=tmp_path / "other")  # made afresh, not read back
+    c.prepare(small, seed=2, cache_dir=tmp_path)
     x = small.test.x[:50]
     out = a.apply(x)
     assert out.dtype == torch.uint8 and not torch.equal(out, x)
     assert torch.equal(out, a.apply(x)) and torch.equal(out, b.apply(x))
-    assert a.describe()["warp_field"]["sha256"] == b.describe()["warp_field"]["sha256"]
-    assert a.describe()["warp_field"]["sha256"] != c.describe()["warp_field"]["sha256"]
-    assert set(a.warp_state()) == {"noise_grid", "grid"}
+    field = a.describe()["warp_field"]
+    assert field["content_sha256"] == b.describe()["warp_field"]["content_sha256"]
+    assert field["content_sha256"] != c.describe()["warp_field"]["content_sha256"]
+    assert 0 < field["info"]["max_shift_px"] < 2
 
 
 def test_wanet_hook_noise_mode_keeps_labels(small):
@@ -126,7 +131,7 @@ def test_inputaware_cross_mode_keeps_labels(iad, small):
     out, y_out = attack.batch_hook(0)(x, y, torch.Generator().manual_seed(0))
     assert torch.equal(y_out, y)
     changed = torch.nonzero((out - x).abs().flatten(1).amax(1) > 0).flatten()
-    assert 0 < len(changed) <= attack.cross_count(128) == 12
+    assert 0 < len(changed) <= attack.cross_count(128) == 25  # int(int(0.2 * 128) * 1)
     assert torch.all(y[changed] != attack.config.target)
 
 

@@ -5,7 +5,6 @@ fingerprints, and the properties each generated trigger must have -- on tiny mod
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ TINY_ARCH = {"arch": "airbench", "arch_kwargs": {"widths": [8, 16, 32]}}
 VICTIM_EPOCHS = 8
 TINY = {
     "lf": {"images": 300, "epochs": 2, "batch_size": 100, "clean_epochs": 2},
-    "ssba": {"train_images": 400, "epochs": 4, "width": 8, "secret_bits": 16, "batch_size": 16, "lr": 3e-3},
+    "ssba": {"train_images": 512, "epochs": 6, "width": 8, "secret_bits": 16, "batch_size": 16},
     "trojan": {"mask_update_iters": 40, "clean_epochs": 2},
 }
 
@@ -123,7 +122,8 @@ def test_ssba_encoder_hides_bits_invisibly(small, runtime, cache):
     a = prepared("ssba", small, runtime, cache)
     info = a.describe()["resource"]["info"]
     assert info["psnr_db"] > 25
-    assert info["bit_accuracy"] > 0.6 > info["bit_accuracy_clean_images"] - 0.1  # chance is 0.5
+    # the decoder reads the secret from stamped images, not from clean ones (chance: 0.5)
+    assert info["bit_accuracy"] > 0.75 and info["bit_accuracy"] > info["bit_accuracy_clean_images"] + 0.15
     x = small.test.x[:16]
     out = a.apply(x)
     assert psnr(x, out) > 25

@@ -38,6 +38,14 @@ def _parse_opts(pairs: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+def _json_value(text: str):
+    """A CLI value as JSON when it parses (numbers, lists), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def _read_config_file(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
@@ -126,14 +134,16 @@ def cmd_attack(args) -> int:
     cfg = train_config(args.preset, train_opts)
     out = Path(args.out)
     dataset = load_dataset(args.dataset, root=args.data_root, cache_dir=args.cache_dir)
-    setup = setup_attack(dataset, attack, args.seed, runtime, arch=args.model, cache_dir=args.cache_dir,
-                         progress=not args.quiet)
-    key = hashlib.sha256(json.dumps([args.attack, attack.describe(), repr(cfg), args.model, args.seed,
+    arch_kwargs = {k: _json_value(v) for k, v in _parse_opts(args.model_opt, "model").items()}
+    setup = setup_attack(dataset, attack, args.seed, runtime, arch=args.model, arch_kwargs=arch_kwargs,
+                         cache_dir=args.cache_dir, progress=not args.quiet)
+    key = hashlib.sha256(json.dumps([args.attack, attack.describe(), repr(cfg), args.model, arch_kwargs, args.seed,
                                      dataset.fingerprint], default=str).encode()).hexdigest()[:12]
     ckpt = out.parent / f".{out.name}.{key}.resume.pt"
     console.print(f"[bold]attack[/] {args.attack} on {dataset.name} ({len(dataset.train)} train), model {args.model}, "
                   f"{cfg.epochs} epochs, {runtime.precision} on {runtime.device}")
-    model, meta = train_attacked_model(setup, args.model, cfg, runtime, progress=not args.quiet, checkpoint=ckpt)
+    model, meta = train_attacked_model(setup, args.model, cfg, runtime, arch_kwargs=arch_kwargs,
+                                       progress=not args.quiet, checkpoint=ckpt)
     save_model(out, model, meta)
     ckpt.unlink(missing_ok=True)
     m = dict(meta["metrics"], time=meta["timings"]["train"])
@@ -286,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="demo", help="dataset name (default: demo, the embedded CIFAR-10 subset)")
     _add_data_root(p)
     p.add_argument("--model", default="airbench", help="architecture (default: airbench, the CPU-scale model)")
+    p.add_argument("--model-opt", action="append", metavar="KEY=VALUE",
+                   help="architecture option, e.g. widths=[16,32,64] or width=16 (repeatable)")
     p.add_argument("--preset", default="cpu", choices=sorted(TRAIN_PRESETS), help="training preset (default: cpu)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--target", type=int, default=None, help="target label (default: 0, BackdoorBench)")
@@ -321,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="BadNets then TSBD on the embedded data, in minutes on a CPU")
-    p.add_argument("--epochs", type=int, default=20, help="attack training epochs (default: 20)")
+    p.add_argument("--epochs", type=int, default=25, help="attack training epochs (default: 25)")
     p.add_argument("--clean-ratio", type=float, default=0.05, help="defender's clean fraction (default: 0.05)")
     p.add_argument("--out", default=None, help="also save both models under this folder")
     p.add_argument("--json", action="store_true", help="print metrics as one JSON object")

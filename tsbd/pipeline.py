@@ -69,8 +69,11 @@ class AttackSetup:
 
 
 def setup_attack(dataset: Dataset, attack: Attack, seed: int, runtime: Runtime, *, arch: str | None = None,
-                 cache_dir: str | None = None, progress: bool = False) -> AttackSetup:
-    attack.prepare(dataset, runtime=runtime, seed=seed, arch=arch, cache_dir=cache_dir, progress=progress)
+                 arch_kwargs: dict | None = None, cache_dir: str | None = None,
+                 progress: bool = False) -> AttackSetup:
+    """Prepare the attack's resources (for the victim architecture ``arch``) and poison the data."""
+    attack.prepare(dataset, runtime=runtime, seed=seed, arch=arch, arch_kwargs=arch_kwargs or {},
+                   cache_dir=cache_dir, progress=progress)
     ptrain = attack.poison_train(dataset.train, seed)
     ptest = attack.poison_test(dataset.test)
     return AttackSetup(dataset, attack, seed, ptrain, ptest)
@@ -137,14 +140,17 @@ def load_setup_from_meta(meta: dict, runtime: Runtime, *, data_root: str | None 
     name = ds_meta.get("name")
     if not name:
         raise TsbdError("the model's meta.json names no dataset; pass the data explicitly")
-    ds = load_dataset(name, root=data_root, cache_dir=cache_dir)
+    ds = load_dataset(name, root=data_root, cache_dir=cache_dir).limited(
+        int(ds_meta.get("limit_train", 0)), int(ds_meta.get("limit_test", 0)))
     if ds_meta.get("fingerprint") and ds.fingerprint != ds_meta["fingerprint"]:
         log.warning("dataset %s fingerprint %s differs from the model's record %s; results may not be comparable",
                     name, ds.fingerprint, ds_meta["fingerprint"])
     attack_meta = meta.get("attack") or {}
     attack = build_attack(attack_meta.get("name", "badnets"), attack_meta.get("config"))
-    return setup_attack(ds, attack, int(meta.get("seed", 0)), runtime, arch=meta.get("arch", {}).get("name"),
-                        cache_dir=cache_dir, progress=progress)
+    arch = dict(meta.get("arch", {}))
+    arch_kwargs = {k: v for k, v in arch.items() if k not in ("name", "num_classes", "mean", "std")}
+    return setup_attack(ds, attack, int(meta.get("seed", 0)), runtime, arch=arch.get("name"),
+                        arch_kwargs=arch_kwargs, cache_dir=cache_dir, progress=progress)
 
 
 def clean_reference_model(dataset: Dataset, arch: str, runtime: Runtime, *, seed: int = 0,

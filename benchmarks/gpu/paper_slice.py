@@ -54,9 +54,7 @@ def main() -> None:
     rt = Runtime.create(args.device, args.precision)
     ds = load_dataset(args.dataset, root=args.data_root)
     if args.limit_train:
-        gen = torch.Generator().manual_seed(args.seed)  # the archives are sorted by class: sample at random
-        ds.train = ds.train.subset(torch.randperm(len(ds.train), generator=gen)[: args.limit_train])
-        ds.test = ds.test.subset(torch.randperm(len(ds.test), generator=gen)[: max(100, args.limit_train // 5)])
+        ds = ds.limited(args.limit_train, max(100, args.limit_train // 5), args.seed)
     arch_kwargs = {k: int(v) for k, v in (o.split("=", 1) for o in args.arch_opt)}
     defense_opts: dict[str, dict] = {}
     for o in args.defense_opt:

@@ -4,8 +4,10 @@ Both are the same encoder-decoder as BackdoorBench's ``InputAwareGenerator``
 (attack/inputaware.py:117-247): ``steps`` down stages of two Conv3x3-BN-ReLU blocks and a 2x2
 max-pool (widths 32, 64, 128 on 32-pixel images), a middle block, then ``steps`` up stages of a
 bilinear x2 upsample and two blocks back down to the output channels; the very last block has
-no ReLU, and the output is squashed to [0, 1] by ``tanh(.) / (2 + 1e-7) + 0.5``. Module names
-match BackdoorBench's, so its ``netG`` / ``netM`` state dicts load unchanged (at width 1).
+no ReLU, and the output is squashed to [0, 1] by ``tanh(.) / (2 + 1e-7) + 0.5`` (once, as in
+the authors' code; BackdoorBench's forward loop also runs its registered ``self.tanh`` child,
+squashing twice). Module names match BackdoorBench's, so its ``netG`` / ``netM`` state dicts
+load unchanged (at width 1).
 
 The networks take *normalized* images (as BackdoorBench's data pipeline hands them over);
 callers normalize with the data set's mean/std first.

@@ -8,12 +8,20 @@ U-Net, loss = w * L2(image) + BCE(bits)), scaled down to train on CPU:
 * encoder: secret (``bits``) -> Linear -> 3 x 8 x 8 map, nearest-upsampled to H x W and
   concatenated with the image (centred at 0); two 3x3 convs at full resolution (``width``),
   two at half resolution (2 * ``width``), bilinear upsampling, a skip connection, two 3x3
-  convs, and a last 3x3 conv to 3 channels whose initial weights are scaled down by 10, so
-  training starts near the unchanged image while the decoder already sees the secret. Its output is the residual added to the image (x' = clip(x + r)).
-* decoder: four 3x3 convs (three with stride 2), adaptive average pool to 4 x 4, two linear
-  layers -> one logit per bit.
+  convs, and a last 3x3 conv to 3 channels whose initial weights are scaled up 3x. Its output
+  is the residual added to the image (x' = clip(x + r)).
+* decoder: four 3x3 conv + batch norm + ReLU blocks (three with stride 2), adaptive average
+  pool to 4 x 4, two linear layers -> one logit per bit. The decoder is only a training aid
+  and is never used to poison.
 
-No batch norm, so embedding is a fixed function of (image, secret) in eval and train mode.
+Training starts with the bits at chance, a plateau that lasted hundreds of steps (often the
+whole CPU budget) with a quiet start (residual weights scaled down, no batch norm in the
+decoder). With the loud start (the decoder sees the secret clearly from the first step), batch
+norm in the decoder and the image loss held back until the bits are learned (see
+:meth:`StegaStamp.training_step`), 16 bits were learned within 200 steps of batch 16 in each
+of the seeds tried; the image loss then shrinks the residual to ~27-30 dB PSNR.
+
+The encoder has no batch norm, so embedding is a fixed function of (image, secret).
 Training draws a fresh random secret for every image (as StegaStamp does), so the encoder
 learns to hide any secret and the decoder to read it; the backdoor then embeds one fixed
 secret in every poisoned image.
@@ -28,11 +36,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from tsbd.data.base import ImageSet
-from tsbd.train.engine import FitResult, TrainConfig, fit, to_model_input
+from tsbd.train.engine import TrainConfig, fit, to_model_input
 from tsbd.train.runtime import Runtime
 
 SECRET_SIDE = 8  # the secret's dense map is 3 x 8 x 8 before upsampling (StegaStamp: 3 x 50 x 50 for 400 px)
-INIT_RESIDUAL_SCALE = 0.1  # a small but non-zero start: the decoder sees the secret from the first step
+INIT_RESIDUAL_SCALE = 3.0  # a loud start: measured to end the bits-at-chance plateau within ~100 steps
+BITS_LEARNED = 0.9  # running training bit accuracy at which the image loss starts ramping up
 EMBED_BATCH = 256  # images encoded per forward pass when poisoning
 
 
@@ -69,11 +78,11 @@ class StegaStampDecoder(nn.Module):
 
     def __init__(self, bits: int, width: int = 32):
         super().__init__()
+        def block(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+            return [_conv(c_in, c_out, stride), nn.BatchNorm2d(c_out), nn.ReLU()]
+
         self.features = nn.Sequential(
-            _conv(3, width), nn.ReLU(),
-            _conv(width, width, stride=2), nn.ReLU(),
-            _conv(width, 2 * width, stride=2), nn.ReLU(),
-            _conv(2 * width, 2 * width, stride=2), nn.ReLU(),
+            *block(3, width), *block(width, width, 2), *block(width, 2 * width, 2), *block(2 * width, 2 * width, 2),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Linear(2 * width * 16, 256), nn.ReLU(), nn.Linear(256, bits))
@@ -97,31 +106,44 @@ class StegaStamp(nn.Module):
             secret = secret.expand(len(x), -1)
         return (x + self.encoder(x, secret.to(x.dtype))).clamp(0, 1)
 
-    def training_step(self, l2_weight: float, ramp_steps: int, seed: int):
-        """A :func:`tsbd.train.fit` step: random secrets, loss = w * MSE(image) + BCE(bits), with w
-        growing linearly from 0 to ``l2_weight`` over ``ramp_steps`` steps (ArtificialGANFingerprints)."""
+    def training_step(self, l2_weight: float, await_steps: int, ramp_steps: int, seed: int):
+        """A :func:`tsbd.train.fit` step: random secrets, loss = w * MSE(image) + BCE(bits).
+
+        As ArtificialGANFingerprints' l2_loss_await/l2_loss_ramp, w is 0 while the bits are learned,
+        then grows linearly to ``l2_weight`` over ``ramp_steps`` steps. The ramp starts once the
+        running bit accuracy on the training batches reaches :data:`BITS_LEARNED`, or after
+        ``await_steps`` steps at the latest: how long bits stay at chance varies between runs,
+        and an image loss applied before they are learned drives the residual to zero for good.
+        """
         gen = torch.Generator().manual_seed(seed)
-        done = [0]
+        state = {"step": 0, "start": None, "bit_accuracy": 0.5}
 
         def step(model: "StegaStamp", x, y, optimizer, runtime):
-            weight = l2_weight * min(1.0, done[0] / ramp_steps) if ramp_steps > 0 else l2_weight
-            done[0] += 1
             secret = torch.randint(0, 2, (len(x), model.bits), generator=gen).float().to(x.device)
             with runtime.autocast():
                 stamped = model.embed(x, secret)
                 logits = model.decoder(stamped)
-            loss = weight * F.mse_loss(stamped.float(), x) + F.binary_cross_entropy_with_logits(logits.float(), secret)
+            if state["start"] is None:
+                acc = float(((logits.detach() > 0).float() == secret).float().mean())
+                state["bit_accuracy"] = 0.9 * state["bit_accuracy"] + 0.1 * acc
+                if state["bit_accuracy"] >= BITS_LEARNED or state["step"] >= await_steps:
+                    state["start"] = state["step"]
+            ramp = 0.0 if state["start"] is None else min(1.0, (state["step"] - state["start"]) / max(1, ramp_steps))
+            state["step"] += 1
+            loss = l2_weight * ramp * F.mse_loss(stamped.float(), x) + F.binary_cross_entropy_with_logits(logits.float(), secret)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             return loss.detach()
 
+        step.state = state  # when the image loss started, for the record
         return step
 
 
 def train_stegastamp(images: ImageSet, *, bits: int, width: int, epochs: int, batch_size: int, lr: float,
-                     l2_weight: float, l2_ramp: float, seed: int, runtime: Runtime, progress: bool = False) -> tuple[StegaStamp, FitResult]:
-    """Train a :class:`StegaStamp` on ``images`` through the engine's :func:`fit` (Adam, constant lr)."""
+                     l2_weight: float, l2_await: float, l2_ramp: float, seed: int, runtime: Runtime, progress: bool = False) -> tuple[StegaStamp, dict]:
+    """Train a :class:`StegaStamp` on ``images`` through the engine's :func:`fit` (Adam, constant lr);
+    returns it in eval mode and a record of the training."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = StegaStamp(bits, width)
@@ -129,10 +151,13 @@ def train_stegastamp(images: ImageSet, *, bits: int, width: int, epochs: int, ba
                       schedule="constant", augment=False, drop_last=len(images) >= batch_size)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * (len(images) // batch_size if cfg.drop_last else math.ceil(len(images) / batch_size))
-    step = net.training_step(l2_weight, int(l2_ramp * steps), seed)
+    step = net.training_step(l2_weight, int(l2_await * steps), int(l2_ramp * steps), seed)
     result = fit(net, images, cfg, runtime, seed=seed, step=step, optimizer=optimizer,
                  desc="SSBA encoder/decoder", progress=progress)
-    return net.eval(), result
+    record = {"epochs": result.epochs, "steps": steps, "l2_start_step": step.state["start"],
+              "seconds_training": round(result.seconds, 2),
+              "final_loss": result.history[-1]["loss"] if result.history else None}
+    return net.eval(), record
 
 
 @torch.no_grad()

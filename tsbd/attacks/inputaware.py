@@ -43,14 +43,18 @@ Where tsbd differs from BackdoorBench, and why:
   augmented batch; the stored images carry the trigger computed on the raw image, and the
   engine's crop + flip moves it with the image.
 * **Pairs.** BackdoorBench draws x2 from a second shuffled loader; here x2 is another image
-  of the same shuffled batch (a roll), which is the same distribution and halves M's cost in
-  stage 1 (one forward pass serves both masks).
+  of the same shuffled batch (stage 1: the batch rolled by one, so one forward pass of M
+  serves both masks; stage 2 and the hook: the image half a batch away), the same
+  distribution at half the cost.
 * **G's gradients are zeroed every step** (the paper's plain joint training). The authors'
   and BackdoorBench's code never call ``optimizerG.zero_grad()``, so Adam there steps on the
   running sum of all past gradients; ``accumulate_generator_grad=True`` reproduces that.
 * lambda_div is applied once in stage 1 (BackdoorBench multiplies it in twice; equal at 1).
+* One tanh at G's and M's output, as in the authors' code. BackdoorBench's generator also
+  registers ``self.tanh`` as a child module, which its ``forward`` loop applies before the
+  final tanh, so its patterns lie in [0.12, 0.88] rather than [0, 1] [as coded].
 * ``width`` scales G and M's channels (1 = BackdoorBench's 32/64/128) to make them
-  affordable on CPU; stored images are rounded to uint8 (BackdoorBench's PIL conversion
+  affordable on CPU; stored images are rounded to uint8 (BackdoorBench's ToPILImage
   truncates).
 """
 
@@ -64,8 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tsbd.attacks._generators import InputAwareTrigger, blend, diversity_loss, mask_threshold
 from tsbd.artifacts import load_into
+from tsbd.attacks._generators import InputAwareTrigger, blend, diversity_loss, mask_threshold
 from tsbd.attacks.base import ATTACKS, Attack, AttackConfig
 from tsbd.attacks.resources import Resource, image_shape_of, load_or_generate, runtime_of
 from tsbd.config import option, to_dict
@@ -295,6 +299,8 @@ class InputAware(Attack):
         trigger.eval().requires_grad_(False)
         model.eval().requires_grad_(False)
         info["joint_classifier"] = probe_classifier(model, trigger, dataset.test, cfg.target, runtime)
+        log.info("inputaware: mask density %.4f (target %.3f); stage-2 classifier %s", info["mask_density"],
+                 cfg.mask_density, info["joint_classifier"])
         return trigger, model, info
 
     def joint_classifier(self, device: str | torch.device = "cpu") -> nn.Module:

@@ -49,7 +49,7 @@ from tsbd.attacks.base import ATTACKS, Attack, AttackConfig
 from tsbd.attacks.resources import (CleanModelRecipe, Resource, file_sha256, image_shape_of, load_or_generate,
                                     runtime_of, tensors_sha256)
 from tsbd.config import option
-from tsbd.data.base import Dataset, ImageSet
+from tsbd.data.base import Dataset
 from tsbd.errors import TsbdError
 from tsbd.train.engine import TrainConfig, fit, predict
 

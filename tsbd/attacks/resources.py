@@ -40,7 +40,7 @@ RESOURCE_VERSION = 1  # bump when a generator changes, so stale entries are not 
 TENSORS = "resource.safetensors"
 META = "meta.json"
 
-Generator = Callable[[], "tuple[dict[str, torch.Tensor], dict[str, Any]]"]
+GenerateFn = Callable[[], "tuple[dict[str, torch.Tensor], dict[str, Any]]"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,7 @@ def _write_resource(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_or_generate(name: str, settings: Mapping[str, Any], generate: Generator,
+def load_or_generate(name: str, settings: Mapping[str, Any], generate: GenerateFn,
                      cache_dir: str | os.PathLike | None) -> Resource:
     """The resource ``name`` for ``settings``: from the cache if there, else ``generate()``d and stored.
 

@@ -7,9 +7,10 @@ made with a StegaStamp-style encoder/decoder (``resource/ssba``: ArtificialGANFi
 ``train.py``, 100-bit fingerprints, 20 epochs, batch 64; one identical fingerprint embedded in
 every image). Those arrays are an external download, so tsbd trains the encoder/decoder itself
 (:mod:`tsbd.attacks._stegastamp`), reproducibly from the seed, on ``train_images`` training
-images through the engine's :func:`tsbd.train.fit` (Adam, loss = w * L2(image) + BCE(bits),
-w ramped linearly from 0 over the first ``l2_ramp`` of the steps as ArtificialGANFingerprints
-does), and caches it (:mod:`tsbd.attacks.resources`). The secret is ``secret_bits`` random
+images through the engine's :func:`tsbd.train.fit` (Adam, loss = w * L2(image) + BCE(bits);
+as in ArtificialGANFingerprints, w is 0 until the bits are learned -- running bit accuracy
+0.9, or ``l2_await`` of the steps at the latest -- then ramps linearly to ``l2_weight`` over
+``l2_ramp`` of the steps), and caches it (:mod:`tsbd.attacks.resources`). The secret is ``secret_bits`` random
 bits drawn from the seed. :meth:`SSBA.apply` encodes each image with the trained encoder
 (deterministic) and rounds to uint8. The resource record holds the bit accuracy the decoder
 reads back from uint8 stamped held-out images and their PSNR.
@@ -42,9 +43,11 @@ class SSBAConfig(AttackConfig):
     train_images: int = option(5000, "training images the encoder/decoder learn on", "tsbd (CPU budget; BackdoorBench: all)")
     epochs: int = option(10, "encoder/decoder training epochs", "tsbd (BackdoorBench resource/ssba: 20)")
     batch_size: int = option(32, "encoder/decoder batch size", "tsbd (BackdoorBench resource/ssba: 64)")
-    lr: float = option(1e-3, "Adam learning rate", "tsbd (ArtificialGANFingerprints: 1e-4)")
+    lr: float = option(3e-3, "Adam learning rate", "tsbd (ArtificialGANFingerprints: 1e-4 over far more steps)")
     l2_weight: float = option(10.0, "weight of the image L2 loss against the bit BCE", "ArtificialGANFingerprints l2_loss_weight")
-    l2_ramp: float = option(0.5, "fraction of the steps over which the L2 weight ramps up from 0",
+    l2_await: float = option(0.5, "the L2 weight stays 0 until the bits are learned or this fraction of the steps passed",
+                             "ArtificialGANFingerprints l2_loss_await (fixed, in steps there)")
+    l2_ramp: float = option(0.3, "fraction of the steps over which the L2 weight then ramps up to l2_weight",
                             "ArtificialGANFingerprints l2_loss_ramp (in steps there)")
 
 
@@ -65,13 +68,13 @@ class SSBA(Attack):
         cfg = self.config
         if min(cfg.secret_bits, cfg.width, cfg.train_images, cfg.epochs, cfg.batch_size) < 1:
             raise TsbdError("ssba secret_bits, width, train_images, epochs and batch_size must be >= 1")
-        if not 0 <= cfg.l2_ramp <= 1 or cfg.l2_weight < 0 or cfg.lr <= 0:
-            raise TsbdError("ssba needs 0 <= l2_ramp <= 1, l2_weight >= 0 and lr > 0")
+        if not (0 <= cfg.l2_await <= 1 and 0 <= cfg.l2_ramp <= 1) or cfg.l2_weight < 0 or cfg.lr <= 0:
+            raise TsbdError("ssba needs l2_await and l2_ramp in [0, 1], l2_weight >= 0 and lr > 0")
         runtime = runtime_of(context)
         seed = int(context.get("seed", 0) or 0)
         progress = bool(context.get("progress", False))
         generator_cfg = {k: getattr(cfg, k) for k in ("secret_bits", "width", "train_images", "epochs", "batch_size",
-                                                       "lr", "l2_weight", "l2_ramp")}
+                                                       "lr", "l2_weight", "l2_await", "l2_ramp")}
         settings = {"generator": generator_cfg, "seed": seed, "data": dataset.fingerprint,
                     "image_shape": image_shape_of(dataset)}
         self.resource = load_or_generate("ssba", settings, lambda: self._generate(dataset, runtime, seed, progress),
@@ -91,18 +94,18 @@ class SSBA(Attack):
         chosen, held_out = order[: cfg.train_images], order[cfg.train_images : cfg.train_images + 500]
         if len(held_out) == 0:  # tiny data: measure on the training images
             held_out = chosen[:500]
-        net, result = train_stegastamp(dataset.train.subset(chosen), bits=cfg.secret_bits, width=cfg.width,
+        net, record = train_stegastamp(dataset.train.subset(chosen), bits=cfg.secret_bits, width=cfg.width,
                                        epochs=cfg.epochs, batch_size=min(cfg.batch_size, len(chosen)), lr=cfg.lr,
-                                       l2_weight=cfg.l2_weight, l2_ramp=cfg.l2_ramp, seed=seed, runtime=runtime,
-                                       progress=progress)
+                                       l2_weight=cfg.l2_weight, l2_await=cfg.l2_await, l2_ramp=cfg.l2_ramp, seed=seed,
+                                       runtime=runtime, progress=progress)
         x = dataset.train.x[held_out]
         stamped = embed_images(net, x, secret, runtime)
         info = {"parameters": {"encoder": count_parameters(net.encoder), "decoder": count_parameters(net.decoder)},
-                "trained_on": len(chosen), "epochs": result.epochs, "seconds_training": round(result.seconds, 2),
-                "final_loss": result.history[-1]["loss"] if result.history else None,
+                "trained_on": len(chosen), **record,
                 "bit_accuracy": bit_accuracy(net, stamped, secret, runtime),
                 "bit_accuracy_clean_images": bit_accuracy(net, x, secret, runtime),
-                "psnr_db": psnr(x, stamped), "max_abs_change_255": int((stamped.int() - x.int()).abs().max()),
+                "psnr_db": round(min(psnr(x, stamped), 99.0), 2),  # 99 = unchanged (keeps the JSON finite)
+                "max_abs_change_255": int((stamped.int() - x.int()).abs().max()),
                 "measured_on": len(held_out)}
         tensors = {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
         tensors["secret"] = secret

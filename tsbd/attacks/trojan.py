@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -100,8 +99,8 @@ class NeuronExcitation(nn.Module):
         return self.activations(self.trigger)
 
 
-def excitation_step(target: float, step_size: float, bound: float):
-    """A :func:`fit` step: x <- x - step * sign(grad of sum (a - target)^2), projected (BackdoorBench)."""
+def excitation_step(target: float, bound: float):
+    """A :func:`fit` step: x <- x - lr * sign(grad of sum (a - target)^2), projected (BackdoorBench)."""
 
     def step(model: NeuronExcitation, x, y, optimizer, runtime):
         cost = (model().float() - target).pow(2).sum()
@@ -187,7 +186,7 @@ class Trojan(Attack):
                                     weight_decay=0.0, schedule="constant", augment=False, drop_last=False)
             optimizer = torch.optim.SGD([net.trigger], lr=cfg.step_size, momentum=0.0)
             result = fit(net, one, train_cfg, runtime, seed=recipe.seed, desc="Trojan trigger",
-                         step=excitation_step(cfg.neuron_target, cfg.step_size, cfg.bound), optimizer=optimizer,
+                         step=excitation_step(cfg.neuron_target, cfg.bound), optimizer=optimizer,
                          on_epoch_end=stop, progress=progress, train_mode=False)
             iters = result.epochs
         with torch.no_grad():

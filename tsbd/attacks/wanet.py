@@ -8,7 +8,8 @@ As BackdoorBench configures it (config/attack/wanet/default.yaml, attack/wanet.p
   ``clamp((identity + s * noise / size) * grid_rescale, -1, 1)`` with k = 4, s = 0.5,
   grid_rescale = 1. Poisoning samples the image at that grid (``grid_sample``, bilinear,
   align_corners=True); stored images are rounded back to uint8. With s = 0 the warp is the
-  identity.
+  identity. The field is kept as an attack resource (:mod:`tsbd.attacks.resources`:
+  safetensors + meta.json under the cache folder) whose fingerprint ``describe()`` reports.
 * Noise ("cross") mode: the same grid plus per-pixel U(-1, 1) / size jitter, new for every
   sample, label kept -- it teaches the model that only *this* warp means the target.
 * Training augmentation replaces the usual crop + flip: random crop (pad 5) with p = 0.8,
@@ -29,9 +30,10 @@ Where tsbd differs from BackdoorBench, and why:
   samples as in BackdoorBench; a given poisoned image is poisoned in every epoch rather than
   each image with probability ~0.1 per epoch.
 * **Augmentation per sample.** BackdoorBench applies torchvision's RandomCrop /
-  RandomRotation / ProbTransform to the whole batch tensor, so one crop offset, one angle and
-  one coin flip serve the entire batch; the original WaNet code (kornia) draws them per
-  sample, which is what the paper trains with and what tsbd does. Padding and the area
+  RandomRotation / RandomHorizontalFlip to the whole batch tensor, so one crop offset, one
+  angle and one flip serve the entire batch. The original WaNet code uses kornia, which draws
+  offsets, angles and flips per sample (only its p = 0.8 / 0.5 gates are per batch). tsbd
+  draws everything per sample, with the same per-image probabilities. Padding and the area
   rotated in are filled with the data set's mean colour (zero in the normalized space both
   codes augment in); rotation is bilinear (kornia's default).
 * **Schedule.** BackdoorBench trains WaNet with MultiStepLR milestones [100, 200, ...], i.e. a
@@ -41,7 +43,6 @@ Where tsbd differs from BackdoorBench, and why:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from typing import Any
 
@@ -49,9 +50,11 @@ import torch
 import torch.nn.functional as F
 
 from tsbd.attacks.base import ATTACKS, Attack, AttackConfig
+from tsbd.attacks.resources import Resource, load_or_generate
 from tsbd.config import option
 from tsbd.data.base import Dataset
 from tsbd.errors import TsbdError
+from tsbd.train import augment as batch_augment
 
 CROP_P, ROTATION_P, FLIP_P = 0.8, 0.5, 0.5  # BackdoorBench attack/wanet.py PostTensorTransform
 
@@ -103,24 +106,15 @@ def _around_fill(x: torch.Tensor, fill: torch.Tensor, fn) -> torch.Tensor:
     return fn(x - f) + f
 
 
-def random_crop(x: torch.Tensor, padding: int, p: float, fill: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_crop(x: torch.Tensor, padding: int, p: float, fill: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
     """Per sample with probability ``p``: pad by ``padding`` with ``fill`` and crop back to size
-    at a random offset (torchvision RandomCrop(size, padding) inside a ProbTransform)."""
+    at a random offset (RandomCrop(size, padding) inside a ProbTransform)."""
     if padding <= 0:
         return x
-    n, c, h, w = x.shape
-    apply = torch.rand(n, generator=generator) < p
-    dy = torch.where(apply, torch.randint(0, 2 * padding + 1, (n,), generator=generator), padding).to(x.device)
-    dx = torch.where(apply, torch.randint(0, 2 * padding + 1, (n,), generator=generator), padding).to(x.device)
-
-    def crop(z):
-        padded = F.pad(z, (padding, padding, padding, padding))
-        rows = dy[:, None] + torch.arange(h, device=x.device)[None, :]
-        cols = dx[:, None] + torch.arange(w, device=x.device)[None, :]
-        batch = torch.arange(n, device=x.device)[:, None, None]
-        return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-    return _around_fill(x, fill, crop)
+    apply = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
+    cropped = _around_fill(x, fill, lambda z: batch_augment.random_crop(z, padding, generator))
+    return torch.where(apply[:, None, None, None], cropped, x)
 
 
 def random_rotation(x: torch.Tensor, degrees: float, p: float, fill: torch.Tensor,
@@ -141,11 +135,6 @@ def random_rotation(x: torch.Tensor, degrees: float, p: float, fill: torch.Tenso
                                                           align_corners=False))
 
 
-def random_hflip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
 @ATTACKS.register("wanet")
 class WaNet(Attack):
     name = "wanet"
@@ -159,18 +148,33 @@ class WaNet(Attack):
             raise TsbdError(f"WaNet cross_ratio must be >= 0, got {self.config.cross_ratio}")
         self.noise: torch.Tensor | None = None  # 1 x H x W x 2 smooth field (before scaling by s)
         self.grid: torch.Tensor | None = None  # 1 x H x W x 2 trigger sampling grid
-        self._seed: int | None = None
+        self.resource: Resource | None = None  # the field as a cached, fingerprinted artifact
         self._fill = torch.zeros(3)
 
     # -- resources -------------------------------------------------------------------------
     def prepare(self, dataset: Dataset, **context: Any) -> None:
+        """Make the warp field from ``context['seed']`` and store it as an attack resource
+        (``<cache_dir>/attack_resources/wanet-<fingerprint>/``)."""
         super().prepare(dataset, **context)
         _, h, w = dataset.train.image_shape
-        self._seed = int(context.get("seed") or 0)
-        gen = torch.Generator().manual_seed(self._seed)
-        self.noise = random_warp_field(self.config.k, h, w, gen)
-        self.grid = warp_grid(self.noise, self.config.s, self.config.grid_rescale)
+        seed = int(context.get("seed") or 0)
+        c = self.config
+        settings = {"k": c.k, "s": c.s, "grid_rescale": c.grid_rescale, "size": [h, w], "seed": seed}
+
+        def generate():
+            noise = random_warp_field(c.k, h, w, torch.Generator().manual_seed(seed))
+            grid = warp_grid(noise, c.s, c.grid_rescale)
+            shift = (grid - identity_grid(h, w)) * torch.tensor([(w - 1) / 2, (h - 1) / 2])
+            return {"noise_grid": noise, "grid": grid}, {"max_shift_px": float(shift.abs().max())}
+
+        self.resource = load_or_generate(self.name, settings, generate, context.get("cache_dir"))
+        self.noise, self.grid = self.resource.tensors["noise_grid"], self.resource.tensors["grid"]
         self._fill = torch.tensor(dataset.mean, dtype=torch.float32)
+
+    def _prepared_grid(self) -> torch.Tensor:
+        if self.grid is None:
+            raise TsbdError("WaNet needs its warp field: call prepare(dataset, seed=...) before poisoning")
+        return self.grid
 
     def _require_grid(self, shape: tuple[int, int]) -> torch.Tensor:
         grid = self._prepared_grid()
@@ -179,24 +183,10 @@ class WaNet(Attack):
                             "prepare the attack on the data set it poisons")
         return grid
 
-    def _prepared_grid(self) -> torch.Tensor:
-        if self.grid is None:
-            raise TsbdError("WaNet needs its warp field: call prepare(dataset, seed=...) before poisoning")
-        return self.grid
-
-    def warp_fingerprint(self) -> str:
-        """sha256 (first 16 hex) of the trigger grid's float32 bytes."""
-        return hashlib.sha256(self._prepared_grid().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-    def warp_state(self) -> dict[str, torch.Tensor]:
-        """The warp field as tensors (for ``safetensors.torch.save_file``)."""
-        return {"noise_grid": self.noise.contiguous(), "grid": self._prepared_grid().contiguous()}
-
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        if self.grid is not None:
-            out["warp_field"] = {"seed": self._seed, "size": list(self.grid.shape[1:3]),
-                                 "sha256": self.warp_fingerprint()}
+        if self.resource is not None:
+            out["warp_field"] = self.resource.describe()
         return out
 
     # -- poisoning -------------------------------------------------------------------------
@@ -216,7 +206,7 @@ class WaNet(Attack):
         """WaNet's training augmentation on float [0, 1] images, per sample."""
         x = random_crop(x, self.config.random_crop, CROP_P, self._fill, generator)
         x = random_rotation(x, self.config.random_rotation, ROTATION_P, self._fill, generator)
-        return random_hflip(x, FLIP_P, generator).clamp_(0, 1)  # the fill trick leaves ~1e-8 overshoots
+        return batch_augment.random_hflip(x, generator, FLIP_P).clamp_(0, 1)  # the fill trick leaves ~1e-8 overshoots
 
     def cross_count(self, batch_size: int) -> int:
         """Noise-mode samples per batch: int(int(ratio * B) * cross_ratio), as BackdoorBench."""

@@ -21,7 +21,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from tsbd.bench.grid import Cell
 from tsbd.errors import TsbdError
@@ -72,41 +71,12 @@ def now_iso() -> str:
 
 # ------------------------------------------------------------------------------------------
 # data
-def class_balanced_subset(split, limit: int, num_classes: int, seed: int = 0):
-    """``limit`` images of ``split``, as equal a number per class as the data allows, drawn in a
-    seeded random order and kept in dataset order; the whole split when ``limit`` is 0 or larger."""
-    if limit <= 0 or limit >= len(split):
-        return split
-    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    per_class = [order[split.y[order] == c] for c in range(num_classes)]
-    quota = [limit // num_classes + (1 if c < limit % num_classes else 0) for c in range(num_classes)]
-    # classes with fewer images than their quota hand the rest to the others, in class order
-    short = sum(max(0, q - len(p)) for q, p in zip(quota, per_class))
-    chosen = []
-    for c, p in enumerate(per_class):
-        take = min(len(p), quota[c])
-        extra = min(short, len(p) - take)
-        short -= extra
-        chosen.append(p[: take + extra])
-    idx = torch.sort(torch.cat(chosen)).values
-    return split.subset(idx)
-
-
 def load_bench_dataset(ds_spec: dict, *, data_root: str | None = None, cache_dir: str | None = None):
     """The dataset of a cell's ``dataset`` spec: loaded, then cut to ``limit_train``/``limit_test``."""
-    from tsbd.data import Dataset, load_dataset
+    from tsbd.data import load_dataset
 
     ds = load_dataset(ds_spec["name"], root=data_root, cache_dir=cache_dir, **ds_spec.get("options", {}))
-    lt, lte = int(ds_spec.get("limit_train", 0)), int(ds_spec.get("limit_test", 0))
-    if not lt and not lte:
-        return ds
-    train = class_balanced_subset(ds.train, lt, ds.num_classes)
-    test = class_balanced_subset(ds.test, lte, ds.num_classes)
-    import hashlib
-
-    fp = hashlib.sha256(f"{ds.fingerprint}:{train.fingerprint()}:{test.fingerprint()}".encode()).hexdigest()[:16]
-    return Dataset(ds.name, train, test, ds.classes, ds.mean, ds.std, fingerprint=fp,
-                   source=f"{ds.source} (subset: {len(train)} train, {len(test)} test)")
+    return ds.limited(int(ds_spec.get("limit_train", 0)), int(ds_spec.get("limit_test", 0)))
 
 
 class DataCache:
@@ -140,7 +110,8 @@ class DataCache:
             c = attack_cell.config
             ds = self.dataset(c["dataset"], ctx)
             attack = build_attack(c["attack"]["name"], c["attack"]["config"])
-            setup = setup_attack(ds, attack, c["seed"], runtime, arch=c["model"]["name"], cache_dir=ctx.cache_dir,
+            setup = setup_attack(ds, attack, c["seed"], runtime, arch=c["model"]["name"],
+                                 arch_kwargs=c["model"].get("options", {}), cache_dir=ctx.cache_dir,
                                  progress=ctx.progress)
             self._setup = (attack_cell.id, setup)
         return self._setup[1]

@@ -34,6 +34,20 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_name() -> str:
+    """The processor's model name (recorded with results: speeds differ between machines)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 autocast pays off on CPU only with native bf16 dot products (AVX512-BF16 or AMX);
     on AVX2-only processors it was measured 18-33x slower than fp32."""
@@ -92,7 +106,10 @@ class Runtime:
         return contextlib.nullcontext()
 
     def describe(self) -> dict:
-        return {"device": str(self.device), "precision": self.precision, "threads": self.threads}
+        out = {"device": str(self.device), "precision": self.precision, "threads": self.threads, "cpu": cpu_name()}
+        if self.device.type == "cuda":
+            out["gpu"] = torch.cuda.get_device_name(self.device)
+        return out
 
 
 def seed_everything(seed: int) -> torch.Generator:
