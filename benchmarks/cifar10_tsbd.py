@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--variants", default="per-tensor,global,vanilla-ft")
+    ap.add_argument("--tsbd-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="TSBD option for every variant, e.g. unlearn_lr=0.01 for airbench")
     ap.add_argument("--work", default="runs/bench_cifar10")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -67,7 +69,7 @@ def main() -> None:
                 opts = {"epochs": 20, "weight_decay": 0.0, "schedule": "constant"}
                 dname = "ft"
             else:
-                opts = {"perturbation_norm": variant}
+                opts = {"perturbation_norm": variant, **dict(o.split("=", 1) for o in args.tsbd_opt)}
                 dname = "tsbd"
             res, rec = defend_model(model, setup, dname, opts, args.clean_ratio, rt, seed=args.seed, progress=True,
                                     metrics_before=meta["metrics"])

@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from tsbd.bench.cells import class_balanced_subset
 from tsbd.bench.grid import (PRESETS, attack_cell, cell_id, check_names, defense_cell, expand, load_spec, parse_set,
                              relevant_versions)
 from tsbd.errors import TsbdError
@@ -181,11 +180,14 @@ def test_set_overrides_use_toml_values(tmp_path):
 
 
 def test_class_balanced_subset_is_deterministic_and_balanced(demo):
-    a = class_balanced_subset(demo.train, 300, 10)
-    b = class_balanced_subset(demo.train, 300, 10)
+    a = demo.train.balanced_subset(300, 10)
+    b = demo.train.balanced_subset(300, 10)
     assert len(a) == 300 and torch.equal(a.x, b.x)
     assert torch.bincount(a.y, minlength=10).tolist() == [30] * 10
-    assert class_balanced_subset(demo.train, 0, 10) is demo.train
+    assert demo.train.balanced_subset(0, 10) is demo.train
+    limited = demo.limited(300, 100)
+    assert len(limited.train) == 300 and len(limited.test) == 100
+    assert limited.describe()["limit_train"] == 300 and limited.fingerprint != demo.fingerprint
 
 
 def test_synthetic_cells_for_other_tests():

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tsbd.attacks import build_attack
-from tsbd.data.base import ImageSet
 from tsbd.defenses import build_defense
 from tsbd.defenses.anp import ANPConfig, select_threshold
 from tsbd.defenses.ibau import IBAUConfig, fixed_point_hypergradient
@@ -157,7 +156,7 @@ def test_anp_masks_and_pruning_on_backdoored_model(backdoored, runtime):
     cfg = {"nb_iter": 6, "batch_size": 64, "mask_lr": 0.2}  # the paper's lr: masks move within few steps
     result = build_defense("anp", cfg).purify(model, data, runtime=runtime, seed=0)
     info = result.info
-    assert info["masks"]["iterations"] >= 6
+    assert info["mask_optimization"]["iterations"] >= 6
     assert info["heldout_size"] == 64  # 20% of 320, never used for the masks
     chosen = info["threshold"]
     eligible = [row["threshold"] for row in info["sweep"] if row["eligible"]]
@@ -243,27 +242,14 @@ def test_unlearning_set_stamps_recovered_triggers_with_true_labels(small):
     assert torch.equal(out.x[40:50, :, 4:, 4:], out.x[50:, :, 4:, 4:])  # outside the mask: the image
 
 
-@pytest.fixture(scope="module")
-def nc_triggers(backdoored, runtime):
-    """Neural Cleanse's reverse engineering for every label of the BadNets model (short run)."""
-    model, clean, _ = backdoored
-    cfg = NCConfig(nc_epoch=10, batch_size=32)
-    data = _subset(clean, 256)
-    return [reverse_engineer_trigger(model, data, k, cfg, runtime, seed=0) for k in range(10)]
-
-
-def test_nc_recovers_the_badnets_patch_location(backdoored, nc_triggers):
-    target = backdoored[2].config.target
-    mask = nc_triggers[target].mask[0]
+def test_nc_recovers_the_badnets_patch_location(backdoored, runtime):
+    model, clean, attack = backdoored
+    cfg = NCConfig(nc_epoch=20, batch_size=16)  # 160 Adam steps; BackdoorBench runs up to 800
+    trig = reverse_engineer_trigger(model, _subset(clean, 128), attack.config.target, cfg, runtime, seed=0)
+    mask = trig.mask[0]
     corner = float(mask[-6:, -6:].sum() / mask.sum())  # the 3x3 patch sits at rows/cols 29-31
     assert corner > 0.2, f"only {corner:.2f} of the mask mass in the bottom-right 6x6 (its area share: 0.035)"
-    assert nc_triggers[target].reached
-
-
-def test_nc_flags_the_backdoor_target(backdoored, nc_triggers):
-    target = backdoored[2].config.target
-    l1 = torch.tensor([t.l1 for t in nc_triggers])
-    assert flag_outliers(l1) == [target], l1
+    assert trig.reached
 
 
 def _planted_triggers(l1_by_label):
@@ -283,14 +269,16 @@ def test_nc_unlearns_flagged_trigger_and_returns_the_fine_tuned_model(backdoored
     model, clean, attack = backdoored
     monkeypatch.setattr(nc, "reverse_engineer_trigger", _planted_triggers([9.0] + [100.0 + k for k in range(9)]))
     data = _subset(clean, 320)
-    result = build_defense("nc", {"epochs": 3, "batch_size": 64}).purify(model, data, runtime=runtime, seed=0)
+    result = build_defense("nc", {"epochs": 5, "lr": 0.05, "batch_size": 32}).purify(model, data, runtime=runtime,
+                                                                                    seed=0)
     info = result.info
     assert info["flagged"] == [0]
-    assert info["finetune"] == {"epochs": 3, "images": 256 + 64, "final_loss": info["finetune"]["final_loss"]}
+    assert info["finetune"]["epochs"] == 5 and info["finetune"]["images"] == 256 + 64
     test = attack.poison_test(small.test)
     asr_before = attack_success_rate(predict(model, test.x, runtime), test.y_target)
     asr_after = attack_success_rate(predict(result.model, test.x, runtime), test.y_target)
-    assert asr_after < asr_before - 0.3  # the returned model is the fine-tuned one (BackdoorBench: the original)
+    # the returned model is the fine-tuned one (BackdoorBench returned the original)
+    assert asr_after < asr_before - 0.3
 
 
 def test_nc_returns_the_model_unchanged_when_nothing_is_flagged(tiny_net, small, runtime, monkeypatch):

@@ -221,7 +221,8 @@ def cmd_demo(args) -> int:
                   f"{runtime.threads} threads)")
     model, meta = train_attacked_model(setup, "airbench", cfg, runtime, progress=not args.quiet)
     before = dict(meta["metrics"], time=meta["timings"]["train"])
-    result, record = defend_model(model, setup, "tsbd", {}, args.clean_ratio, runtime, seed=args.seed,
+    tsbd_opts = {"unlearn_lr": args.unlearn_lr, **_parse_opts(args.opt, "defense")}
+    result, record = defend_model(model, setup, "tsbd", tsbd_opts, args.clean_ratio, runtime, seed=args.seed,
                                   progress=not args.quiet, metrics_before=meta["metrics"])
     after = dict(record["metrics"], time=result.timings["total"])
     total = time.perf_counter() - t_start
@@ -333,8 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="BadNets then TSBD on the embedded data, in minutes on a CPU")
-    p.add_argument("--epochs", type=int, default=25, help="attack training epochs (default: 25)")
-    p.add_argument("--clean-ratio", type=float, default=0.05, help="defender's clean fraction (default: 0.05)")
+    p.add_argument("--epochs", type=int, default=40, help="attack training epochs (default: 40)")
+    p.add_argument("--clean-ratio", type=float, default=0.1,
+                   help="defender's clean fraction (default: 0.1 = 1,000 images; the paper's 5%% of "
+                        "the 10,000 embedded images is too few to recover accuracy)")
+    p.add_argument("--unlearn-lr", type=float, default=0.01,
+                   help="TSBD clean-unlearning lr (default: 0.01 for the airbench model, whose 1/8-scaled "
+                        "logits make the paper's 1e-4 need hundreds of epochs; see BENCHMARKS.md)")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="other TSBD option (repeatable)")
     p.add_argument("--out", default=None, help="also save both models under this folder")
     p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
     _add_runtime_args(p)

@@ -10,14 +10,17 @@ every image). Those arrays are an external download, so tsbd trains the encoder/
 images through the engine's :func:`tsbd.train.fit` (Adam, loss = w * L2(image) + BCE(bits);
 as in ArtificialGANFingerprints, w is 0 until the bits are learned -- running bit accuracy
 0.9, or ``l2_await`` of the steps at the latest -- then ramps linearly to ``l2_weight`` over
-``l2_ramp`` of the steps), and caches it (:mod:`tsbd.attacks.resources`). The secret is ``secret_bits`` random
+``l2_ramp`` of the steps; during the first quarter of the steps the decoder reads the residual
+with the image faded in, a curriculum without which the bits often stayed at chance on a CPU
+budget), and caches it (:mod:`tsbd.attacks.resources`). The secret is ``secret_bits`` random
 bits drawn from the seed. :meth:`SSBA.apply` encodes each image with the trained encoder
 (deterministic) and rounds to uint8. The resource record holds the bit accuracy the decoder
 reads back from uint8 stamped held-out images and their PSNR.
 
 Scaled down for CPUs (BackdoorBench: 100 bits, a 400-px StegaStamp U-Net, 20 epochs on the
-whole training set): 32 bits, a ~0.1M-parameter encoder (``width`` 16), 10 epochs on 5,000
-images by default.
+whole training set): 32 bits, a 35k-parameter encoder and 156k-parameter decoder (``width``
+16), 10 epochs of batch 32 on 5,000 images (1,560 steps) by default. On the 1,200-image test
+subset (370 steps) that reached bit accuracy 0.998-0.999 and PSNR ~30 dB on held-out images.
 """
 
 from __future__ import annotations

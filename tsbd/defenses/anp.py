@@ -147,7 +147,7 @@ class ANP(Defense):
         cfg: ANPConfig = self.config
         fit_part, heldout = holdout_split(clean, cfg.holdout_fraction, seed)
         with stages.stage("mask_optimization"):
-            masks, result.info["masks"] = optimize_anp_masks(model, fit_part, cfg, runtime, seed=seed,
+            masks, result.info["mask_optimization"] = optimize_anp_masks(model, fit_part, cfg, runtime, seed=seed,
                                                              progress=progress)
         with stages.stage("threshold_selection"):
             chosen, sweep = select_threshold(model, masks, heldout, cfg, runtime)
