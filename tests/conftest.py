@@ -74,3 +74,21 @@ TINY_ATTACKS = {
     "ssba": {"train_images": 512, "epochs": 6, "width": 8, "secret_bits": 16, "batch_size": 16},
     "trojan": {"mask_update_iters": 40, "clean_epochs": 2},
 }
+
+
+@pytest.fixture(scope="module")
+def trained(small, runtime):
+    """A tiny airbench trained 2 epochs on the small set (weak but far above chance)."""
+    from tsbd.models import build_model
+    from tsbd.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = build_model("airbench", 10, mean=small.mean, std=small.std, widths=(16, 32, 32))
+    fit(model, small.train, TrainConfig(epochs=2, batch_size=128, lr=0.2, nesterov=True, schedule="onecycle"),
+        runtime, progress=False)
+    return model.eval()
+
+
+def state_copy(model):
+    """A detached copy of a model's state dict, to check later that the model was not modified."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

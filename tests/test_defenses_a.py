@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+
+from conftest import state_copy
 from torch import nn
 
 from tsbd.defenses import DEFENSES, build_defense
@@ -13,25 +15,12 @@ from tsbd.defenses.fp import prune_sweep, rank_feature_channels
 from tsbd.defenses.nad import attention_distillation_step, attention_loss, attention_map, distillation_layers, NADConfig
 from tsbd.models import build_model
 from tsbd.models.surgery import bn_conv_pairs, capture_features, classifier_layout, layer_activations, stage_outputs
-from tsbd.train import TrainConfig, fit
 from tsbd.train.engine import to_model_input
 
 FOUR = ["ft", "fp", "nad", "clp"]
 TINY = {"ft": {"epochs": 1}, "fp": {"epochs": 1}, "nad": {"teacher_epochs": 1, "epochs": 1}, "clp": {}}
 
 
-@pytest.fixture(scope="module")
-def trained(small, runtime):
-    """A tiny airbench trained 2 epochs on the small set (weak but far above chance)."""
-    torch.manual_seed(0)
-    model = build_model("airbench", 10, mean=small.mean, std=small.std, widths=(16, 32, 32))
-    fit(model, small.train, TrainConfig(epochs=2, batch_size=128, lr=0.2, nesterov=True, schedule="onecycle"),
-        runtime, progress=False)
-    return model.eval()
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _clean_loss(model, data, runtime):
@@ -47,10 +36,10 @@ def test_registered():
 
 @pytest.mark.parametrize("name", FOUR)
 def test_runs_deterministic_and_leaves_input_alone(name, trained, small, runtime):
-    before = _state(trained)
+    before = state_copy(trained)
     r1 = build_defense(name, TINY[name]).purify(trained, small.train, runtime=runtime, seed=3)
     r2 = build_defense(name, TINY[name]).purify(trained, small.train, runtime=runtime, seed=3)
-    after = _state(trained)
+    after = state_copy(trained)
     assert all(torch.equal(before[k], after[k]) for k in before)
     s1, s2 = r1.model.state_dict(), r2.model.state_dict()
     assert s1.keys() == before.keys() and all(s1[k].shape == before[k].shape for k in s1)
@@ -177,7 +166,7 @@ def test_nad_step_is_cross_entropy_when_student_equals_teacher(tiny_net, runtime
     x, y = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 5])
     layers, betas = ["bn1", "conv2:input"], [500.0, 1000.0]
     teacher = copy.deepcopy(tiny_net).eval().requires_grad_(False)
-    teacher_state = _state(teacher)
+    teacher_state = state_copy(teacher)
 
     def stepped(student, step):
         student = copy.deepcopy(student).eval()  # eval: the maps of equal weights are equal

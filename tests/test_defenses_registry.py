@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
+from conftest import state_copy
+
 from tsbd.defenses import DEFENSES, build_defense
-from tsbd.models import build_model
-from tsbd.train import TrainConfig, fit
 
 TINY = {
     "tsbd": {"unlearn_lr": 1e-2, "unlearn_max_epochs": 5, "finetune_epochs": 1},
@@ -36,29 +36,18 @@ def tiny_config(name: str) -> dict:
     return {k: v for k, v in GENERIC.items() if k in fields and fields[k].type in (int, "int")}
 
 
-@pytest.fixture(scope="module")
-def trained(small, runtime):
-    torch.manual_seed(0)
-    model = build_model("airbench", 10, mean=small.mean, std=small.std, widths=(16, 32, 32))
-    fit(model, small.train, TrainConfig(epochs=2, batch_size=128, lr=0.2, nesterov=True, schedule="onecycle"),
-        runtime, progress=False)
-    return model.eval()
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module", params=DEFENSES.names())
 def runs(request, trained, small, runtime):
     """(name, input state before, input state after, two results with seed 0, seconds per run)."""
     name = request.param
-    before = _state(trained)
+    before = state_copy(trained)
     t0 = time.perf_counter()
     first = build_defense(name, tiny_config(name)).purify(trained, small.train, runtime=runtime, seed=0)
     seconds = time.perf_counter() - t0
     second = build_defense(name, tiny_config(name)).purify(trained, small.train, runtime=runtime, seed=0)
-    return name, before, _state(trained), first, second, seconds
+    return name, before, state_copy(trained), first, second, seconds
 
 
 def test_same_architecture(runs, trained):
