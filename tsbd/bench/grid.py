@@ -73,7 +73,10 @@ _PAPER = {"attack": PAPER_ATTACKS, "defense": PAPER_DEFENSES, "poison_ratio": 0.
           "defense_opts": {"rnp": {"clean_ratio": 0.005}}}
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-cifar10-cpu": {**_PAPER, "description": "Table 1 at CPU scale: CIFAR-10, airbench, cpu training preset",
-                          "dataset": "cifar10", "model": "airbench", "preset": "cpu"},
+                          "dataset": "cifar10", "model": "airbench", "preset": "cpu",
+                          # airbench's 1/8-scaled logits: the paper's unlearning lr 1e-4 does not reach
+                          # 10% clean accuracy in hundreds of epochs (BENCHMARKS.md); 0.01 does in a few
+                          "defense_opts": {**_PAPER["defense_opts"], "tsbd": {"unlearn_lr": 0.01}}},
     "paper-cifar10": {**_PAPER, "description": "Table 1: CIFAR-10, PreAct-ResNet18, BackdoorBench training",
                       "dataset": "cifar10", "model": "preact_resnet18", "preset": "backdoorbench"},
     "paper-tiny-imagenet": {**_PAPER, "description": "Table 2: Tiny ImageNet, PreAct-ResNet18, BackdoorBench training",

@@ -10,19 +10,28 @@ import torch
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero-pad by ``padding`` and crop each image back to its size at a random offset."""
+    """Zero-pad by ``padding`` and crop each image back to its size at a random offset.
+
+    Rows, then columns: for each of the ``2 * padding + 1`` offsets, one slice copies every image
+    that drew it (a few large copies instead of a per-pixel gather).
+    """
     if padding <= 0:
         return x
     n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # n x h
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # n x w
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    # advanced indexing picks padded[b, :, rows[b, i], cols[b, j]] -> n x h x w x c
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2)
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    rows = torch.empty((n, c, h, w + 2 * padding), dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x)
+    for shift in range(2 * padding + 1):
+        pick = (dy == shift).nonzero().squeeze(1)
+        if len(pick):
+            rows[pick] = padded[pick, :, shift : shift + h, :]
+    for shift in range(2 * padding + 1):
+        pick = (dx == shift).nonzero().squeeze(1)
+        if len(pick):
+            out[pick] = rows[pick, :, :, shift : shift + w]
+    return out
 
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
