@@ -1,0 +1,162 @@
+"""``tsbd show-attack``: an attack's poisoned test images beside the clean ones, and the residual.
+
+For each attack: prepare its resources exactly as training would (cached, so a resource built by
+``tsbd attack`` or ``tsbd bench`` is reused), poison a seeded choice of non-target test images
+and draw three rows -- clean, poisoned, and the residual |poisoned - clean| stretched to the
+figure's range (its true scale is printed beside it) -- into ``OUT/NAME.png`` and ``.svg``.
+The residual statistics (mean L-inf, L2 and PSNR over every poisoned test image) are returned
+and printed, so the stealth of triggers can be compared across attacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tsbd.errors import TsbdError
+
+
+def residual_stats(clean: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float]:
+    """Mean per-image L-inf and L2 of the residual (on the [0, 1] scale) and PSNR in dB."""
+    if clean.shape != poisoned.shape:
+        raise TsbdError(f"clean {tuple(clean.shape)} and poisoned {tuple(poisoned.shape)} images differ in shape")
+    diff = (poisoned.float() - clean.float()).flatten(1) / 255.0
+    mse = diff.pow(2).mean(1)
+    psnr = torch.where(mse > 0, 10 * torch.log10(1.0 / mse.clamp_min(1e-12)), torch.full_like(mse, math.inf))
+    finite = psnr[torch.isfinite(psnr)]
+    return {
+        "linf": float(diff.abs().amax(1).mean()),
+        "l2": float(diff.norm(dim=1).mean()),
+        "psnr_db": float(finite.mean()) if len(finite) else math.inf,
+        "changed_fraction": float((diff.abs().amax(1) > 0).float().mean()),
+    }
+
+
+def pick_images(labels: torch.Tensor, target: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` non-target test indices, one class after another where possible (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    picked: list[int] = []
+    classes = [int(c) for c in torch.unique(labels) if int(c) != target]
+    pools = {c: torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=g)].tolist()
+             for c in classes}
+    while len(picked) < count and any(pools.values()):
+        for c in classes:
+            if pools[c] and len(picked) < count:
+                picked.append(pools[c].pop(0))
+    return torch.tensor(picked, dtype=torch.int64)
+
+
+def _save_figure(fig, path: Path) -> None:
+    """PNG and SVG next to each other, each written to a temp name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".png", ".svg"):
+        final = path.with_suffix(suffix)
+        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+        try:
+            fig.savefig(tmp, format=suffix[1:], dpi=120, bbox_inches="tight")
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def show_attack(attack, dataset, runtime, *, out: str | Path, images: int = 8, seed: int = 0,
+                arch: str = "airbench", arch_kwargs: dict | None = None, cache_dir: str | None = None,
+                progress: bool = False) -> dict[str, Any]:
+    """Draw ``attack``'s poisoned examples on ``dataset``'s test split into ``out``/NAME.png/.svg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if images < 1:
+        raise TsbdError(f"--images must be at least 1, got {images}")
+    attack.prepare(dataset, runtime=runtime, seed=seed, arch=arch, arch_kwargs=arch_kwargs or {},
+                   cache_dir=cache_dir, progress=progress)
+    test = dataset.test
+    keep = torch.nonzero(test.y != attack.config.target).flatten()
+    poisoned_all = attack.apply_chunked(test.x[keep], keep, "test")
+    stats = residual_stats(test.x[keep], poisoned_all)
+    chosen = pick_images(test.y[keep], attack.config.target, images, seed)
+    clean, poisoned = test.x[keep][chosen], poisoned_all[chosen]
+    residual = (poisoned.float() - clean.float()).abs()
+    scale = float(residual.max()) or 1.0
+
+    n = len(chosen)
+    fig, axes = plt.subplots(3, n, figsize=(1.3 * n + 1.2, 4.4), squeeze=False)
+    classes = dataset.classes
+    for j in range(n):
+        label = int(test.y[keep][chosen[j]])
+        panels = [clean[j], poisoned[j], (residual[j] / scale * 255).round().to(torch.uint8)]
+        for i, img in enumerate(panels):
+            ax = axes[i][j]
+            ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(classes[label] if label < len(classes) else str(label), fontsize=8)
+    target = attack.config.target
+    row_names = ["clean", f"poisoned\n(-> {classes[target] if target < len(classes) else target})", f"|residual|\nx{255 / scale:.1f}"]
+    for i, name in enumerate(row_names):
+        axes[i][0].set_ylabel(name, fontsize=8)
+    fig.suptitle(f"{attack.name} on {dataset.name}: L-inf {stats['linf'] * 255:.1f}/255, "
+                 f"PSNR {stats['psnr_db']:.1f} dB (mean over {len(keep)} test images)", fontsize=9)
+    path = Path(out) / attack.name
+    _save_figure(fig, path)
+    plt.close(fig)
+    return {"attack": attack.describe(), "dataset": dataset.name, "images": [int(keep[c]) for c in chosen],
+            "residual": stats, "png": str(path.with_suffix(".png")), "svg": str(path.with_suffix(".svg"))}
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+def cmd_show_attack(args) -> int:
+    from tsbd.attacks import ATTACKS, build_attack
+    from tsbd.cli import _console, _emit_json, _parse_opts, _runtime
+    from tsbd.data import load_dataset
+
+    names = ATTACKS.names() if args.attack == "all" else [a.strip() for a in args.attack.split(",") if a.strip()]
+    unknown = [n for n in names if n not in ATTACKS.names()]
+    if unknown:
+        raise TsbdError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS.names())} or all")
+    console = _console(args)
+    runtime = _runtime(args)
+    dataset = load_dataset(args.dataset, root=args.data_root, cache_dir=args.cache_dir)
+    opts = _parse_opts(args.attack_opt, "attack")
+    results = []
+    for name in names:
+        fields = {f.name for f in dataclasses.fields(ATTACKS.get(name).config_class)}
+        own = {k: v for k, v in opts.items() if k in fields}
+        attack = build_attack(name, own)
+        res = show_attack(attack, dataset, runtime, out=args.out, images=args.images, seed=args.seed, arch=args.model,
+                          cache_dir=args.cache_dir, progress=not args.quiet)
+        results.append(res)
+        r = res["residual"]
+        console.print(f"{name}: {res['png']}  (L-inf {r['linf'] * 255:.1f}/255, L2 {r['l2']:.2f}, "
+                      f"PSNR {r['psnr_db']:.1f} dB)")
+    if args.json:
+        _emit_json({"attacks": results})
+    return 0
+
+
+def register(subparsers, add_runtime_args, add_data_root) -> None:
+    p = subparsers.add_parser("show-attack", help="picture of an attack's poisoned images beside clean ones",
+                              description=__doc__)
+    p.add_argument("--attack", default="badnets",
+                   help="attack name, comma-separated names, or 'all' (default: badnets)")
+    p.add_argument("--dataset", default="demo", help="dataset (default: demo, the embedded CIFAR-10 subset)")
+    add_data_root(p)
+    p.add_argument("--model", default="airbench",
+                   help="victim architecture, for attacks whose trigger depends on a model (LF, Trojan, "
+                        "Input-aware; default: airbench)")
+    p.add_argument("--attack-opt", action="append", metavar="KEY=VALUE",
+                   help="attack option, applied to every named attack that has it (repeatable)")
+    p.add_argument("--images", type=int, default=8, help="test images shown (default: 8)")
+    p.add_argument("--out", default="runs/show-attack", help="folder for NAME.png / NAME.svg (default: runs/show-attack)")
+    p.add_argument("--json", action="store_true", help="print the residual statistics as one JSON object")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_show_attack)
