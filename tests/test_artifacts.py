@@ -44,8 +44,9 @@ def test_failed_write_leaves_nothing(tmp_path, model, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(TsbdError, match="nothing was written") as err:
         save_model(tmp_path / "m", model, {})
+    assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
 

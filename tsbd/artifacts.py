@@ -80,6 +80,9 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
+    except OSError as err:  # disk full, permissions: the old folder (if any) is untouched, nothing new is left
+        raise TsbdError(f"cannot write model folder {path} ({err.__class__.__name__}: {err.strerror or err}); "
+                        "nothing was written -- free disk space or choose another output folder") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

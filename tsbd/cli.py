@@ -165,6 +165,11 @@ def cmd_defend(args) -> int:
     runtime = _runtime(args)
     model, meta = load_model(args.model, runtime.device)
     setup = load_setup_from_meta(meta, runtime, data_root=args.data_root, cache_dir=args.cache_dir)
+    from tsbd.defenses import build_defense
+    from tsbd.interop.purify import check_clean_size
+
+    # an empty clean set, or one smaller than a batch: one clear line before any work
+    check_clean_size(setup.clean_set(args.clean_ratio)[0], build_defense(args.defense, opts).config.batch_size)
     before = meta.get("metrics") if meta.get("kind") == "attacked" else None
     result, record = defend_model(model, setup, args.defense, opts, args.clean_ratio, runtime, seed=args.seed,
                                   progress=not args.quiet, metrics_before=before)

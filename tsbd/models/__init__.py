@@ -110,6 +110,9 @@ def model_from_spec(spec: Mapping[str, Any]) -> nn.Module:
         raise TsbdError(
             f"model spec lacks {', '.join(missing)}; use the arch_spec tsbd saved with the weights"
         )
+    if spec.get("factory"):
+        raise TsbdError(f"this model was built by your own architecture {spec['name']!r}; tsbd never imports code "
+                        "named in a file -- rebuild it and load model.safetensors, or pass --arch to `tsbd purify`")
     options = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
     return build_model(
         spec["name"],
