@@ -155,3 +155,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     model = model_from_spec(meta["arch"])
     load_into(model, load_state(path / WEIGHTS), str(path / WEIGHTS))
     return model.to(device).eval(), meta
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file and a rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_figure(fig, stem: str | Path, formats: tuple[str, ...] = ("png", "svg"), dpi: int = 130) -> dict[str, Path]:
+    """A matplotlib figure as ``stem.png`` / ``stem.svg`` (atomic; SVGs without a date, so reruns
+    give identical files)."""
+    import io
+
+    out = {}
+    for ext in formats:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=dpi, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
+        out[ext] = write_bytes_atomic(Path(f"{stem}.{ext}"), buf.getvalue())
+    return out

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tsbd.artifacts import save_figure
 from tsbd.errors import TsbdError
 
 
@@ -49,19 +49,6 @@ def pick_images(labels: torch.Tensor, target: int, count: int, seed: int) -> tor
             if pools[c] and len(picked) < count:
                 picked.append(pools[c].pop(0))
     return torch.tensor(picked, dtype=torch.int64)
-
-
-def _save_figure(fig, path: Path) -> None:
-    """PNG and SVG next to each other, each written to a temp name and renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for suffix in (".png", ".svg"):
-        final = path.with_suffix(suffix)
-        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        try:
-            fig.savefig(tmp, format=suffix[1:], dpi=120, bbox_inches="tight")
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def show_attack(attack, dataset, runtime, *, out: str | Path, images: int = 8, seed: int = 0,
@@ -106,7 +93,7 @@ def show_attack(attack, dataset, runtime, *, out: str | Path, images: int = 8, s
     fig.suptitle(f"{attack.name} on {dataset.name}: L-inf {stats['linf'] * 255:.1f}/255, "
                  f"PSNR {stats['psnr_db']:.1f} dB (mean over {len(keep)} test images)", fontsize=9)
     path = Path(out) / attack.name
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return {"attack": attack.describe(), "dataset": dataset.name, "images": [int(keep[c]) for c in chosen],
             "residual": stats, "png": str(path.with_suffix(".png")), "svg": str(path.with_suffix(".svg"))}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import io
 import json
 import logging
 import math
@@ -521,17 +520,9 @@ def _plot(t: ResultTable, out_dir: Path) -> None:
 
 
 def _save(fig, folder: Path, stem: str) -> dict[str, Path]:
-    out = {}
-    for ext in ("png", "svg"):
-        path = folder / f"{stem}.{ext}"
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=130, bbox_inches="tight",
-                    metadata={"Date": None} if ext == "svg" else None)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
-        out[ext] = Path(PLOTS) / path.name
-    return out
+    from tsbd.artifacts import save_figure
+
+    return {ext: Path(PLOTS) / path.name for ext, path in save_figure(fig, folder / stem).items()}
 
 
 # ------------------------------------------------------------------------------------------

@@ -124,7 +124,9 @@ def zero_reinit(backdoored: nn.Module, weight_change: dict[str, torch.Tensor], n
     masks = {name: torch.zeros_like(d, dtype=torch.bool) for name, d in weight_change.items()}
     for name, k in selected:
         masks[name][k] = True  # provisional: whole neuron (v1)
-    if scheme == "v3" and selected:
+    if scheme not in ("v1", "v2", "v3"):
+        raise ValueError(f"unknown reinit scheme {scheme!r}")
+    if scheme == "v3" and selected:  # (n = 0 selects nothing: nothing to zero)
         pool = torch.cat([weight_change[name][masks[name].any(1)].flatten() for name in masks if masks[name].any()])
         n_zero = int(weight_ratio * pool.numel())
         if n_zero == 0:
@@ -141,8 +143,6 @@ def zero_reinit(backdoored: nn.Module, weight_change: dict[str, torch.Tensor], n
                 if per:
                     top = torch.topk(weight_change[name][rows], per, dim=1).indices
                     m[rows.unsqueeze(1), top] = True
-    elif scheme != "v1":
-        raise ValueError(f"unknown reinit scheme {scheme!r}")
     model = copy.deepcopy(backdoored)
     zeroed = zero_subweights(model, masks)
     per_layer = {name: int(m.any(1).sum()) for name, m in masks.items() if m.any()}

@@ -1,0 +1,288 @@
+"""``tsbd analyze NAME MODEL``: the paper's observations and sweeps on a saved attacked model.
+
+Each analysis rebuilds the model's dataset and attack from its ``meta.json`` (checking the data
+fingerprint), draws the defender's clean set as ``tsbd defend`` does, and writes into ``--out``:
+the numbers as CSV, a figure as PNG and SVG, ``result.json`` (with seed, config, versions and
+data fingerprint) and ``section.md``, a Markdown section for the docs or a report.
+
+  observation1   NWC of clean vs poison unlearning: Pearson correlation per layer and overall
+  observation2   gradient norm per neuron in one epoch of clean unlearning, backdoored vs clean model
+  sweep-n        TSBD over neuron ratios n (after reinit and after fine-tuning)
+  sweep-m        TSBD over weight ratios m
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import time
+from pathlib import Path
+
+import torch
+
+from tsbd.artifacts import provenance, save_figure, write_bytes_atomic, write_json_atomic
+from tsbd.config import to_dict
+from tsbd.errors import TsbdError
+
+ANALYSES = ("observation1", "observation2", "sweep-n", "sweep-m")
+DEFAULT_N = "0.01,0.05,0.1,0.15,0.2,0.3,0.5,0.7,0.9"  # paper Fig. 5: 1% to 90%
+DEFAULT_M = "0.4,0.5,0.6,0.7,0.8"  # paper Fig. 5: 40% to 80%
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_bytes_atomic(path, buf.getvalue().encode())
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _values(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise TsbdError(f"--values {text!r} must be comma-separated numbers, e.g. 0.05,0.15,0.3") from None
+    if not values:
+        raise TsbdError("--values is empty; give comma-separated fractions, e.g. 0.05,0.15,0.3")
+    return values
+
+
+def _non_default_kwargs(arch: str, kwargs: dict) -> dict:
+    """The architecture options that differ from the factory's defaults, so the clean reference
+    model cache finds the model ``benchmarks/clean_model.py`` or an attack already trained."""
+    import inspect
+
+    from tsbd.models import MODELS
+
+    params = inspect.signature(MODELS.get(arch)).parameters
+
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    return {k: v for k, v in kwargs.items()
+            if k not in params or params[k].default is inspect.Parameter.empty or norm(params[k].default) != norm(v)}
+
+
+# ------------------------------------------------------------------------------------------
+def run_observation1(model, setup, clean, cfg, runtime, out: Path, seed: int, progress: bool) -> tuple[dict, str]:
+    from tsbd.analysis.observations import nwc_comparison, poison_unlearning_set
+
+    ptrain = setup.poisoned_train
+    poisoned = poison_unlearning_set(ptrain.data, ptrain.poison_index, setup.attack.config.target, len(clean), seed)
+    comp = nwc_comparison(model, clean, poisoned, cfg, runtime, seed=seed, progress=progress)
+    per_layer = comp.per_layer_correlation()
+    overall = comp.overall_correlation()
+    overlap = comp.top_overlap(cfg.neuron_ratio)
+    _write_csv(out / "nwc.csv", comp.rows())
+    _write_csv(out / "correlation.csv", [{"layer": k, "pearson": v} for k, v in per_layer.items()]
+               + [{"layer": "all", "pearson": overall}])
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in comp.clean:
+        ax1.scatter(comp.clean[name].numpy(), comp.poison[name].numpy(), s=6, alpha=0.6, label=name)
+    ax1.set_xlabel("NWC, clean unlearning")
+    ax1.set_ylabel("NWC, poison unlearning")
+    ax1.set_title(f"{setup.attack.name}: Pearson {overall:.3f} over all neurons", fontsize=9)
+    ax1.legend(fontsize=6, frameon=False, markerscale=2)
+    names = list(per_layer)
+    ax2.bar(range(len(names)), [per_layer[n] for n in names])
+    ax2.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
+    ax2.set_ylabel("Pearson correlation")
+    ax2.set_ylim(min(0.0, min(per_layer.values(), default=0)) - 0.05, 1.0)
+    ax2.set_title("per layer", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out / "observation1")
+    plt.close(fig)
+    result = {"pearson_overall": overall, "pearson_per_layer": per_layer,
+              f"top_{cfg.neuron_ratio:g}_overlap": overlap, "clean_unlearning": comp.clean_info,
+              "poison_unlearning": comp.poison_info, "poison_images": len(poisoned)}
+    md = [f"### Observation 1 ({setup.attack.name})", "",
+          f"Clean unlearning stopped after {comp.clean_info['epochs']} epochs (clean acc "
+          f"{comp.clean_info['clean_acc_per_epoch'][-1]:.3f}); poison unlearning on {len(poisoned)} poisoned "
+          f"training images after {comp.poison_info['epochs']} epochs (ASR on them "
+          f"{comp.poison_info['clean_acc_per_epoch'][-1]:.3f}).", "",
+          f"Pearson correlation of the two NWC vectors over all {sum(len(v) for v in comp.clean.values())} neurons: "
+          f"**{overall:.3f}**; the top {cfg.neuron_ratio:.0%} neurons by clean NWC share {overlap:.0%} with the "
+          f"top {cfg.neuron_ratio:.0%} by poison NWC.", "", "| layer | Pearson |", "|---|---|"]
+    md += [f"| {k} | {v:.3f} |" for k, v in per_layer.items()]
+    md += ["", "![observation 1](observation1.png)"]
+    return result, "\n".join(md)
+
+
+def run_observation2(model, setup, clean, cfg, runtime, out: Path, seed: int, progress: bool, meta: dict,
+                     cache_dir: str | None) -> tuple[dict, str]:
+    from tsbd.analysis.observations import gradient_norms_during_unlearning
+    from tsbd.pipeline import clean_reference_model
+    from tsbd.train.engine import TrainConfig
+
+    arch = dict(meta.get("arch", {}))
+    arch_kwargs = _non_default_kwargs(arch["name"], {k: v for k, v in arch.items()
+                                                     if k not in ("name", "num_classes", "mean", "std")})
+    train_cfg = TrainConfig(**meta["train"]) if meta.get("train") else None
+    clean_model, clean_meta = clean_reference_model(setup.dataset, arch["name"], runtime, seed=setup.seed,
+                                                    cfg=train_cfg, arch_kwargs=arch_kwargs, cache_dir=cache_dir,
+                                                    progress=progress)
+    bd = gradient_norms_during_unlearning(model, clean, cfg.unlearn_lr, runtime, batch_size=cfg.batch_size,
+                                          seed=seed, progress=progress)
+    cl = gradient_norms_during_unlearning(clean_model, clean, cfg.unlearn_lr, runtime, batch_size=cfg.batch_size,
+                                          seed=seed, progress=progress)
+    rows = [{"layer": n, "neuron": k, "grad_norm_backdoored": float(bd[n][k]), "grad_norm_clean": float(cl[n][k])}
+            for n in bd for k in range(len(bd[n]))]
+    _write_csv(out / "grad_norms.csv", rows)
+    per_layer = {n: {"backdoored": float(bd[n].mean()), "clean": float(cl[n].mean())} for n in bd}
+    all_bd, all_cl = torch.cat(list(bd.values())), torch.cat(list(cl.values()))
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(per_layer)
+    xs = torch.arange(len(names)).float()
+    ax1.bar(xs - 0.2, [per_layer[n]["backdoored"] for n in names], 0.4, label="backdoored")
+    ax1.bar(xs + 0.2, [per_layer[n]["clean"] for n in names], 0.4, label="clean")
+    ax1.set_xticks(xs.tolist(), names, rotation=60, ha="right", fontsize=6)
+    ax1.set_ylabel("mean gradient norm per neuron")
+    ax1.legend(fontsize=7, frameon=False)
+    ax2.hist([all_bd.numpy(), all_cl.numpy()], bins=40, label=["backdoored", "clean"], alpha=0.7)
+    ax2.set_xlabel("gradient norm per neuron (one epoch of clean unlearning)")
+    ax2.legend(fontsize=7, frameon=False)
+    fig.suptitle(f"{setup.attack.name}: backdoored / clean mean = {float(all_bd.mean() / all_cl.mean()):.2f}",
+                 fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out / "observation2")
+    plt.close(fig)
+    ratio = float(all_bd.mean() / all_cl.mean())
+    higher = sum(per_layer[n]["backdoored"] > per_layer[n]["clean"] for n in names)
+    result = {"mean_backdoored": float(all_bd.mean()), "mean_clean": float(all_cl.mean()), "ratio": ratio,
+              "layers_higher_in_backdoored": higher, "layers": len(names), "per_layer": per_layer,
+              "clean_model_metrics": clean_meta.get("metrics")}
+    md = [f"### Observation 2 ({setup.attack.name})", "",
+          f"Mean gradient norm per neuron over one epoch of clean unlearning (lr {cfg.unlearn_lr:g}): backdoored "
+          f"{float(all_bd.mean()):.4g}, clean model {float(all_cl.mean()):.4g} (ratio **{ratio:.2f}**); higher in the "
+          f"backdoored model in {higher} of {len(names)} layers. Clean model: ACC "
+          f"{clean_meta.get('metrics', {}).get('acc', float('nan')):.2%}.", "",
+          "| layer | backdoored | clean |", "|---|---|---|"]
+    md += [f"| {n} | {v['backdoored']:.4g} | {v['clean']:.4g} |" for n, v in per_layer.items()]
+    md += ["", "![observation 2](observation2.png)"]
+    return result, "\n".join(md)
+
+
+def run_sweep(model, setup, clean, cfg, runtime, out: Path, seed: int, progress: bool, parameter: str,
+              values: list[float], finetune: bool) -> tuple[dict, str]:
+    from tsbd.analysis.sweeps import ratio_sweep
+    from tsbd.metrics import evaluate
+
+    def evaluate_model(m):
+        return evaluate(m, setup.dataset.test, setup.poisoned_test, runtime)
+
+    res = ratio_sweep(model, clean, cfg, runtime, evaluate_model, parameter=parameter, values=values,
+                      finetune=finetune, seed=seed, progress=progress)
+    rows = res["rows"]
+    short = "n" if parameter == "neuron_ratio" else "m"
+    _write_csv(out / f"sweep_{short}.csv", rows)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r[parameter] * 100 for r in rows]
+    ax.plot(xs, [r["reinit_acc"] * 100 for r in rows], "o--", color="C0", label="ACC after reinit")
+    ax.plot(xs, [r["reinit_asr"] * 100 for r in rows], "s--", color="C3", label="ASR after reinit")
+    if finetune:
+        ax.plot(xs, [r["acc"] * 100 for r in rows], "o-", color="C0", label="ACC after TSBD")
+        ax.plot(xs, [r["asr"] * 100 for r in rows], "s-", color="C3", label="ASR after TSBD")
+    ax.axvline(res["default"] * 100, color="grey", lw=0.8, ls=":", label=f"paper default {res['default']:.0%}")
+    ax.set_xlabel(f"{parameter.replace('_', ' ')} {short} (%)")
+    ax.set_ylabel("%")
+    ax.set_title(f"{setup.attack.name}: TSBD over {short}", fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    save_figure(fig, out / f"sweep_{short}")
+    plt.close(fig)
+    key = "asr" if finetune else "reinit_asr"
+    acc_key = "acc" if finetune else "reinit_acc"
+    best = min(rows, key=lambda r: (r[key], -r[acc_key]))
+    md = [f"### TSBD over {parameter.replace('_', ' ')} ({setup.attack.name})", "",
+          f"Clean unlearning once ({res['unlearn']['epochs']} epochs), then for each {short}: zero reinit "
+          + ("and activeness-aware fine-tuning." if finetune else "only (no fine-tuning)."), "",
+          f"| {short} | neurons | subweights zeroed | ACC after reinit | ASR after reinit |"
+          + (" ACC | ASR | RA |" if finetune else ""),
+          "|---|---|---|---|---|" + ("---|---|---|" if finetune else "")]
+    for r in rows:
+        line = (f"| {r[parameter]:g} | {r['neurons_selected']} | {r['subweights_zeroed']} | {r['reinit_acc']:.2%} | "
+                f"{r['reinit_asr']:.2%} |")
+        if finetune:
+            line += f" {r['acc']:.2%} | {r['asr']:.2%} | {r['ra']:.2%} |"
+        md.append(line)
+    md += ["", f"Paper default {short} = {res['default']:g}; on this model the lowest ASR comes at {short} = "
+           f"{best[parameter]:g} ({best[acc_key]:.2%} ACC, {best[key]:.2%} ASR). Choosing {short} by ASR needs "
+           "poisoned data a defender does not have; the sweep shows how sensitive the result is.",
+           "", f"![sweep](sweep_{short}.png)"]
+    return res, "\n".join(md)
+
+
+# ------------------------------------------------------------------------------------------
+def cmd_analyze(args) -> int:
+    from tsbd.artifacts import load_model
+    from tsbd.cli import _console, _parse_opts, _runtime
+    from tsbd.defenses import build_defense
+    from tsbd.pipeline import load_setup_from_meta
+
+    console = _console(args)
+    runtime = _runtime(args)
+    model, meta = load_model(args.model, runtime.device)
+    if meta.get("kind") not in (None, "attacked"):
+        console.print(f"[yellow]note[/]: {args.model} is a {meta.get('kind')} model; analyses expect an attacked one")
+    setup = load_setup_from_meta(meta, runtime, data_root=args.data_root, cache_dir=args.cache_dir,
+                                 progress=not args.quiet)
+    clean, clean_info = setup.clean_set(args.clean_ratio)
+    cfg = build_defense("tsbd", _parse_opts(args.opt, "TSBD")).config
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    progress = not args.quiet
+    if args.name == "observation1":
+        result, md = run_observation1(model, setup, clean, cfg, runtime, out, args.seed, progress)
+    elif args.name == "observation2":
+        result, md = run_observation2(model, setup, clean, cfg, runtime, out, args.seed, progress, meta,
+                                      args.cache_dir)
+    else:
+        parameter = "neuron_ratio" if args.name == "sweep-n" else "weight_ratio"
+        values = _values(args.values or (DEFAULT_N if args.name == "sweep-n" else DEFAULT_M))
+        result, md = run_sweep(model, setup, clean, cfg, runtime, out, args.seed, progress, parameter, values,
+                               not args.no_finetune)
+    record = {"analysis": args.name, "model": str(args.model), "attack": meta.get("attack"),
+              "dataset": meta.get("dataset"), "clean": clean_info, "tsbd_config": to_dict(cfg), "seed": args.seed,
+              "runtime": runtime.describe(), "seconds": time.perf_counter() - t0, "provenance": provenance(),
+              "result": result}
+    write_json_atomic(out / "result.json", record)
+    command = " ".join(["tsbd analyze", args.name, str(args.model), f"--clean-ratio {args.clean_ratio:g}"]
+                       + [f"--opt {o}" for o in args.opt or []]
+                       + ([f"--values {args.values}"] if args.values else [])
+                       + (["--no-finetune"] if args.no_finetune else []) + [f"--seed {args.seed}", f"--out {args.out}"])
+    write_bytes_atomic(out / "section.md", (md + f"\n\nCommand: `{command}`\n").encode())
+    console.print(md)
+    console.print(f"\nwritten to {out}/ (CSV, PNG/SVG, result.json, section.md)")
+    return 0
+
+
+def register(subparsers, add_runtime_args, add_data_root) -> None:
+    p = subparsers.add_parser("analyze", help="the paper's observations and TSBD sweeps on a saved attacked model",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=ANALYSES, help="which analysis")
+    p.add_argument("model", help="attacked model folder (from `tsbd attack` or a `tsbd bench` attack cell)")
+    add_data_root(p)
+    p.add_argument("--clean-ratio", type=float, default=0.05, help="defender's clean fraction (default: 0.05, paper)")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="TSBD option (unlearning lr, threshold, ratios, fine-tuning; see `tsbd list`)")
+    p.add_argument("--values", default=None,
+                   help=f"sweep values, comma-separated (default: n {DEFAULT_N}; m {DEFAULT_M}, the paper's ranges)")
+    p.add_argument("--no-finetune", action="store_true", help="sweeps: evaluate after zero reinit only (fast)")
+    p.add_argument("--out", required=True, help="output folder (CSV, PNG/SVG, result.json, section.md)")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_analyze)

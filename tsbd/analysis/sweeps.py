@@ -1,0 +1,52 @@
+"""Neuron-ratio (n) and weight-ratio (m) sweeps of TSBD (paper Fig. 5, Appendix G).
+
+Clean unlearning runs once; for each ratio the zero reinitialization is redone from the same
+weight change and the model evaluated after it and, unless ``finetune=False``, after
+activeness-aware fine-tuning -- so a user sees the ACC / ASR trade-off on their own model and
+which n the paper's default picks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+from torch import nn
+
+from tsbd.data.base import ImageSet
+from tsbd.defenses.tsbd import TSBDConfig, activeness_aware_finetune, clean_unlearn, zero_reinit
+from tsbd.errors import TsbdError
+from tsbd.models.surgery import subweight_change
+from tsbd.train.runtime import Runtime
+
+Evaluate = Callable[[nn.Module], dict]
+
+
+def ratio_sweep(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Runtime, evaluate: Evaluate, *,
+                parameter: str = "neuron_ratio", values: Sequence[float] = (0.01, 0.05, 0.1, 0.15, 0.3, 0.5, 0.9),
+                finetune: bool = True, seed: int = 0, progress: bool = False) -> dict:
+    """TSBD with ``parameter`` (``neuron_ratio`` or ``weight_ratio``) set to each of ``values``,
+    the other at ``cfg``'s value. Returns {"unlearn": info, "rows": [...]} with one row per value:
+    the ratio, what was zeroed, the metrics after reinit (``reinit_*``) and after fine-tuning."""
+    if parameter not in ("neuron_ratio", "weight_ratio"):
+        raise TsbdError(f"sweep parameter must be neuron_ratio or weight_ratio, got {parameter!r}")
+    bad = [v for v in values if not 0 <= v <= 1]
+    if bad or not values:
+        raise TsbdError(f"sweep values must be fractions in [0, 1], got {list(values)}")
+    unlearned, unlearn_info = clean_unlearn(model, clean, cfg, runtime, seed=seed, progress=progress)
+    change = subweight_change(model, unlearned)
+    rows = []
+    for value in values:
+        run_cfg = dataclasses.replace(cfg, **{parameter: float(value)})
+        t0 = time.perf_counter()
+        reinit, info = zero_reinit(model, change, run_cfg.neuron_ratio, run_cfg.weight_ratio, run_cfg.reinit_scheme)
+        row = {parameter: float(value), "neurons_selected": info["neurons_selected"],
+               "subweights_zeroed": info["subweights_zeroed"]}
+        row.update({f"reinit_{k}": v for k, v in evaluate(reinit).items()})
+        if finetune:
+            activeness_aware_finetune(reinit, clean, run_cfg, runtime, seed=seed, progress=progress)
+            row.update(evaluate(reinit))
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+    return {"parameter": parameter, "unlearn": unlearn_info, "rows": rows, "default": getattr(cfg, parameter)}
