@@ -178,7 +178,7 @@ def test_defend_ctrl_c_writes_nothing_and_rerun_finishes(attacked, tmp_path, cap
 
 def test_defend_sigkill_writes_nothing_and_rerun_finishes(attacked, tmp_path):
     out = tmp_path / "pure"
-    slow = ["--opt", "unlearn_lr=1e-9", "--opt", "unlearn_max_epochs=100000"]  # unlearning that never ends
+    slow = ["--opt", "unlearn_lr=1e-9", "--opt", "unlearn_max_epochs=100000", "--opt", "batch_size=64"]  # never ends
     cmd = [sys.executable, "-m", "tsbd.cli", "defend", str(attacked), "--clean-ratio", "0.5", *slow,
            "--out", str(out), *RUNTIME]
     before = _files(attacked)

@@ -94,7 +94,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise TsbdError(f"model {str(path)!r} not found; pass a folder written by `tsbd attack` or `tsbd defend`")
     if path.is_file():
-        raise TsbdError(f"{str(path)!r} is a file; pass the model folder that holds {WEIGHTS} and {META}")
+        raise TsbdError(f"{str(path)!r} is a file; pass the model folder that holds {WEIGHTS} and {META} "
+                        "(for a .pt/.pth/.safetensors or BackdoorBench file use `tsbd purify FILE --clean-data DATA`)")
     meta_path = path / META
     if not meta_path.is_file() or not (path / WEIGHTS).is_file():
         raise TsbdError(f"{str(path)!r} is not a tsbd model folder (needs {WEIGHTS} and {META})")

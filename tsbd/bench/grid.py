@@ -76,7 +76,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                           "dataset": "cifar10", "model": "airbench", "preset": "cpu",
                           # airbench's 1/8-scaled logits: the paper's unlearning lr 1e-4 does not reach
                           # 10% clean accuracy in hundreds of epochs (BENCHMARKS.md); 0.01 does in a few
-                          "defense_opts": {**_PAPER["defense_opts"], "tsbd": {"unlearn_lr": 0.01}}},
+                          "defense_opts": {**_PAPER["defense_opts"], "tsbd": {"unlearn_lr": 0.01}},
+                          # Input-aware at BackdoorBench's size (width 1, 25 + 75 epochs) takes hours on 2 cores:
+                          # half-width generator/mask and the victim's 30 epochs (benchmarks/attacks_dynamic.py)
+                          "attack_opts": {"inputaware": {"width": 0.5, "joint_epochs": 30}}},
     "paper-cifar10": {**_PAPER, "description": "Table 1: CIFAR-10, PreAct-ResNet18, BackdoorBench training",
                       "dataset": "cifar10", "model": "preact_resnet18", "preset": "backdoorbench"},
     "paper-tiny-imagenet": {**_PAPER, "description": "Table 2: Tiny ImageNet, PreAct-ResNet18, BackdoorBench training",

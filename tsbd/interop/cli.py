@@ -84,7 +84,8 @@ def cmd_inspect(args) -> int:
         return 0
     for key, value in info.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+            value = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in value.items() if v is not None)
         elif isinstance(value, list) and len(value) > 12:
             value = ", ".join(map(str, value[:12])) + f", ... ({len(value)} in all)"
         elif isinstance(value, list):
