@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument("--variants", default="per-tensor,global,vanilla-ft")
     ap.add_argument("--tsbd-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="TSBD option for every variant, e.g. unlearn_lr=0.01 for airbench")
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    rt = Runtime.create(args.device, args.precision)
+    rt = Runtime.create(args.device, args.precision, args.threads)
     trig = Path(args.trigger_dir)
     triggers = {"badnets": {"trigger_image": str(trig / "trigger_image.png")},
                 "blended": {"trigger_image": str(trig / "hello_kitty.jpeg"), "blend_ratio": 0.2}}

@@ -3,6 +3,7 @@
 * ``bare``: the model's forward/backward/SGD step on one fixed in-memory batch (the limit);
 * ``ours``: tsbd's training loop (:func:`tsbd.train.fit`: uint8 data in memory, batched crop+flip
   with torch ops, channels_last, the runtime's precision);
+* ``inference``: evaluation through :func:`tsbd.train.predict` (eval mode, no grad);
 * ``backdoorbench``: a BackdoorBench-style loop -- a Dataset that builds a PIL image per sample,
   applies RandomCrop(32, pad 4) + RandomHorizontalFlip + ToTensor + Normalize per sample, batched
   by a DataLoader (num_workers 0: workers do not help on 2 cores), fp32, default memory format.
@@ -29,7 +30,7 @@ from tsbd.artifacts import provenance, write_json_atomic
 from tsbd.data import load_dataset
 from tsbd.data.base import ImageSet
 from tsbd.models import build_model
-from tsbd.train import Runtime, TrainConfig, fit
+from tsbd.train import Runtime, TrainConfig, fit, predict
 
 
 def matmul_peak(runtime: Runtime, n: int = 2048, reps: int = 10) -> float:
@@ -142,6 +143,21 @@ def bench_ours(model, data, runtime, batch_size, steps, warmup):
     return res.images_per_second
 
 
+def bench_inference(model, data, runtime, batch_size, steps, warmup):
+    """Evaluation images/s through :func:`tsbd.train.predict` (eval mode, no grad, uint8 in memory)."""
+    n = batch_size * (steps + warmup)
+    x = data.x[torch.arange(n) % len(data)]
+    model.to(runtime.device).eval()
+    predict(model, x[: batch_size * warmup], runtime, batch_size=batch_size)
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    predict(model, x[batch_size * warmup :], runtime, batch_size=batch_size)
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch_size * steps / (time.perf_counter() - t)
+
+
 def bench_backdoorbench(model, data, mean, std, runtime, batch_size, steps, warmup):
     ds = BackdoorBenchStyleDataset(data, mean, std)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
@@ -188,6 +204,7 @@ def main() -> None:
         row = {"forward_gflops_per_image": fwd_flops / 1e9}
         row["bare"] = bench_bare(make(), rt, args.batch_size, args.steps, args.warmup)
         row["ours"] = bench_ours(make(), ds.train, rt, args.batch_size, args.steps, args.warmup)
+        row["inference"] = bench_inference(make(), ds.test, rt, args.batch_size, args.steps, args.warmup)
         if not args.skip_backdoorbench:
             row["backdoorbench"] = bench_backdoorbench(make(), ds.train, ds.mean, ds.std, rt, args.batch_size,
                                                        args.steps, args.warmup)
