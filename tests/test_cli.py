@@ -82,3 +82,18 @@ def test_defend_with_mismatched_checkpoint(attacked, tmp_path, capsys):
     (bad / "meta.json").write_text(json.dumps(meta))
     code, _, err = _run(capsys, "defend", str(bad), "--out", str(tmp_path / "o"))
     assert code == 2 and "does not fit" in err and not (tmp_path / "o").exists()
+
+
+def test_demo_json_reports_its_setting(capsys, tmp_path):
+    code = main(["demo", "--epochs", "1", "--opt", "finetune_epochs=1", "--opt", "unlearn_max_epochs=3",
+                 "--precision", "fp32", "--json", "--quiet", "--out", str(tmp_path / "demo")])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["poison_ratio"] == 0.2 and out["clean_ratio"] == 0.1
+    for side in ("before", "after"):
+        assert set(out[side]) >= {"acc", "asr", "ra"} and all(0 <= out[side][k] <= 1 for k in ("acc", "asr", "ra"))
+    assert out["defense_info"]["reinit"]["neurons_selected"] > 0
+    assert (tmp_path / "demo" / "backdoored" / "model.safetensors").exists()
+    assert (tmp_path / "demo" / "purified" / "meta.json").exists()
+    assert main(["demo", "--poison-ratio", "1.5"]) != 0
+    assert "--poison-ratio must be in (0, 1)" in capsys.readouterr().err
