@@ -260,3 +260,12 @@ def test_describe_model_is_json_summary():
     assert info["params"] == count_parameters(model)
     assert info["trainable_params"] == info["params"] - 24 * 3 * 2 * 2
     assert info["spec"]["widths"] == [16, 32, 64]
+
+
+def test_non_default_options_give_one_spelling():
+    from tsbd.models import non_default_options
+
+    assert non_default_options("airbench", {"widths": [32, 64, 128]}) == {}
+    assert non_default_options("airbench", {"widths": (32, 64, 128)}) == {}
+    assert non_default_options("airbench", None) == {}
+    assert non_default_options("airbench", {"widths": [8, 16, 16]}) == {"widths": [8, 16, 16]}

@@ -22,7 +22,7 @@ from tsbd.data.poison import PoisonedTest, PoisonedTrain, clean_defense_split
 from tsbd.defenses import DefenseResult, build_defense
 from tsbd.errors import TsbdError
 from tsbd.metrics import der, evaluate
-from tsbd.models import build_model
+from tsbd.models import build_model, non_default_options
 from tsbd.train.engine import TrainConfig, fit
 from tsbd.train.runtime import Runtime, seed_everything
 
@@ -166,7 +166,8 @@ def clean_reference_model(dataset: Dataset, arch: str, runtime: Runtime, *, seed
     from tsbd.data.cache import resolve_cache_dir
 
     cfg = cfg or TRAIN_PRESETS["cpu"]
-    key = hashlib.sha256(json.dumps([dataset.fingerprint, arch, arch_kwargs or {}, repr(cfg), seed]).encode()).hexdigest()[:16]
+    arch_kwargs = non_default_options(arch, arch_kwargs)  # one key for {} and the defaults spelled out
+    key = hashlib.sha256(json.dumps([dataset.fingerprint, arch, arch_kwargs, repr(cfg), seed]).encode()).hexdigest()[:16]
     folder = resolve_cache_dir(cache_dir) / "clean_models" / f"{dataset.name}-{arch}-{key}"
     if folder.exists():
         try:

@@ -58,22 +58,6 @@ def _values(text: str) -> list[float]:
     return values
 
 
-def _non_default_kwargs(arch: str, kwargs: dict) -> dict:
-    """The architecture options that differ from the factory's defaults, so the clean reference
-    model cache finds the model ``benchmarks/clean_model.py`` or an attack already trained."""
-    import inspect
-
-    from tsbd.models import MODELS
-
-    params = inspect.signature(MODELS.get(arch)).parameters
-
-    def norm(v):
-        return list(v) if isinstance(v, (list, tuple)) else v
-
-    return {k: v for k, v in kwargs.items()
-            if k not in params or params[k].default is inspect.Parameter.empty or norm(params[k].default) != norm(v)}
-
-
 # ------------------------------------------------------------------------------------------
 def run_observation1(model, setup, clean, cfg, runtime, out: Path, seed: int, progress: bool) -> tuple[dict, str]:
     from tsbd.analysis.observations import nwc_comparison, poison_unlearning_set
@@ -127,8 +111,7 @@ def run_observation2(model, setup, clean, cfg, runtime, out: Path, seed: int, pr
     from tsbd.train.engine import TrainConfig
 
     arch = dict(meta.get("arch", {}))
-    arch_kwargs = _non_default_kwargs(arch["name"], {k: v for k, v in arch.items()
-                                                     if k not in ("name", "num_classes", "mean", "std")})
+    arch_kwargs = {k: v for k, v in arch.items() if k not in ("name", "num_classes", "mean", "std")}
     train_cfg = TrainConfig(**meta["train"]) if meta.get("train") else None
     clean_model, clean_meta = clean_reference_model(setup.dataset, arch["name"], runtime, seed=setup.seed,
                                                     cfg=train_cfg, arch_kwargs=arch_kwargs, cache_dir=cache_dir,

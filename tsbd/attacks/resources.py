@@ -203,6 +203,9 @@ class CleanModelRecipe:
     def from_context(cls, clean_arch: str, clean_epochs: int, context: Mapping[str, Any]) -> "CleanModelRecipe":
         arch = clean_arch or context.get("arch") or "airbench"  # the victim's arch; airbench is the CLI default
         kwargs = dict(context.get("arch_kwargs") or {}) if not clean_arch or clean_arch == context.get("arch") else {}
+        from tsbd.models import non_default_options
+
+        kwargs = non_default_options(arch, kwargs)  # {} and the defaults spelled out: one cached clean model
         if clean_epochs < 1:
             raise TsbdError(f"clean_epochs must be >= 1, got {clean_epochs}")
         return cls(arch, kwargs, int(clean_epochs), int(context.get("seed", 0) or 0))

@@ -37,6 +37,7 @@ __all__ = [
     "describe_model",
     "init_from_data",
     "model_from_spec",
+    "non_default_options",
 ]
 
 MODELS: Registry = Registry("model", "tsbd.models")
@@ -56,6 +57,18 @@ def _to_json(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _to_json(v) for k, v in value.items()}
     return value
+
+
+def non_default_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` minus those equal to the factory's defaults (lists and tuples compare equal), so
+    two spellings of one architecture -- ``{}`` and ``{"widths": [32, 64, 128]}`` -- give one cache key."""
+    params = _options_of(MODELS.get(name))
+    out = {}
+    for key, value in (options or {}).items():
+        param = params.get(key)
+        if param is None or param.default is param.empty or _to_json(param.default) != _to_json(value):
+            out[key] = value
+    return out
 
 
 def _check_num_classes(num_classes: Any) -> int:
