@@ -122,7 +122,10 @@ def test_report_tables_match_the_database(results, tmp_path):
     assert paper(rows["Blended"][cols["TSBD (neuron_ratio=0.15) ACC"]]) == 91.61
     assert paper(rows["BadNets"][cols["TSBD (neuron_ratio=0.3) ASR"]]) is None  # not a setting of the paper
     assert paper(rows["BadNets"][cols["otherdef ACC"]]) is None
-    assert paper(avg[cols["TSBD (neuron_ratio=0.15) ASR"]]) == 2.18
+    # the paper's average over the same attacks as ours (BadNets 1.37, Blended 2.61), not its printed
+    # 8-attack average (2.18), which would compare two different sets of attacks
+    assert paper(avg[cols["TSBD (neuron_ratio=0.15) ASR"]]) == pytest.approx(1.99, abs=0.005)
+    assert paper(avg[cols["otherdef ACC"]]) is None
     # failures are listed with their one-line error
     assert "RuntimeError: out of memory" in md and "1 failed" in md
 

@@ -108,12 +108,3 @@ class PaperIndex:
                     if any(v is not None for v in values):
                         return values, table
         return None
-
-    def average(self, tables: list[dict], defense: str, clean_ratio: float | None, defense_changed: dict,
-                defense_config: dict) -> tuple[list, dict] | None:
-        for table in tables:
-            for column in table["columns"]:
-                if column["key"] in table.get("average", {}) and self.column_matches(
-                        column, defense, clean_ratio, defense_changed, defense_config):
-                    return table["average"][column["key"]], table
-        return None

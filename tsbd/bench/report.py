@@ -245,10 +245,15 @@ def _attach_paper(t: ResultTable, paper: PaperIndex) -> None:
                 t.paper[(r.key, c.key)] = (hit[0], hit[1]["id"])
                 used[hit[1]["id"]] = hit[1]
     for c in t.columns:
-        hit = paper.average(tables, c.defense, c.clean_ratio, c.changed, c.config)
-        if hit and any((r.key, c.key) in t.paper for r in t.rows):
-            t.paper_avg[c.key] = (hit[0], hit[1]["id"])
-            used[hit[1]["id"]] = hit[1]
+        # the paper's average beside ours only over the same attacks: the mean of the paper's cells
+        # for exactly our rows (its printed average when we have all its attacks), else none
+        hits = [t.paper.get((r.key, c.key)) for r in t.rows]
+        if t.rows and all(hits):
+            means = []
+            for i in range(len(METRICS)):
+                vals = [h[0][i] for h in hits]
+                means.append(None if any(v is None for v in vals) else sum(vals) / len(vals))
+            t.paper_avg[c.key] = (means, hits[0][1])
     t.paper_tables = list(used.values())
 
 
