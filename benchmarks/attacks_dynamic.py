@@ -29,7 +29,7 @@ from tsbd.data import load_dataset
 from tsbd.data.base import Dataset
 from tsbd.metrics import evaluate
 from tsbd.pipeline import AttackSetup, train_attacked_model, train_config
-from tsbd.train.runtime import Runtime, cpu_name
+from tsbd.train.runtime import Runtime
 
 IAD_CPU = {"width": 0.5, "mask_epochs": 25, "joint_epochs": 30}  # see the module docstring
 TINY = {
@@ -92,7 +92,7 @@ def main() -> None:
     arch_kwargs = TINY["arch_kwargs"] if args.tiny else {}
     configs = {"wanet": parse_opts(args.wanet_opt),
                "inputaware": {**(TINY["inputaware"] if args.tiny else IAD_CPU), **parse_opts(args.iad_opt)}}
-    out = {"machine": {"cpu": cpu_name(), **rt.describe()}, "dataset": ds.describe(),
+    out = {"machine": rt.describe(), "dataset": ds.describe(),
            "data_load_seconds": time.perf_counter() - t0, "args": vars(args), "model": args.model,
            "arch_kwargs": arch_kwargs, "provenance": provenance(), "attacks": {}}
     cfg = train_config("cpu", {"epochs": epochs})

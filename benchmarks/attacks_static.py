@@ -28,7 +28,7 @@ from tsbd.attacks import build_attack
 from tsbd.data import load_dataset
 from tsbd.data.base import Dataset
 from tsbd.pipeline import TRAIN_PRESETS, setup_attack, train_attacked_model, train_config
-from tsbd.train.runtime import Runtime, cpu_name
+from tsbd.train.runtime import Runtime
 
 ATTACKS = ("sig", "lf", "ssba", "trojan")
 TINY_SETTINGS = {  # resource settings of --tiny (the full run uses each attack's defaults)
@@ -106,7 +106,7 @@ def main() -> None:
         bb_file = Path(args.trigger_dir) / f"{args.dataset}_preactresnet18_0_255.npy"
         if bb_file.is_file():
             runs.append(("lf-backdoorbench-file", "lf", {"trigger_file": str(bb_file)}))
-    out = {"benchmark": "attacks_static", "machine": {"cpu": cpu_name(), **runtime.describe()},
+    out = {"benchmark": "attacks_static", "machine": runtime.describe(),
            "dataset": ds.describe(), "data_load_seconds": round(load_seconds, 2), "args": vars(args),
            "provenance": provenance(), "results": {}}
     for label, name, options in runs:

@@ -26,7 +26,7 @@ from tsbd.artifacts import load_model, provenance, save_model, write_json_atomic
 from tsbd.attacks import build_attack
 from tsbd.data import load_dataset
 from tsbd.pipeline import defend_model, setup_attack, train_attacked_model, train_config
-from tsbd.train.runtime import Runtime, cpu_name
+from tsbd.train.runtime import Runtime
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ds = load_dataset("cifar10", root=args.data_root)
     load_s = time.perf_counter() - t0
-    out = {"machine": {"cpu": cpu_name(), **rt.describe()}, "dataset": ds.describe(), "data_load_seconds": load_s,
+    out = {"machine": rt.describe(), "dataset": ds.describe(), "data_load_seconds": load_s,
            "args": vars(args), "provenance": provenance(), "attacks": {}}
     previous = json.loads(Path(args.out).read_text()).get("attacks", {}) if Path(args.out).exists() else {}
     defense_opts: dict[str, dict[str, str]] = {}

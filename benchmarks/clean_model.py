@@ -15,7 +15,7 @@ import argparse
 from tsbd.artifacts import provenance, write_json_atomic
 from tsbd.data import load_dataset
 from tsbd.pipeline import clean_reference_model, train_config
-from tsbd.train.runtime import Runtime, cpu_name
+from tsbd.train.runtime import Runtime
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     ds = load_dataset("cifar10", root=args.data_root)
     cfg = train_config(args.preset, {"epochs": args.epochs} if args.epochs else {})
     model, meta = clean_reference_model(ds, args.model, rt, seed=args.seed, cfg=cfg, progress=True)
-    out = {"machine": {"cpu": cpu_name(), **rt.describe()}, "dataset": ds.describe(), "args": vars(args),
+    out = {"machine": rt.describe(), "dataset": ds.describe(), "args": vars(args),
            "train": meta["train"], "metrics": meta["metrics"], "train_seconds": meta["timings"]["train"],
            "train_images_per_second": len(ds.train) * cfg.epochs / meta["timings"]["train"],
            "runtime_recorded": meta["runtime"], "provenance": provenance()}

@@ -23,7 +23,6 @@ import time
 import numpy as np
 import torch
 
-from tsbd.train.runtime import cpu_name
 from PIL import Image
 
 from tsbd.artifacts import provenance, write_json_atomic
@@ -193,8 +192,7 @@ def main() -> None:
     rt = Runtime.create(args.device, args.precision)
     ds = load_dataset("cifar10", root=args.data_root) if args.data_root else load_dataset("demo")
     peak = matmul_peak(rt)
-    result = {"machine": {"cpu": cpu_name(), **rt.describe(),
-                          "gpu": torch.cuda.get_device_name() if rt.device.type == "cuda" else None},
+    result = {"machine": rt.describe(),
               "matmul_peak_tflops": peak, "args": vars(args), "provenance": provenance(), "models": {}}
     print(f"matmul peak at {rt.precision}: {peak:.2f} TFLOP/s on {rt.device}", flush=True)
     for name in args.models.split(","):

@@ -22,7 +22,7 @@ from tsbd.data.poison import PoisonedTest, PoisonedTrain, clean_defense_split
 from tsbd.defenses import DefenseResult, build_defense
 from tsbd.errors import TsbdError
 from tsbd.metrics import der, evaluate
-from tsbd.models import build_model, non_default_options
+from tsbd.models import build_model, non_default_options, spec_options
 from tsbd.train.engine import TrainConfig, fit
 from tsbd.train.runtime import Runtime, seed_everything
 
@@ -147,10 +147,9 @@ def load_setup_from_meta(meta: dict, runtime: Runtime, *, data_root: str | None 
                     name, ds.fingerprint, ds_meta["fingerprint"])
     attack_meta = meta.get("attack") or {}
     attack = build_attack(attack_meta.get("name", "badnets"), attack_meta.get("config"))
-    arch = dict(meta.get("arch", {}))
-    arch_kwargs = {k: v for k, v in arch.items() if k not in ("name", "num_classes", "mean", "std")}
+    arch = meta.get("arch", {})
     return setup_attack(ds, attack, int(meta.get("seed", 0)), runtime, arch=arch.get("name"),
-                        arch_kwargs=arch_kwargs, cache_dir=cache_dir, progress=progress)
+                        arch_kwargs=spec_options(arch), cache_dir=cache_dir, progress=progress)
 
 
 def clean_reference_model(dataset: Dataset, arch: str, runtime: Runtime, *, seed: int = 0,

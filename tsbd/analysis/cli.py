@@ -107,11 +107,12 @@ def run_observation1(model, setup, clean, cfg, runtime, out: Path, seed: int, pr
 def run_observation2(model, setup, clean, cfg, runtime, out: Path, seed: int, progress: bool, meta: dict,
                      cache_dir: str | None) -> tuple[dict, str]:
     from tsbd.analysis.observations import gradient_norms_during_unlearning
+    from tsbd.models import spec_options
     from tsbd.pipeline import clean_reference_model
     from tsbd.train.engine import TrainConfig
 
-    arch = dict(meta.get("arch", {}))
-    arch_kwargs = {k: v for k, v in arch.items() if k not in ("name", "num_classes", "mean", "std")}
+    arch = meta.get("arch", {})
+    arch_kwargs = spec_options(arch)
     train_cfg = TrainConfig(**meta["train"]) if meta.get("train") else None
     clean_model, clean_meta = clean_reference_model(setup.dataset, arch["name"], runtime, seed=setup.seed,
                                                     cfg=train_cfg, arch_kwargs=arch_kwargs, cache_dir=cache_dir,

@@ -38,6 +38,7 @@ __all__ = [
     "init_from_data",
     "model_from_spec",
     "non_default_options",
+    "spec_options",
 ]
 
 MODELS: Registry = Registry("model", "tsbd.models")
@@ -57,6 +58,11 @@ def _to_json(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _to_json(v) for k, v in value.items()}
     return value
+
+
+def spec_options(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture options of a saved ``arch`` spec (everything but name, classes and normalization)."""
+    return {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
 
 
 def non_default_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -126,7 +132,7 @@ def model_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     if spec.get("factory"):
         raise TsbdError(f"this model was built by your own architecture {spec['name']!r}; tsbd never imports code "
                         "named in a file -- rebuild it and load model.safetensors, or pass --arch to `tsbd purify`")
-    options = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
+    options = spec_options(spec)
     return build_model(
         spec["name"],
         spec["num_classes"],
