@@ -106,6 +106,24 @@ def test_inputaware_mask_density_near_target(iad, small, runtime):
         mask_density(attack.trigger, small.test.x[:2000], runtime), abs=1e-6)
 
 
+def test_diversity_loss_gradient_is_finite_when_masks_coincide():
+    # a mask net saturated to all-0 gives identical masks; sqrt'(0) = inf once made the mask
+    # stage's gradient NaN (seen on a 10k-image subset of CIFAR-10)
+    from tsbd.attacks._generators import diversity_loss
+
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.rand(4, 3, 8, 8, generator=g), torch.rand(4, 3, 8, 8, generator=g)
+    m = torch.zeros(4, 1, 8, 8, requires_grad=True)
+    loss = diversity_loss(x1, x2, m, m.roll(1, 0))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(m.grad).all()
+    # away from the floor, the loss is the plain RMS ratio
+    p = torch.rand(4, 1, 8, 8, generator=g)
+    q = torch.rand(4, 1, 8, 8, generator=g)
+    want = ((x1 - x2).pow(2).mean((1, 2, 3)).sqrt() / ((p - q).pow(2).mean((1, 2, 3)).sqrt() + 1e-7)).mean()
+    assert torch.allclose(diversity_loss(x1, x2, p, q), want, rtol=1e-4)
+
+
 def test_inputaware_apply_is_the_trigger_formula_and_cached(iad, small, runtime):
     attack, cache = iad
     x = small.test.x[:40]

@@ -5,61 +5,34 @@ fingerprint), draws the defender's clean set as ``tsbd defend`` does, and writes
 the numbers as CSV, a figure as PNG and SVG, ``result.json`` (with seed, config, versions and
 data fingerprint) and ``section.md``, a Markdown section for the docs or a report.
 
-  observation1   NWC of clean vs poison unlearning: Pearson correlation per layer and overall
-  observation2   gradient norm per neuron in one epoch of clean unlearning, backdoored vs clean model
-  sweep-n        TSBD over neuron ratios n (after reinit and after fine-tuning)
-  sweep-m        TSBD over weight ratios m
+Each analysis is registered (:mod:`tsbd.analysis.registry`) by the module that defines it.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
+import importlib
 import time
 from pathlib import Path
 
 import torch
 
+from tsbd.analysis.registry import ANALYSES, AnalysisContext, analysis, parse_values, pyplot, write_csv
 from tsbd.artifacts import provenance, save_figure, write_bytes_atomic, write_json_atomic
 from tsbd.config import to_dict
 from tsbd.errors import TsbdError
 
-ANALYSES = ("observation1", "observation2", "sweep-n", "sweep-m")
 DEFAULT_N = "0.01,0.05,0.1,0.15,0.2,0.3,0.5,0.7,0.9"  # paper Fig. 5: 1% to 90%
 DEFAULT_M = "0.4,0.5,0.6,0.7,0.8"  # paper Fig. 5: 40% to 80%
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    write_bytes_atomic(path, buf.getvalue().encode())
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _values(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise TsbdError(f"--values {text!r} must be comma-separated numbers, e.g. 0.05,0.15,0.3") from None
-    if not values:
-        raise TsbdError("--values is empty; give comma-separated fractions, e.g. 0.05,0.15,0.3")
-    return values
+# modules whose import registers more analyses
+MODULES = ("tsbd.analysis.neurons", "tsbd.analysis.ablations")
 
 
 # ------------------------------------------------------------------------------------------
-def run_observation1(model, setup, clean, cfg, runtime, out: Path, seed: int, progress: bool) -> tuple[dict, str]:
+@analysis("observation1", "NWC of clean vs poison unlearning: Pearson correlation per layer and overall")
+def run_observation1(ctx: AnalysisContext) -> tuple[dict, str]:
+    model, setup, clean, cfg, runtime, out = ctx.model, ctx.setup, ctx.clean, ctx.cfg, ctx.runtime, ctx.out
+    seed, progress = ctx.seed, ctx.progress
     from tsbd.analysis.observations import nwc_comparison, poison_unlearning_set
 
     ptrain = setup.poisoned_train
@@ -68,10 +41,10 @@ def run_observation1(model, setup, clean, cfg, runtime, out: Path, seed: int, pr
     per_layer = comp.per_layer_correlation()
     overall = comp.overall_correlation()
     overlap = comp.top_overlap(cfg.neuron_ratio)
-    _write_csv(out / "nwc.csv", comp.rows())
-    _write_csv(out / "correlation.csv", [{"layer": k, "pearson": v} for k, v in per_layer.items()]
+    write_csv(out / "nwc.csv", comp.rows())
+    write_csv(out / "correlation.csv", [{"layer": k, "pearson": v} for k, v in per_layer.items()]
                + [{"layer": "all", "pearson": overall}])
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for name in comp.clean:
         ax1.scatter(comp.clean[name].numpy(), comp.poison[name].numpy(), s=6, alpha=0.6, label=name)
@@ -104,8 +77,10 @@ def run_observation1(model, setup, clean, cfg, runtime, out: Path, seed: int, pr
     return result, "\n".join(md)
 
 
-def run_observation2(model, setup, clean, cfg, runtime, out: Path, seed: int, progress: bool, meta: dict,
-                     cache_dir: str | None) -> tuple[dict, str]:
+@analysis("observation2", "gradient norm per neuron in one epoch of clean unlearning, backdoored vs clean model")
+def run_observation2(ctx: AnalysisContext) -> tuple[dict, str]:
+    model, setup, clean, cfg, runtime, out = ctx.model, ctx.setup, ctx.clean, ctx.cfg, ctx.runtime, ctx.out
+    seed, progress, meta, cache_dir = ctx.seed, ctx.progress, ctx.meta, ctx.cache_dir
     from tsbd.analysis.observations import gradient_norms_during_unlearning
     from tsbd.models import spec_options
     from tsbd.pipeline import clean_reference_model
@@ -123,10 +98,10 @@ def run_observation2(model, setup, clean, cfg, runtime, out: Path, seed: int, pr
                                           seed=seed, progress=progress)
     rows = [{"layer": n, "neuron": k, "grad_norm_backdoored": float(bd[n][k]), "grad_norm_clean": float(cl[n][k])}
             for n in bd for k in range(len(bd[n]))]
-    _write_csv(out / "grad_norms.csv", rows)
+    write_csv(out / "grad_norms.csv", rows)
     per_layer = {n: {"backdoored": float(bd[n].mean()), "clean": float(cl[n].mean())} for n in bd}
     all_bd, all_cl = torch.cat(list(bd.values())), torch.cat(list(cl.values()))
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     names = list(per_layer)
     xs = torch.arange(len(names)).float()
@@ -159,20 +134,27 @@ def run_observation2(model, setup, clean, cfg, runtime, out: Path, seed: int, pr
     return result, "\n".join(md)
 
 
-def run_sweep(model, setup, clean, cfg, runtime, out: Path, seed: int, progress: bool, parameter: str,
-              values: list[float], finetune: bool) -> tuple[dict, str]:
+@analysis("sweep-n", "TSBD over neuron ratios n (after reinit and after fine-tuning)")
+def run_sweep_n(ctx: AnalysisContext) -> tuple[dict, str]:
+    return run_sweep(ctx, "neuron_ratio", parse_values(ctx.args.values or DEFAULT_N))
+
+
+@analysis("sweep-m", "TSBD over weight ratios m")
+def run_sweep_m(ctx: AnalysisContext) -> tuple[dict, str]:
+    return run_sweep(ctx, "weight_ratio", parse_values(ctx.args.values or DEFAULT_M))
+
+
+def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tuple[dict, str]:
     from tsbd.analysis.sweeps import ratio_sweep
-    from tsbd.metrics import evaluate
 
-    def evaluate_model(m):
-        return evaluate(m, setup.dataset.test, setup.poisoned_test, runtime)
-
-    res = ratio_sweep(model, clean, cfg, runtime, evaluate_model, parameter=parameter, values=values,
+    model, setup, clean, cfg, runtime, out = ctx.model, ctx.setup, ctx.clean, ctx.cfg, ctx.runtime, ctx.out
+    seed, progress, finetune = ctx.seed, ctx.progress, not ctx.args.no_finetune
+    res = ratio_sweep(model, clean, cfg, runtime, ctx.evaluate, parameter=parameter, values=values,
                       finetune=finetune, seed=seed, progress=progress)
     rows = res["rows"]
     short = "n" if parameter == "neuron_ratio" else "m"
-    _write_csv(out / f"sweep_{short}.csv", rows)
-    plt = _plt()
+    write_csv(out / f"sweep_{short}.csv", rows)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r[parameter] * 100 for r in rows]
     ax.plot(xs, [r["reinit_acc"] * 100 for r in rows], "o--", color="C0", label="ACC after reinit")
@@ -230,16 +212,9 @@ def cmd_analyze(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     progress = not args.quiet
-    if args.name == "observation1":
-        result, md = run_observation1(model, setup, clean, cfg, runtime, out, args.seed, progress)
-    elif args.name == "observation2":
-        result, md = run_observation2(model, setup, clean, cfg, runtime, out, args.seed, progress, meta,
-                                      args.cache_dir)
-    else:
-        parameter = "neuron_ratio" if args.name == "sweep-n" else "weight_ratio"
-        values = _values(args.values or (DEFAULT_N if args.name == "sweep-n" else DEFAULT_M))
-        result, md = run_sweep(model, setup, clean, cfg, runtime, out, args.seed, progress, parameter, values,
-                               not args.no_finetune)
+    ctx = AnalysisContext(model=model, setup=setup, clean=clean, cfg=cfg, runtime=runtime, out=out, seed=args.seed,
+                          progress=progress, meta=meta, args=args, cache_dir=args.cache_dir)
+    result, md = ANALYSES[args.name].run(ctx)
     record = {"analysis": args.name, "model": str(args.model), "attack": meta.get("attack"),
               "dataset": meta.get("dataset"), "clean": clean_info, "tsbd_config": to_dict(cfg), "seed": args.seed,
               "runtime": runtime.describe(), "seconds": time.perf_counter() - t0, "provenance": provenance(),
@@ -248,17 +223,38 @@ def cmd_analyze(args) -> int:
     command = " ".join(["tsbd analyze", args.name, str(args.model), f"--clean-ratio {args.clean_ratio:g}"]
                        + [f"--opt {o}" for o in args.opt or []]
                        + ([f"--values {args.values}"] if args.values else [])
-                       + (["--no-finetune"] if args.no_finetune else []) + [f"--seed {args.seed}", f"--out {args.out}"])
+                       + (["--no-finetune"] if args.no_finetune else []) + _own_options(args)
+                       + [f"--seed {args.seed}", f"--out {args.out}"])
     write_bytes_atomic(out / "section.md", (md + f"\n\nCommand: `{command}`\n").encode())
     console.print(md)
     console.print(f"\nwritten to {out}/ (CSV, PNG/SVG, result.json, section.md)")
     return 0
 
 
+def _own_options(args) -> list[str]:
+    """The analysis's own options as they were given, for the recorded command."""
+    words = []
+    for flags, kw in ANALYSES[args.name].options:
+        dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        value = getattr(args, dest, None)
+        if value is None or value is False or value == kw.get("default"):
+            continue
+        words.append(flags[0] if value is True else f"{flags[0]} {value}")
+    return words
+
+
+def _load_modules() -> None:
+    for name in MODULES:
+        importlib.import_module(name)
+
+
 def register(subparsers, add_runtime_args, add_data_root) -> None:
+    _load_modules()
+    listing = "\n".join(f"  {a.name:<18} {a.help}" for a in ANALYSES.values())
     p = subparsers.add_parser("analyze", help="the paper's observations and TSBD sweeps on a saved attacked model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=ANALYSES, help="which analysis")
+                              description=f"{__doc__}\nanalyses:\n{listing}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=list(ANALYSES), help="which analysis")
     p.add_argument("model", help="attacked model folder (from `tsbd attack` or a `tsbd bench` attack cell)")
     add_data_root(p)
     p.add_argument("--clean-ratio", type=float, default=0.05, help="defender's clean fraction (default: 0.05, paper)")
@@ -268,5 +264,12 @@ def register(subparsers, add_runtime_args, add_data_root) -> None:
                    help=f"sweep values, comma-separated (default: n {DEFAULT_N}; m {DEFAULT_M}, the paper's ranges)")
     p.add_argument("--no-finetune", action="store_true", help="sweeps: evaluate after zero reinit only (fast)")
     p.add_argument("--out", required=True, help="output folder (CSV, PNG/SVG, result.json, section.md)")
+    seen = {"--values", "--no-finetune", "--out", "--opt", "--clean-ratio"}
+    for a in ANALYSES.values():
+        for flags, kw in a.options:
+            if flags[0] in seen:
+                continue  # two analyses may share an option; declare it once
+            seen.add(flags[0])
+            p.add_argument(*flags, **{**kw, "help": f"{a.name}: {kw.get('help', '')}"})
     add_runtime_args(p)
     p.set_defaults(func=cmd_analyze)

@@ -72,8 +72,12 @@ def mask_threshold(m: torch.Tensor) -> torch.Tensor:
 
 
 def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample root-mean-square distance (BackdoorBench's sqrt(mean(MSE, dims 1-3)))."""
-    return (a - b).pow(2).mean(dim=(1, 2, 3)).sqrt()
+    """Per-sample root-mean-square distance (BackdoorBench's sqrt(mean(MSE, dims 1-3))).
+
+    The mean square is floored at 1e-12 before the root: sqrt's gradient at 0 is infinite, so
+    two identical masks (a mask net saturated to all-0 does that) made the diversity loss's
+    gradient NaN and killed the mask stage on some data. Below the floor the gradient is 0."""
+    return (a - b).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-12).sqrt()
 
 
 def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
