@@ -12,6 +12,14 @@ def test_accuracy_hand_cases():
     assert math.isnan(accuracy(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)))
 
 
+def test_accuracy_is_exact_at_a_threshold():
+    # 250 of 2,500 right is exactly 10%: TSBD's unlearning stop test (acc <= 0.1) must see it so
+    preds = torch.zeros(2500, dtype=torch.int64)
+    labels = torch.ones(2500, dtype=torch.int64)
+    labels[:250] = 0
+    assert accuracy(preds, labels) == 0.1 and accuracy(preds, labels) <= 0.1
+
+
 def test_asr_and_ra_hand_cases():
     preds = torch.tensor([0, 0, 0, 5, 3])
     assert attack_success_rate(preds, 0) == pytest.approx(0.6)

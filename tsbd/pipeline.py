@@ -185,3 +185,36 @@ def clean_reference_model(dataset: Dataset, arch: str, runtime: Runtime, *, seed
             "provenance": provenance()}
     save_model(folder, model, meta)
     return model.eval(), meta
+
+
+def cached_attacked_model(setup: AttackSetup, arch: str, cfg: TrainConfig, runtime: Runtime, *,
+                          arch_kwargs: dict | None = None, cache_dir: str | Path | None = None,
+                          progress: bool = False) -> tuple[nn.Module, dict, bool]:
+    """:func:`train_attacked_model`, trained once per (data fingerprint, arch, attack config, training
+    config, seed) and cached as the artifact ``tsbd attack`` writes, under
+    ``<cache>/attacked_models/<dataset>-<attack>-<arch>-<key>/`` (for analyses that need the same model
+    attacked differently, e.g. at other poison ratios). Training checkpoints every epoch next to that
+    folder, so an interrupted run resumes. Returns (model, meta, whether it came from the cache)."""
+    import hashlib
+    import json
+
+    from tsbd.artifacts import load_model, save_model
+    from tsbd.data.cache import resolve_cache_dir
+
+    options = non_default_options(arch, arch_kwargs)
+    key = hashlib.sha256(json.dumps([setup.dataset.fingerprint, arch, options, setup.attack.describe(), to_dict(cfg),
+                                     setup.seed], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = resolve_cache_dir(cache_dir) / "attacked_models" / f"{setup.dataset.name}-{setup.attack.name}-{arch}-{key}"
+    if folder.exists():
+        try:
+            model, meta = load_model(folder, runtime.device)
+            return model.eval(), meta, True
+        except TsbdError as err:
+            log.warning("retraining cached attacked model %s: %s", folder, err)
+    ckpt = folder.parent / f".{folder.name}.resume.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    model, meta = train_attacked_model(setup, arch, cfg, runtime, arch_kwargs=arch_kwargs, progress=progress,
+                                       checkpoint=ckpt)
+    save_model(folder, model, meta)
+    ckpt.unlink(missing_ok=True)
+    return model.eval(), meta, False

@@ -80,18 +80,10 @@ def run_observation1(ctx: AnalysisContext) -> tuple[dict, str]:
 @analysis("observation2", "gradient norm per neuron in one epoch of clean unlearning, backdoored vs clean model")
 def run_observation2(ctx: AnalysisContext) -> tuple[dict, str]:
     model, setup, clean, cfg, runtime, out = ctx.model, ctx.setup, ctx.clean, ctx.cfg, ctx.runtime, ctx.out
-    seed, progress, meta, cache_dir = ctx.seed, ctx.progress, ctx.meta, ctx.cache_dir
+    seed, progress = ctx.seed, ctx.progress
     from tsbd.analysis.observations import gradient_norms_during_unlearning
-    from tsbd.models import spec_options
-    from tsbd.pipeline import clean_reference_model
-    from tsbd.train.engine import TrainConfig
 
-    arch = meta.get("arch", {})
-    arch_kwargs = spec_options(arch)
-    train_cfg = TrainConfig(**meta["train"]) if meta.get("train") else None
-    clean_model, clean_meta = clean_reference_model(setup.dataset, arch["name"], runtime, seed=setup.seed,
-                                                    cfg=train_cfg, arch_kwargs=arch_kwargs, cache_dir=cache_dir,
-                                                    progress=progress)
+    clean_model, clean_meta = ctx.clean_reference_model()
     bd = gradient_norms_during_unlearning(model, clean, cfg.unlearn_lr, runtime, batch_size=cfg.batch_size,
                                           seed=seed, progress=progress)
     cl = gradient_norms_during_unlearning(clean_model, clean, cfg.unlearn_lr, runtime, batch_size=cfg.batch_size,
@@ -134,7 +126,10 @@ def run_observation2(ctx: AnalysisContext) -> tuple[dict, str]:
     return result, "\n".join(md)
 
 
-@analysis("sweep-n", "TSBD over neuron ratios n (after reinit and after fine-tuning)")
+@analysis("sweep-n", "TSBD over neuron ratios n (after reinit and after fine-tuning)",
+          options=[(("--max-acc-drop",), {"type": float, "default": 2.0,
+                                          "help": "the suggested n is the largest whose ACC after TSBD stays within "
+                                                  "this many points of the backdoored model's (default: 2)"})])
 def run_sweep_n(ctx: AnalysisContext) -> tuple[dict, str]:
     return run_sweep(ctx, "neuron_ratio", parse_values(ctx.args.values or DEFAULT_N))
 
@@ -187,8 +182,31 @@ def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tupl
         md.append(line)
     md += ["", f"Paper default {short} = {res['default']:g}; on this model the lowest ASR comes at {short} = "
            f"{best[parameter]:g} ({best[acc_key]:.2%} ACC, {best[key]:.2%} ASR). Choosing {short} by ASR needs "
-           "poisoned data a defender does not have; the sweep shows how sensitive the result is.",
-           "", f"![sweep](sweep_{short}.png)"]
+           "poisoned data a defender does not have; the sweep shows how sensitive the result is."]
+    if parameter == "neuron_ratio":
+        from tsbd.analysis.sweeps import largest_ratio_within_acc
+
+        max_drop = ctx.args.max_acc_drop
+        if max_drop is None or max_drop < 0:
+            raise TsbdError(f"--max-acc-drop must be >= 0 (ACC points), got {max_drop}")
+        acc_before = ctx.evaluate(model)["acc"]
+        pick = largest_ratio_within_acc(rows, acc_before, max_drop / 100, acc_key=acc_key)
+        at_default = next((r for r in rows if abs(r[parameter] - res["default"]) < 1e-9), None)
+        res["suggestion"] = {"max_acc_drop": max_drop, "acc_before": acc_before,
+                             "neuron_ratio": pick and pick[parameter]}
+        md += ["", "**Choosing n for your model.** ACC / ASR after TSBD by n: "
+               + ", ".join(f"{r[parameter]:g}: {r[acc_key]:.2%} / {r[key]:.2%}" for r in rows) + ". "
+               + (f"The paper's default n = {res['default']:g} gives {at_default[acc_key]:.2%} ACC and "
+                  f"{at_default[key]:.2%} ASR here. " if at_default else
+                  f"The paper's default n = {res['default']:g} is not among the values. ")
+               + "A defender knows no ASR (it needs the trigger), but can measure ACC on clean data, and more "
+               f"neurons reinitialized remove more of the backdoor; so take the largest n whose ACC stays within "
+               f"{max_drop:g} points of the backdoored model's ({acc_before:.2%}): "
+               + (f"**n = {pick[parameter]:g}** ({pick[acc_key]:.2%} ACC, {pick[key]:.2%} ASR)." if pick else
+                  "no n here does; try smaller values or a larger --max-acc-drop.")
+               + " ACC here is measured on the test set as a stand-in for a held-out split of the defender's "
+               "clean data."]
+    md += ["", f"![sweep](sweep_{short}.png)"]
     return res, "\n".join(md)
 
 
@@ -239,7 +257,8 @@ def _own_options(args) -> list[str]:
         value = getattr(args, dest, None)
         if value is None or value is False or value == kw.get("default"):
             continue
-        words.append(flags[0] if value is True else f"{flags[0]} {value}")
+        for v in value if isinstance(value, list) else [value]:  # action="append" options repeat
+            words.append(flags[0] if v is True else f"{flags[0]} {v}")
     return words
 
 
@@ -261,7 +280,8 @@ def register(subparsers, add_runtime_args, add_data_root) -> None:
     p.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="TSBD option (unlearning lr, threshold, ratios, fine-tuning; see `tsbd list`)")
     p.add_argument("--values", default=None,
-                   help=f"sweep values, comma-separated (default: n {DEFAULT_N}; m {DEFAULT_M}, the paper's ranges)")
+                   help=f"sweep values, comma-separated (default: n {DEFAULT_N}; m {DEFAULT_M}, the paper's ranges); "
+                        "tac: the neuron ratios (default: as n)")
     p.add_argument("--no-finetune", action="store_true", help="sweeps: evaluate after zero reinit only (fast)")
     p.add_argument("--out", required=True, help="output folder (CSV, PNG/SVG, result.json, section.md)")
     seen = {"--values", "--no-finetune", "--out", "--opt", "--clean-ratio"}

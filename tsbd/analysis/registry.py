@@ -45,6 +45,19 @@ class AnalysisContext:
 
         return evaluate(model, self.setup.dataset.test, self.setup.poisoned_test, self.runtime)
 
+    def clean_reference_model(self) -> tuple[Any, dict]:
+        """(model, meta): a clean model of the attacked model's architecture and training recipe on
+        the same dataset (trained once, cached; :func:`tsbd.pipeline.clean_reference_model`)."""
+        from tsbd.models import spec_options
+        from tsbd.pipeline import clean_reference_model
+        from tsbd.train.engine import TrainConfig
+
+        arch = self.meta.get("arch", {})
+        train_cfg = TrainConfig(**self.meta["train"]) if self.meta.get("train") else None
+        return clean_reference_model(self.setup.dataset, arch["name"], self.runtime, seed=self.setup.seed,
+                                     cfg=train_cfg, arch_kwargs=spec_options(arch), cache_dir=self.cache_dir,
+                                     progress=self.progress)
+
 
 Runner = Callable[[AnalysisContext], "tuple[dict, str]"]
 

@@ -50,3 +50,13 @@ def ratio_sweep(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Run
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
     return {"parameter": parameter, "unlearn": unlearn_info, "rows": rows, "default": getattr(cfg, parameter)}
+
+
+def largest_ratio_within_acc(rows: Sequence[dict], acc_before: float, max_acc_drop: float, *,
+                             parameter: str = "neuron_ratio", acc_key: str = "acc") -> dict | None:
+    """The row with the largest ``parameter`` whose ``acc_key`` stays within ``max_acc_drop`` (a
+    fraction) of ``acc_before``; None when every row drops more. A defender's rule for n: more
+    neurons reinitialized removes more of the backdoor, and ACC is the one side of the trade-off
+    measurable on clean data (ASR needs the trigger)."""
+    ok = [r for r in rows if r[acc_key] >= acc_before - max_acc_drop]
+    return max(ok, key=lambda r: r[parameter]) if ok else None

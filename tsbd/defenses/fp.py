@@ -3,7 +3,8 @@ Attacks on Deep Neural Networks", RAID 2018.
 
 1. :func:`rank_feature_channels` -- rank the channels of the last convolutional feature map by
    their mean activation on clean data, least active first (backdoor neurons are dormant on
-   clean inputs);
+   clean inputs); or, with ``order="nwc"`` (TSBD paper App. F), :func:`nwc_feature_order` --
+   largest Neuron Weight Change of TSBD's clean unlearning first;
 2. :func:`prune_sweep` -- prune them in steps of ``once_prune_ratio`` of the channels and keep
    the LAST step whose held-out clean accuracy dropped by less than ``acc_ratio`` (relative);
 3. fine-tune with the pruned channels held at zero (:func:`tsbd.defenses.ft.finetune`).
@@ -29,17 +30,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import nn
 
 from tsbd.config import option
+from tsbd.data.base import ImageSet
 from tsbd.data.poison import holdout_split
 from tsbd.defenses.base import DEFENSES, Defense
 from tsbd.defenses.ft import FTConfig, after_each_step, finetune
+from tsbd.defenses.tsbd import TSBDConfig, clean_unlearn
+from tsbd.errors import TsbdError
 from tsbd.metrics import accuracy
-from tsbd.models.surgery import ClassifierLayout, classifier_layout, layer_activations, zero_linear_inputs
+from tsbd.models.surgery import (ClassifierLayout, classifier_layout, layer_activations, neuron_weight_change,
+                                 prunable_units, zero_linear_inputs)
 from tsbd.train.engine import cross_entropy_step, predict
 from tsbd.train.runtime import Runtime
 
@@ -52,6 +57,13 @@ class FPConfig(FTConfig):
                                      "BackdoorBench config/defense/fp/config.yaml")
     holdout_fraction: float = option(0.2, "part of the clean set held out to choose the pruning level",
                                      "tsbd (BackdoorBench used the test set)")
+    order: Literal["activation", "nwc"] = option(
+        "activation", "pruning order: least clean mean activation first (FP), or largest NWC of TSBD's clean "
+        "unlearning of the last conv layer first", "FP paper (nwc: TSBD paper App. F)")
+    nwc_unlearn_lr: float = option(1e-4, "order=nwc: clean-unlearning learning rate (TSBD unlearn_lr)",
+                                   "TSBD paper App. C")
+    nwc_unlearn_max_epochs: int = option(1000, "order=nwc: most clean-unlearning epochs (TSBD unlearn_max_epochs)",
+                                         "TSBD authors' config")
 
 
 def rank_feature_channels(model: nn.Module, layout: ClassifierLayout, images: torch.Tensor, runtime: Runtime,
@@ -62,6 +74,22 @@ def rank_feature_channels(model: nn.Module, layout: ClassifierLayout, images: to
     means = layer_activations(model, f"{layout.linear}:input", images, runtime, batch_size=batch_size,
                               reduce=lambda a: a.reshape(len(a), c, s).mean(2)).mean(0)
     return torch.argsort(means, stable=True), means
+
+
+def nwc_feature_order(model: nn.Module, layout: ClassifierLayout, clean: ImageSet, cfg: TSBDConfig, runtime: Runtime,
+                      *, seed: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(channel order, NWC per channel, unlearning info): the classifier's feature channels by
+    descending NWC (ties by index) of the last prunable conv under TSBD's clean unlearning
+    (:func:`tsbd.defenses.tsbd.clean_unlearn` with ``cfg``). Feature channel k is taken to be that
+    conv's neuron k: the same channel through BN / activation / pooling (and, in a residual net,
+    plus the shortcut's channel k)."""
+    name, conv = prunable_units(model)[-1]
+    if conv.out_channels != layout.channels:
+        raise TsbdError(f"order=nwc: the last conv {name!r} has {conv.out_channels} channels but the classifier "
+                        f"reads {layout.channels}; use order=activation for this architecture")
+    unlearned, info = clean_unlearn(model, clean, cfg, runtime, seed=seed, progress=progress)
+    nwc = neuron_weight_change(model, unlearned)[name]
+    return torch.argsort(nwc, descending=True, stable=True), nwc, {**info, "layer": name}
 
 
 def prune_sweep(order: torch.Tensor, step: int, holdout_acc: Callable[[torch.Tensor], float],
@@ -101,6 +129,12 @@ class FinePruning(Defense):
         with stages.stage("rank"):
             layout = classifier_layout(model, clean.image_shape)
             order, means = rank_feature_channels(model, layout, fit_part.x, runtime, cfg.batch_size)
+        if cfg.order == "nwc":
+            with stages.stage("nwc"):
+                unlearn_cfg = TSBDConfig(batch_size=cfg.batch_size, unlearn_lr=cfg.nwc_unlearn_lr,
+                                         unlearn_max_epochs=cfg.nwc_unlearn_max_epochs)
+                order, nwc, result.info["unlearn"] = nwc_feature_order(model, layout, fit_part, unlearn_cfg, runtime,
+                                                                       seed=seed, progress=progress)
         linear = dict(model.named_modules())[layout.linear]
         original = linear.weight.detach().clone()
 
@@ -125,6 +159,8 @@ class FinePruning(Defense):
             "holdout_acc_kept": next(h["holdout_acc"] for h in history if h["pruned"] == kept),
             "mean_activation_pruned": means[pruned].tolist(),
         })
+        if cfg.order == "nwc":
+            result.info["nwc_pruned"] = nwc[pruned].tolist()
         stages.observe("after_prune", model)
 
         def hold(m: nn.Module) -> None:

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import logging
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -64,9 +64,12 @@ class TSBDConfig(DefenseConfig):
 # ------------------------------------------------------------------------------------------
 # Stage 1a
 def clean_unlearn(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Runtime, *, seed: int = 0,
-                  progress: bool = False) -> tuple[nn.Module, dict]:
+                  progress: bool = False,
+                  on_epoch: Callable[[int, nn.Module, float], None] | None = None) -> tuple[nn.Module, dict]:
     """Gradient ascent on clean cross-entropy (train mode, SGD, no weight decay) on a copy of
-    ``model``; stops at the end of the first epoch whose clean accuracy is <= the threshold."""
+    ``model``; stops at the end of the first epoch whose clean accuracy is <= the threshold.
+    ``on_epoch(epoch, model, clean_acc)``, if given, sees the unlearning model after every epoch
+    (the analyses record activations there); it must leave the model as it found it."""
     unlearned = copy.deepcopy(model)
     opt = torch.optim.SGD([p for p in unlearned.parameters() if p.requires_grad], lr=cfg.unlearn_lr,
                           momentum=cfg.unlearn_momentum, weight_decay=0.0)
@@ -82,6 +85,8 @@ def clean_unlearn(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: R
         accs.append(acc)
         for k, v in m.state_dict().items():
             last_state[k].copy_(v)
+        if on_epoch is not None:
+            on_epoch(epoch, m, acc)
         return acc <= cfg.unlearn_acc_threshold
 
     try:
