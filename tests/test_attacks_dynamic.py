@@ -96,6 +96,23 @@ def iad(small, runtime, tmp_path_factory):
     return attack, cache
 
 
+def test_inputaware_resource_key_ignores_spelled_out_default_options(small, monkeypatch):
+    # the grid records airbench's default widths, the CLI passes none: one cached G/M for both
+    import tsbd.attacks.inputaware as ia
+
+    seen = []
+
+    def capture(name, settings, generate, cache_dir):
+        seen.append(settings)
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(ia, "load_or_generate", capture)
+    for kwargs in ({}, {"widths": [32, 64, 128]}, {"widths": [16, 32, 32]}):
+        with pytest.raises(KeyboardInterrupt):
+            build_attack("inputaware", TINY_IAD).prepare(small, seed=0, arch="airbench", arch_kwargs=kwargs)
+    assert seen[0] == seen[1] and seen[2] != seen[0]
+
+
 def test_inputaware_mask_density_near_target(iad, small, runtime):
     attack, _ = iad
     density = mask_density(attack.trigger, small.test.x, runtime)

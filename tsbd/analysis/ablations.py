@@ -356,8 +356,8 @@ def run_finetune_variants(ctx: AnalysisContext) -> tuple[dict, str]:
           *paper_table([(v, ("acc", "asr", "der")) for v in labels], table), "",
           "The paper finds fine-tuning recovers about 9 points of ACC and brings back some ASR, Aa-FT less of it "
           "than Vanilla-FT (1.4-2.6% against 1.7-7.6%). Here fine-tuning changes ACC by "
-          f"{by['Aa-FT']['acc'] - by['No-FT']['acc']:+.2%} (Aa-FT) and "
-          f"{by['Vanilla-FT']['acc'] - by['No-FT']['acc']:+.2%} (Vanilla-FT); ASR after Aa-FT "
+          f"{100 * (by['Aa-FT']['acc'] - by['No-FT']['acc']):+.2f} points (Aa-FT) and "
+          f"{100 * (by['Vanilla-FT']['acc'] - by['No-FT']['acc']):+.2f} points (Vanilla-FT); ASR after Aa-FT "
           f"{by['Aa-FT']['asr']:.2%} against {by['Vanilla-FT']['asr']:.2%} after Vanilla-FT.", "",
           "![fine-tuning variants](finetune_variants.png)"]
     result = {"before": before, "unlearn": unlearn_info, "at_n": n, "at_n_rule": ctx.args.at_n or "config",

@@ -235,6 +235,10 @@ class InputAware(Attack):
         seed = int(context.get("seed") or 0)
         arch = self.config.classifier or context.get("arch") or "airbench"  # airbench: the CLI's default
         arch_kwargs = dict(context.get("arch_kwargs") or {}) if arch == context.get("arch") else {}
+        from tsbd.models import non_default_options
+
+        # {} and the defaults spelled out (the grid records them) must hit one cached resource
+        arch_kwargs = non_default_options(arch, arch_kwargs)
         settings = {"attack": to_dict(self.config), "data": dataset.fingerprint, "shape": image_shape_of(dataset),
                     "seed": seed, "classifier": arch, "classifier_kwargs": arch_kwargs}
 
