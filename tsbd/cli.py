@@ -180,9 +180,12 @@ def cmd_defend(args) -> int:
         save_model(args.out, result.model, out_meta)
     if args.json:
         _emit_json({"defense": args.defense, **record["metrics"], "before": record["metrics_before"],
-                    "timings": result.timings, "info": result.info, "model": args.out})
+                    "stages": record["defense"].get("stages", {}), "timings": result.timings, "info": result.info,
+                    "model": args.out})
     else:
-        _print_metrics_table([("no defense", dict(record["metrics_before"])),
+        stages = [(f"  after {name.replace('after_', '').replace('_', ' ')}", dict(m))
+                  for name, m in record["defense"].get("stages", {}).items() if name != "after_finetune"]
+        _print_metrics_table([("no defense", dict(record["metrics_before"])), *stages,
                               (args.defense, dict(record["metrics"], time=result.timings.get("total")))], console)
         if args.out:
             console.print(f"saved to {args.out}")
