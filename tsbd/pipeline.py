@@ -5,6 +5,8 @@ data fingerprint."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -152,39 +154,55 @@ def load_setup_from_meta(meta: dict, runtime: Runtime, *, data_root: str | None 
                         arch_kwargs=spec_options(arch), cache_dir=cache_dir, progress=progress)
 
 
+def _cache_folder(kind: str, name: str, key_json: str, cache_dir: str | Path | None) -> Path:
+    """``<cache>/<kind>/<name>-<first 16 hex of sha256(key_json)>``."""
+    from tsbd.data.cache import resolve_cache_dir
+
+    return resolve_cache_dir(cache_dir) / kind / f"{name}-{hashlib.sha256(key_json.encode()).hexdigest()[:16]}"
+
+
+def _cached_model(folder: Path, runtime: Runtime, build) -> tuple[nn.Module, dict, bool]:
+    """The model saved in ``folder`` (:func:`_cache_folder`), else ``build()``'s (model, meta), saved
+    there as the artifact ``tsbd attack`` writes. A damaged entry is rebuilt. Returns (model in eval
+    mode, meta, whether it came from the cache)."""
+    from tsbd.artifacts import load_model, save_model
+
+    if folder.exists():
+        try:
+            model, meta = load_model(folder, runtime.device)
+            return model.eval(), meta, True
+        except TsbdError as err:
+            log.warning("rebuilding cached model %s: %s", folder, err)
+    model, meta = build()
+    save_model(folder, model, meta)
+    return model.eval(), meta, False
+
+
 def clean_reference_model(dataset: Dataset, arch: str, runtime: Runtime, *, seed: int = 0,
                           cfg: TrainConfig | None = None, arch_kwargs: dict | None = None,
                           cache_dir: str | Path | None = None, progress: bool = False) -> tuple[nn.Module, dict]:
     """A clean model of ``arch`` on ``dataset`` (for attacks that need one, e.g. LF and TrojanNN,
     and for analyses), trained once per (data fingerprint, arch, config, seed) and cached as an
     artifact under the cache folder."""
-    import hashlib
-    import json
-
-    from tsbd.artifacts import load_model, save_model
-    from tsbd.data.cache import resolve_cache_dir
-
     cfg = cfg or TRAIN_PRESETS["cpu"]
     arch_kwargs = non_default_options(arch, arch_kwargs)  # one key for {} and the defaults spelled out
-    key = hashlib.sha256(json.dumps([dataset.fingerprint, arch, arch_kwargs, repr(cfg), seed]).encode()).hexdigest()[:16]
-    folder = resolve_cache_dir(cache_dir) / "clean_models" / f"{dataset.name}-{arch}-{key}"
-    if folder.exists():
-        try:
-            return load_model(folder, runtime.device)
-        except TsbdError as err:
-            log.warning("rebuilding cached clean model %s: %s", folder, err)
-    seed_everything(seed)
-    model = build_model(arch, dataset.num_classes, mean=dataset.mean, std=dataset.std, **(arch_kwargs or {}))
-    if hasattr(model, "init_from_data"):
-        model.init_from_data(dataset.train.x[torch.randperm(len(dataset.train),
-                                                            generator=torch.Generator().manual_seed(seed))[:5000]])
-    res = fit(model, dataset.train, cfg, runtime, seed=seed, desc=f"clean {arch}", progress=progress)
-    metrics = evaluate(model, dataset.test, None, runtime)
-    meta = {"kind": "clean", "classes": dataset.classes, "dataset": dataset.describe(), "train": to_dict(cfg),
-            "seed": seed, "runtime": runtime.describe(), "metrics": metrics, "timings": {"train": res.seconds},
-            "provenance": provenance()}
-    save_model(folder, model, meta)
-    return model.eval(), meta
+
+    def build():
+        seed_everything(seed)
+        model = build_model(arch, dataset.num_classes, mean=dataset.mean, std=dataset.std, **arch_kwargs)
+        if hasattr(model, "init_from_data"):
+            model.init_from_data(dataset.train.x[torch.randperm(len(dataset.train),
+                                                                generator=torch.Generator().manual_seed(seed))[:5000]])
+        res = fit(model, dataset.train, cfg, runtime, seed=seed, desc=f"clean {arch}", progress=progress)
+        metrics = evaluate(model, dataset.test, None, runtime)
+        return model, {"kind": "clean", "classes": dataset.classes, "dataset": dataset.describe(), "train": to_dict(cfg),
+                       "seed": seed, "runtime": runtime.describe(), "metrics": metrics,
+                       "timings": {"train": res.seconds}, "provenance": provenance()}
+
+    key = json.dumps([dataset.fingerprint, arch, arch_kwargs, repr(cfg), seed])
+    model, meta, _ = _cached_model(_cache_folder("clean_models", f"{dataset.name}-{arch}", key, cache_dir), runtime,
+                                   build)
+    return model, meta
 
 
 def cached_attacked_model(setup: AttackSetup, arch: str, cfg: TrainConfig, runtime: Runtime, *,
@@ -195,26 +213,16 @@ def cached_attacked_model(setup: AttackSetup, arch: str, cfg: TrainConfig, runti
     ``<cache>/attacked_models/<dataset>-<attack>-<arch>-<key>/`` (for analyses that need the same model
     attacked differently, e.g. at other poison ratios). Training checkpoints every epoch next to that
     folder, so an interrupted run resumes. Returns (model, meta, whether it came from the cache)."""
-    import hashlib
-    import json
-
-    from tsbd.artifacts import load_model, save_model
-    from tsbd.data.cache import resolve_cache_dir
-
-    options = non_default_options(arch, arch_kwargs)
-    key = hashlib.sha256(json.dumps([setup.dataset.fingerprint, arch, options, setup.attack.describe(), to_dict(cfg),
-                                     setup.seed], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    folder = resolve_cache_dir(cache_dir) / "attacked_models" / f"{setup.dataset.name}-{setup.attack.name}-{arch}-{key}"
-    if folder.exists():
-        try:
-            model, meta = load_model(folder, runtime.device)
-            return model.eval(), meta, True
-        except TsbdError as err:
-            log.warning("retraining cached attacked model %s: %s", folder, err)
+    key = json.dumps([setup.dataset.fingerprint, arch, non_default_options(arch, arch_kwargs), setup.attack.describe(),
+                      to_dict(cfg), setup.seed], sort_keys=True, default=str)
+    folder = _cache_folder("attacked_models", f"{setup.dataset.name}-{setup.attack.name}-{arch}", key, cache_dir)
     ckpt = folder.parent / f".{folder.name}.resume.pt"
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    model, meta = train_attacked_model(setup, arch, cfg, runtime, arch_kwargs=arch_kwargs, progress=progress,
-                                       checkpoint=ckpt)
-    save_model(folder, model, meta)
-    ckpt.unlink(missing_ok=True)
-    return model.eval(), meta, False
+
+    def build():
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        return train_attacked_model(setup, arch, cfg, runtime, arch_kwargs=arch_kwargs, progress=progress,
+                                    checkpoint=ckpt)
+
+    model, meta, cached = _cached_model(folder, runtime, build)
+    ckpt.unlink(missing_ok=True)  # after the model is saved
+    return model, meta, cached

@@ -71,7 +71,7 @@ from torch import nn
 from tsbd.artifacts import load_into
 from tsbd.attacks._generators import InputAwareTrigger, blend, diversity_loss, mask_threshold
 from tsbd.attacks.base import ATTACKS, Attack, AttackConfig
-from tsbd.attacks.resources import Resource, image_shape_of, load_or_generate, runtime_of
+from tsbd.attacks.resources import Resource, image_shape_of, load_or_generate, resource_arch, runtime_of
 from tsbd.config import option, to_dict
 from tsbd.data.base import Dataset, ImageSet
 from tsbd.errors import TsbdError
@@ -233,12 +233,7 @@ class InputAware(Attack):
                             "resize the data set")
         runtime = runtime_of(context)
         seed = int(context.get("seed") or 0)
-        arch = self.config.classifier or context.get("arch") or "airbench"  # airbench: the CLI's default
-        arch_kwargs = dict(context.get("arch_kwargs") or {}) if arch == context.get("arch") else {}
-        from tsbd.models import non_default_options
-
-        # {} and the defaults spelled out (the grid records them) must hit one cached resource
-        arch_kwargs = non_default_options(arch, arch_kwargs)
+        arch, arch_kwargs = resource_arch(self.config.classifier, context)
         settings = {"attack": to_dict(self.config), "data": dataset.fingerprint, "shape": image_shape_of(dataset),
                     "seed": seed, "classifier": arch, "classifier_kwargs": arch_kwargs}
 

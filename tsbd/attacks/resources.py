@@ -185,6 +185,18 @@ def runtime_of(context: Mapping[str, Any]) -> Runtime:
     return runtime
 
 
+def resource_arch(chosen: str, context: Mapping[str, Any]) -> tuple[str, dict]:
+    """(architecture, options) a resource is built for: ``chosen`` (an attack option; "" = the victim's
+    architecture from the ``prepare`` context, airbench when it names none), with the victim's options
+    when it is the victim's architecture. Options equal to the factory defaults are dropped, so ``{}``
+    and the defaults spelled out (as the grid records them) give one cache key."""
+    from tsbd.models import non_default_options
+
+    arch = chosen or context.get("arch") or "airbench"  # airbench is the CLI's default
+    kwargs = dict(context.get("arch_kwargs") or {}) if arch == context.get("arch") else {}
+    return arch, non_default_options(arch, kwargs)
+
+
 def image_shape_of(dataset: Dataset) -> list[int]:
     return [int(s) for s in dataset.train.image_shape]
 
@@ -201,11 +213,7 @@ class CleanModelRecipe:
 
     @classmethod
     def from_context(cls, clean_arch: str, clean_epochs: int, context: Mapping[str, Any]) -> "CleanModelRecipe":
-        arch = clean_arch or context.get("arch") or "airbench"  # the victim's arch; airbench is the CLI default
-        kwargs = dict(context.get("arch_kwargs") or {}) if not clean_arch or clean_arch == context.get("arch") else {}
-        from tsbd.models import non_default_options
-
-        kwargs = non_default_options(arch, kwargs)  # {} and the defaults spelled out: one cached clean model
+        arch, kwargs = resource_arch(clean_arch, context)
         if clean_epochs < 1:
             raise TsbdError(f"clean_epochs must be >= 1, got {clean_epochs}")
         return cls(arch, kwargs, int(clean_epochs), int(context.get("seed", 0) or 0))
