@@ -8,9 +8,10 @@ import re
 import pytest
 import torch
 
-from tsbd.analysis.neurons import (activation_points, check_ratio, coverage, neuron_activations, parse_defense_opts,
+from tsbd.analysis.neurons import (activation_points, coverage, neuron_activations, parse_defense_opts,
                                    parse_skip, ranking_scores, resolve_layer, selection_scores,
                                    trigger_activated_change)
+from tsbd.analysis.registry import fractions
 from tsbd.attacks import build_attack
 from tsbd.cli import main
 from tsbd.defenses import build_defense
@@ -112,7 +113,7 @@ def test_bad_inputs_name_the_fix(trained):
         parse_skip("anp, foo")
     assert parse_skip("anp,rnp") == {"anp", "rnp"} and parse_skip(None) == set()
     with pytest.raises(TsbdError, match="outside"):
-        check_ratio(1.01)
+        fractions([1.01])
     with pytest.raises(TsbdError, match="DEFENSE.KEY=VALUE"):
         parse_defense_opts(["nb_iter=3"], ("anp",))
     with pytest.raises(TsbdError, match="runs anp"):

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from tsbd.analysis.registry import AnalysisContext, analysis, parse_values, pyplot, write_csv
+from tsbd.analysis.registry import AnalysisContext, analysis, fractions, parse_values, pyplot, write_csv
 from tsbd.artifacts import save_figure
 from tsbd.data.base import ImageSet
 from tsbd.defenses.tsbd import TSBD, TSBDConfig, activeness_aware_finetune, clean_unlearn, zero_reinit
@@ -141,14 +141,6 @@ def paper_cell(table: str, attack: str, *, defense: str = "tsbd", clean_ratio: f
 
 # ------------------------------------------------------------------------------------------
 # input checks and output helpers
-def fractions(values: list[float], flag: str = "--values", what: str = "ratios") -> list[float]:
-    """``values`` if all are in (0, 1], else a one-line error naming ``flag``."""
-    bad = [v for v in values if not 0 < v <= 1]
-    if bad:
-        raise TsbdError(f"{flag}: {what} must be in (0, 1], got {bad[0]:g}; give fractions such as 0.1,0.05")
-    return values
-
-
 def _values(ctx: AnalysisContext, default: str) -> list[float]:
     """--values, or ``default`` when it is not given (an empty --values is an error, not the default)."""
     return parse_values(default if ctx.args.values is None else ctx.args.values)
@@ -213,6 +205,14 @@ def _plot(out, stem: str, title: str, xlabel: str, xs: list, series: dict, *, lo
     fig.tight_layout()
     save_figure(fig, out / stem)
     plt.close(fig)
+
+
+def _plot_tsbd_sweep(ctx: AnalysisContext, stem: str, what: str, values: list[float], rows: list[dict],
+                     before: dict) -> None:
+    """ACC / ASR after TSBD over ``values`` of ``what`` (log x), the no-defense levels as lines."""
+    _plot(ctx.out, stem, f"{ctx.setup.attack.name}: TSBD over the {what}", what, values,
+          {"ACC after TSBD": [r["acc"] for r in rows], "ASR after TSBD": [r["asr"] for r in rows]}, logx=True,
+          hlines={"ACC no defense": before["acc"], "ASR no defense": before["asr"]})
 
 
 def _tsbd(ctx: AnalysisContext, model: nn.Module, clean: ImageSet) -> nn.Module:
@@ -379,10 +379,7 @@ def run_sweep_clean_ratio(ctx: AnalysisContext) -> tuple[dict, str]:
                      **with_der(before, ctx.evaluate(_tsbd(ctx, ctx.model, clean))),
                      "seconds": time.perf_counter() - t0})
     write_csv(ctx.out / "sweep_clean_ratio.csv", rows)
-    _plot(ctx.out, "sweep_clean_ratio", f"{ctx.setup.attack.name}: TSBD over the clean-data ratio",
-          "clean-data ratio", values, {"ACC after TSBD": [r["acc"] for r in rows],
-                                       "ASR after TSBD": [r["asr"] for r in rows]}, logx=True,
-          hlines={"ACC no defense": before["acc"], "ASR no defense": before["asr"]})
+    _plot_tsbd_sweep(ctx, "sweep_clean_ratio", "clean-data ratio", values, rows, before)
     attack = ctx.setup.attack.name
     groups = [("No Defense", ("acc", "asr"))] + [(percent(r), ("acc", "asr", "der")) for r in values]
     table = [(f"{_attack_label(ctx)} (ours)", [before] + rows)]
@@ -419,10 +416,7 @@ def run_sweep_ft_lr(ctx: AnalysisContext) -> tuple[dict, str]:
                                   seed=ctx.seed, progress=ctx.progress)
         rows.append({"finetune_lr": lr, **with_der(before, ctx.evaluate(model)), "seconds": time.perf_counter() - t0})
     write_csv(ctx.out / "sweep_ft_lr.csv", rows)
-    _plot(ctx.out, "sweep_ft_lr", f"{ctx.setup.attack.name}: TSBD over the fine-tuning learning rate",
-          "fine-tuning learning rate", values, {"ACC after TSBD": [r["acc"] for r in rows],
-                                                "ASR after TSBD": [r["asr"] for r in rows]}, logx=True,
-          hlines={"ACC no defense": before["acc"], "ASR no defense": before["asr"]})
+    _plot_tsbd_sweep(ctx, "sweep_ft_lr", "fine-tuning learning rate", values, rows, before)
     attack = ctx.setup.attack.name
     groups = [("No Defense", ("acc", "asr"))] + [(f"lr {lr:g}", ("acc", "asr", "der")) for lr in values]
     table = [(f"{_attack_label(ctx)} (ours)", [before] + rows)]

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from tsbd.analysis.observations import pearson
-from tsbd.analysis.registry import AnalysisContext, analysis, parse_values, pyplot, write_csv
+from tsbd.analysis.registry import AnalysisContext, analysis, fractions, parse_values, pyplot, write_csv
 from tsbd.artifacts import save_figure
 from tsbd.data.base import ImageSet
 from tsbd.data.poison import sample_indices
@@ -243,18 +243,12 @@ def selection_scores(metric: str, raw: dict[str, torch.Tensor]) -> dict[str, tor
 def coverage(selected: dict[str, torch.Tensor], truth: dict[str, torch.Tensor], ratio: float) -> float:
     """|top-k by ``selected`` & top-k by ``truth``| / k over all neurons of all layers, k = ratio x neurons
     (at least 1); both are larger-first scores (:func:`selection_scores`)."""
-    check_ratio(ratio)
+    fractions([ratio], "--values", "neuron ratio")
     a, b = rank_neurons(selected), rank_neurons(truth)
     if set(a) != set(b):
         raise TsbdError("coverage needs scores for the same neurons (one model's layers)")
     k = max(1, round(ratio * len(a)))
     return len(set(a[:k]) & set(b[:k])) / k
-
-
-def check_ratio(ratio: float) -> float:
-    if not 0 < ratio <= 1:
-        raise TsbdError(f"neuron ratio {ratio:g} is outside (0, 1]; give fractions such as --values 0.05,0.1,0.3")
-    return ratio
 
 
 def parse_skip(text: str | None) -> set[str]:
@@ -268,18 +262,19 @@ def parse_skip(text: str | None) -> set[str]:
 
 
 def parse_defense_opts(pairs: Sequence[str] | None, allowed: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``--defense-opt DEFENSE.KEY=VALUE`` (repeatable) -> {defense: {key: value}}; keys are checked
-    when the defense's config is built."""
+    """``--defense-opt DEFENSE.KEY=VALUE`` (repeatable) -> {defense: {key: value}}: ``tsbd defend --opt``'s
+    KEY=VALUE parsing with a defense before the dot; keys are checked when the defense's config is built."""
+    from tsbd.cli import _parse_opts
+
     out: dict[str, dict[str, str]] = {}
-    for pair in pairs or []:
-        head, eq, value = pair.partition("=")
+    for head, value in _parse_opts(pairs, "--defense-opt").items():
         defense, dot, key = head.partition(".")
-        if not eq or not dot or not key.strip():
-            raise TsbdError(f"--defense-opt {pair!r} must look like DEFENSE.KEY=VALUE, e.g. anp.nb_iter=200")
+        if not dot or not key.strip():
+            raise TsbdError(f"--defense-opt {head}={value} must look like DEFENSE.KEY=VALUE, e.g. anp.nb_iter=200")
         if defense.strip() not in allowed:
-            raise TsbdError(f"--defense-opt {pair!r}: this analysis runs {', '.join(allowed)}; "
+            raise TsbdError(f"--defense-opt {head}={value}: this analysis runs {', '.join(allowed)}; "
                             f"name one of them before the dot")
-        out.setdefault(defense.strip(), {})[key.strip().replace("-", "_")] = value.strip()
+        out.setdefault(defense.strip(), {})[key.strip()] = value
     return out
 
 
@@ -406,7 +401,7 @@ def run_activations(ctx: AnalysisContext) -> tuple[dict, str]:
                    DEFENSE_OPT])
 def run_tac(ctx: AnalysisContext) -> tuple[dict, str]:
     model, setup, runtime, out = ctx.model, ctx.setup, ctx.runtime, ctx.out
-    ratios = [check_ratio(r) for r in parse_values(ctx.args.values or DEFAULT_RATIOS)]
+    ratios = fractions(parse_values(ctx.args.values or DEFAULT_RATIOS), "--values", "neuron ratio")
     metrics = [m for m in METRICS if m not in parse_skip(ctx.args.skip)]
     opts = parse_defense_opts(ctx.args.defense_opt, ("clp", "anp", "rnp"))
     clean_x, poison_x = paired_test_images(setup, ctx.args.images, ctx.seed)

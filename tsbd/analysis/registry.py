@@ -117,3 +117,11 @@ def parse_values(text: str, flag: str = "--values") -> list[float]:
     if not values:
         raise TsbdError(f"{flag} is empty; give comma-separated numbers, e.g. 0.05,0.15,0.3")
     return values
+
+
+def fractions(values: list[float], flag: str = "--values", what: str = "ratios") -> list[float]:
+    """``values`` if all are in (0, 1], else a one-line error naming ``flag``."""
+    bad = [v for v in values if not 0 < v <= 1]
+    if bad:
+        raise TsbdError(f"{flag}: {what} {bad[0]:g} is outside (0, 1]; give fractions such as 0.1,0.05,0.3")
+    return values
