@@ -28,8 +28,15 @@ def prepared(small, runtime, cache):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_poisons_the_configured_fraction(name, prepared, small):
+def test_poisons_the_configured_fraction(name, prepared, small, runtime, cache):
     attack = prepared[name]
+    if attack.poisons_per_batch:  # nothing stored (tests/test_attacks_dynamic.py checks the hook)
+        pt = attack.poison_train(small.train, seed=0)
+        assert len(pt.poison_index) == 0
+        assert torch.equal(pt.data.x, small.train.x) and torch.equal(pt.data.y, small.train.y)
+        attack = build_attack(name, {**TINY_ATTACKS.get(name, {}), "poisoning": "stored"})
+        attack.prepare(small, runtime=runtime, seed=0, cache_dir=cache, **TINY_ARCH)
+        assert not attack.poisons_per_batch
     pt = attack.poison_train(small.train, seed=0)
     n = len(small.train)
     idx = pt.poison_index
@@ -66,7 +73,11 @@ def test_deterministic_for_a_seed(name, small, runtime, cache):
     pa, pb = a.poison_train(small.train, seed=3), b.poison_train(small.train, seed=3)
     assert torch.equal(pa.poison_index, pb.poison_index)
     assert torch.equal(pa.data.x, pb.data.x)
-    if not a.clean_label:
+    if a.poisons_per_batch:  # nothing stored: the hook poisons the same batch the same way
+        x, y = small.train.x[:64].float() / 255, small.train.y[:64]
+        (xa, ya), (xb, yb) = (m.batch_hook(3)(x, y, torch.Generator().manual_seed(3)) for m in (a, b))
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and not torch.equal(xa, x)
+    elif not a.clean_label:
         other = a.poison_train(small.train, seed=4).poison_index
         assert not torch.equal(other, pa.poison_index)
 

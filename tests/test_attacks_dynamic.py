@@ -74,7 +74,7 @@ def test_wanet_apply_is_seeded_and_deterministic(small, tmp_path):
 
 def test_wanet_hook_noise_mode_keeps_labels(small):
     # no crop or rotation: each output is its input, flipped or not, unless noise-warped
-    attack = build_attack("wanet", {"random_crop": 0, "random_rotation": 0, "s": 2.0})
+    attack = build_attack("wanet", {"random_crop": 0, "random_rotation": 0, "s": 2.0, "poisoning": "stored"})
     attack.prepare(small, seed=0)
     assert attack.train_overrides() == {"augment": False}  # the hook augments instead of the engine
     x, y = _shuffled_batch(small)
@@ -85,6 +85,31 @@ def test_wanet_hook_noise_mode_keeps_labels(small):
     changed = torch.nonzero(~kept).flatten()
     assert len(changed) == attack.cross_count(128) == 24  # int(int(0.1 * 128) * 2), as BackdoorBench
     assert torch.all(y[changed] != attack.config.target)  # stored poisoned images are never re-warped
+
+
+def _flip_match(out, ref):
+    """Per sample: is ``out`` equal to ``ref`` or to ``ref`` flipped (the hook's random flip)?"""
+    return torch.tensor([torch.allclose(o, r, atol=1e-5) or torch.allclose(o, r.flip(2), atol=1e-5)
+                         for o, r in zip(out, ref)])
+
+
+def test_wanet_batch_mode_warps_the_head_of_every_batch(small):
+    from tsbd.attacks.wanet import warp
+
+    attack = build_attack("wanet", {"random_crop": 0, "random_rotation": 0, "s": 2.0})
+    attack.prepare(small, seed=0)
+    assert attack.poisons_per_batch  # BackdoorBench's way is the default
+    x, y = _shuffled_batch(small)
+    out, y_out = attack.batch_hook(0)(x, y, torch.Generator().manual_seed(0))
+    head = int(0.1 * 128)
+    assert torch.all(y_out[:head] == attack.config.target) and torch.equal(y_out[head:], y[head:])
+    assert torch.all(_flip_match(out[:head], warp(x[:head], attack.grid)))  # the trigger, no noise
+    kept = _flip_match(out[head:], x[head:])
+    noised = torch.nonzero(~kept).flatten() + head
+    assert len(noised) == attack.cross_count(128) == 24
+    assert torch.all(y[noised] != attack.config.target)
+    # a fresh draw of the batch gets the trigger on other images: nothing is stored
+    assert len(attack.poison_train(small.train, 0).poison_index) == 0
 
 
 # -- Input-aware -----------------------------------------------------------------------------
@@ -110,7 +135,10 @@ def test_inputaware_resource_key_ignores_spelled_out_default_options(small, monk
     for kwargs in ({}, {"widths": [32, 64, 128]}, {"widths": [16, 32, 32]}):
         with pytest.raises(KeyboardInterrupt):
             build_attack("inputaware", TINY_IAD).prepare(small, seed=0, arch="airbench", arch_kwargs=kwargs)
-    assert seen[0] == seen[1] and seen[2] != seen[0]
+    # how the victim is poisoned (batch or stored) does not change G and M: same key
+    with pytest.raises(KeyboardInterrupt):
+        build_attack("inputaware", {**TINY_IAD, "poisoning": "stored"}).prepare(small, seed=0, arch="airbench")
+    assert seen[0] == seen[1] == seen[3] and seen[2] != seen[0]
 
 
 def test_inputaware_mask_density_near_target(iad, small, runtime):
@@ -160,14 +188,37 @@ def test_inputaware_apply_is_the_trigger_formula_and_cached(iad, small, runtime)
     assert clf(xf[:2]).shape == (2, 10)
 
 
-def test_inputaware_cross_mode_keeps_labels(iad, small):
-    attack, _ = iad
+def test_inputaware_cross_mode_keeps_labels(iad, small, runtime):
+    _, cache = iad
+    attack = build_attack("inputaware", {**TINY_IAD, "poisoning": "stored"})
+    attack.prepare(small, seed=0, runtime=runtime, arch="airbench", arch_kwargs=TINY_NET, cache_dir=cache)
+    assert attack.resource.from_cache  # the same G and M as the batch-mode attack
     x, y = _shuffled_batch(small)
     out, y_out = attack.batch_hook(0)(x, y, torch.Generator().manual_seed(0))
     assert torch.equal(y_out, y)
     changed = torch.nonzero((out - x).abs().flatten(1).amax(1) > 0).flatten()
     assert 0 < len(changed) <= attack.cross_count(128) == 25  # int(int(0.2 * 128) * 1)
     assert torch.all(y[changed] != attack.config.target)
+
+
+def test_inputaware_batch_mode_triggers_the_head_and_crosses_the_rest(iad, small):
+    attack, _ = iad
+    assert attack.poisons_per_batch
+    x, y = _shuffled_batch(small)
+    out, y_out = attack.batch_hook(0)(x, y, torch.Generator().manual_seed(0))
+    head = int(0.2 * 128)
+    assert torch.all(y_out[:head] == attack.config.target) and torch.equal(y_out[head:], y[head:])
+    with torch.no_grad():
+        assert torch.allclose(out[:head], attack.trigger(x[:head]), atol=1e-6)  # each image's own trigger
+    changed = torch.nonzero((out[head:] - x[head:]).abs().flatten(1).amax(1) > 0).flatten() + head
+    assert 0 < len(changed) <= attack.cross_count(128) == 25
+    assert torch.all(y[changed] != attack.config.target)
+    # cross triggers come from clean images, not from the poisoned head
+    from tsbd.attacks.inputaware import cross_source
+
+    with torch.no_grad():
+        want = attack.trigger(x[changed], x[cross_source(128, changed)])
+    assert torch.allclose(out[changed], want, atol=1e-6)
 
 
 # -- both: the backdoor is learned -----------------------------------------------------------

@@ -513,7 +513,8 @@ def run_sweep_poison_ratio(ctx: AnalysisContext) -> tuple[dict, str]:
 
         before = on_setup(model)
         after = with_der(before, on_setup(_tsbd(ctx, model, setup.clean_set(ctx.args.clean_ratio)[0])))
-        rows.append({"poison_ratio": ratio, "model": source, "poisoned_images": len(setup.poisoned_train.poison_index),
+        count = "per batch" if setup.attack.poisons_per_batch else len(setup.poisoned_train.poison_index)
+        rows.append({"poison_ratio": ratio, "model": source, "poisoned_images": count,
                      **{f"{k}_before": v for k, v in before.items()}, **after, "model_seconds": t_model,
                      "seconds": time.perf_counter() - t0})
     write_csv(ctx.out / "sweep_poison_ratio.csv", rows)

@@ -33,10 +33,9 @@ MODULES = ("tsbd.analysis.neurons", "tsbd.analysis.ablations")
 def run_observation1(ctx: AnalysisContext) -> tuple[dict, str]:
     model, setup, clean, cfg, runtime, out = ctx.model, ctx.setup, ctx.clean, ctx.cfg, ctx.runtime, ctx.out
     seed, progress = ctx.seed, ctx.progress
-    from tsbd.analysis.observations import nwc_comparison, poison_unlearning_set
+    from tsbd.analysis.observations import attacker_poison_set, nwc_comparison
 
-    ptrain = setup.poisoned_train
-    poisoned = poison_unlearning_set(ptrain.data, ptrain.poison_index, setup.attack.config.target, len(clean), seed)
+    poisoned = attacker_poison_set(setup, len(clean), seed)
     comp = nwc_comparison(model, clean, poisoned, cfg, runtime, seed=seed, progress=progress)
     per_layer = comp.per_layer_correlation()
     overall = comp.overall_correlation()

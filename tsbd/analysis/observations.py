@@ -49,6 +49,18 @@ def poison_unlearning_set(poisoned_train: ImageSet, poison_index: torch.Tensor, 
     return ImageSet(x, torch.full((len(pick),), int(target), dtype=torch.int64))
 
 
+def attacker_poison_set(setup, count: int, seed: int) -> ImageSet:
+    """``count`` poisoned training images labelled with the target, as the attacker trained on
+    them: drawn from the stored poisoned set, or -- for an attack that poisons each batch on
+    the fly (``poisoning="batch"``) -- seeded training images given their trigger now."""
+    attack, ptrain = setup.attack, setup.poisoned_train
+    if not attack.poisons_per_batch:
+        return poison_unlearning_set(ptrain.data, ptrain.poison_index, attack.config.target, count, seed)
+    idx = sample_indices(torch.arange(len(ptrain.data)), min(count, len(ptrain.data)), seed)
+    x = attack.apply_chunked(ptrain.data.x[idx], idx, "train")
+    return ImageSet(x, torch.full((len(idx),), int(attack.config.target), dtype=torch.int64))
+
+
 @dataclasses.dataclass
 class NWCComparison:
     """Per-neuron NWC of clean and of poison unlearning, from one backdoored model."""

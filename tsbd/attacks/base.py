@@ -5,6 +5,13 @@ poison an image (:meth:`Attack.apply`); from these the base class builds the poi
 set and the poisoned test set (every non-target test image, triggered). Attacks that need
 resources (a trained generator, a clean model) build them in :meth:`Attack.prepare`; attacks
 that poison on the fly during training return a :meth:`Attack.batch_hook`.
+
+Training-controllable attacks (WaNet, Input-aware) have a ``poisoning`` option:
+``"batch"`` (their default, as BackdoorBench and the attacks' papers train) stores no poisoned
+image; instead the first int(ratio * B) samples of every shuffled batch get the trigger and the
+target label on the fly (:meth:`Attack.poison_batch_head`), so over training the model sees the
+trigger on ever new images. ``"stored"`` poisons one fixed set of round(ratio * N) training
+images once, like the static attacks.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from tsbd.registry import Registry
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack", "tsbd.attacks")
 
+POISONING_MODES = ("batch", "stored")
 _CHUNK = 4096  # images poisoned per chunk, bounds the float working memory
 
 
@@ -49,6 +57,9 @@ class Attack:
         self.config = override(cfg, overrides)
         if not 0 <= self.config.poison_ratio <= 1:
             raise TsbdError(f"poison ratio must be in [0, 1], got {self.config.poison_ratio}")
+        mode = getattr(self.config, "poisoning", "stored")
+        if mode not in POISONING_MODES:
+            raise TsbdError(f"{self.name} poisoning must be one of {', '.join(POISONING_MODES)}, got {mode!r}")
 
     # -- resources -------------------------------------------------------------------------
     def prepare(self, dataset: Dataset, **context: Any) -> None:
@@ -84,6 +95,25 @@ class Attack:
         """TrainConfig fields this attack's training needs changed (e.g. its own augmentation)."""
         return {}
 
+    # -- per-batch poisoning (training-controllable attacks) --------------------------------
+    @property
+    def poisons_per_batch(self) -> bool:
+        """True when the attack poisons each training batch on the fly (``poisoning="batch"``)."""
+        return getattr(self.config, "poisoning", "stored") == "batch"
+
+    def poison_batch_head(self, x: torch.Tensor, y: torch.Tensor, trigger) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Batch mode: ``trigger`` (float [0, 1] images -> poisoned ones) on the first
+        int(ratio * B) samples of a shuffled batch, labelled with the target, as BackdoorBench's
+        WaNet and Input-aware training loops. Returns the batch and how many were poisoned."""
+        if not self.poisons_per_batch:
+            return x, y, 0
+        n = int(self.config.poison_ratio * len(y))
+        if n:
+            x, y = x.clone(), y.clone()
+            x[:n] = trigger(x[:n])
+            y[:n] = self.config.target
+        return x, y, n
+
     # -- derived ---------------------------------------------------------------------------
     def apply_chunked(self, x: torch.Tensor, index: torch.Tensor | None, split: str) -> torch.Tensor:
         parts = []
@@ -96,6 +126,8 @@ class Attack:
         return torch.cat(parts) if parts else x.clone()
 
     def poison_train(self, train: ImageSet, seed: int) -> PoisonedTrain:
+        if self.poisons_per_batch:  # nothing stored: the batch hook poisons during training
+            return PoisonedTrain(ImageSet(train.x, train.y), torch.empty(0, dtype=torch.int64))
         idx = self.poison_indices(train.y, seed)
         x, y = train.x.clone(), train.y.clone()
         if len(idx):
