@@ -115,6 +115,7 @@ class Unnormalized(torch.nn.Module):
 
 def bench_bare(model, runtime, batch_size, steps, warmup):
     model.to(runtime.device).to(memory_format=torch.channels_last).train()
+    net = torch.compile(model) if runtime.compile else model
     x = torch.rand(batch_size, 3, 32, 32, device=runtime.device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,), device=runtime.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -124,7 +125,7 @@ def bench_bare(model, runtime, batch_size, steps, warmup):
                 torch.cuda.synchronize()
             t = time.perf_counter()
         with runtime.autocast():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -187,9 +188,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--skip-backdoorbench", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (bare step and tsbd fit)")
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    rt = Runtime.create(args.device, args.precision)
+    rt = Runtime.create(args.device, args.precision, args.threads, compile=args.compile)
     ds = load_dataset("cifar10", root=args.data_root) if args.data_root else load_dataset("demo")
     peak = matmul_peak(rt)
     result = {"machine": rt.describe(),

@@ -85,7 +85,7 @@ def _train_options_table() -> str:
 def _runtime(args):
     from tsbd.train.runtime import Runtime
 
-    return Runtime.create(args.device, args.precision, args.threads)
+    return Runtime.create(args.device, args.precision, args.threads, getattr(args, "compile", False))
 
 
 def _print_metrics_table(rows: list[tuple[str, dict]], console) -> None:
@@ -282,6 +282,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto = bf16 on CUDA or on CPUs with AVX512-BF16/AMX, else fp32 (default: auto)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for plain training (minutes of compiling first; pays on long runs)")
     g.add_argument("--seed", type=int, default=0, help="seed of poisoning, clean split and training (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--cache-dir", default=None, help="decoded-data cache (default: $TSBD_CACHE_DIR or ~/.cache/tsbd)")

@@ -40,6 +40,7 @@ class CellContext:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
+    compile: bool = False
     data_root: str | None = None
     cache_dir: str | None = None
     progress: bool = False
@@ -48,7 +49,7 @@ class CellContext:
     def runtime(self):
         from tsbd.train.runtime import Runtime
 
-        return Runtime.create(self.device, self.precision, self.threads)
+        return Runtime.create(self.device, self.precision, self.threads, self.compile)
 
 
 @dataclasses.dataclass

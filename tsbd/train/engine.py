@@ -172,6 +172,12 @@ def fit(
     if cfg.epochs < 0 or cfg.batch_size <= 0:
         raise TsbdError(f"epochs must be >= 0 and batch size > 0, got {cfg.epochs} and {cfg.batch_size}")
     model.to(runtime.device).to(memory_format=torch.channels_last)
+    net = model
+    if step is None and runtime.compile:
+        # only the plain step: custom steps (input gradients, weight perturbation) stay eager.
+        # The compiled module shares the model's parameters, so the optimizer and checkpoints
+        # see the same tensors.
+        net = torch.compile(model)
     step = step or cross_entropy_step(cfg.label_smoothing)
     optimizer = optimizer or make_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -217,7 +223,7 @@ def fit(
                     group["lr"] = base * factor
                 if batch_hook is not None:
                     x, y = batch_hook(x, y, generator)
-                loss = step(model, x, y, optimizer, runtime)
+                loss = step(net, x, y, optimizer, runtime)
                 loss_sum += loss.float()
                 n_batches += 1
                 images += len(y)

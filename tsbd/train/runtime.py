@@ -84,9 +84,11 @@ class Runtime:
     device: torch.device
     precision: str  # resolved: "bf16" or "fp32"
     threads: int
+    compile: bool = False  # torch.compile the model for plain cross-entropy training (tsbd.train.fit)
 
     @classmethod
-    def create(cls, device: str = "auto", precision: str = "auto", threads: int | None = None) -> "Runtime":
+    def create(cls, device: str = "auto", precision: str = "auto", threads: int | None = None,
+               compile: bool = False) -> "Runtime":
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         if threads is None:
@@ -98,7 +100,7 @@ class Runtime:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        return cls(dev, prec, n)
+        return cls(dev, prec, n, bool(compile))
 
     def autocast(self):
         if self.precision == "bf16":
@@ -107,6 +109,8 @@ class Runtime:
 
     def describe(self) -> dict:
         out = {"device": str(self.device), "precision": self.precision, "threads": self.threads, "cpu": cpu_name()}
+        if self.compile:
+            out["compile"] = True
         if self.device.type == "cuda":
             out["gpu"] = torch.cuda.get_device_name(self.device)
         return out
