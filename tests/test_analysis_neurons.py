@@ -211,6 +211,9 @@ def test_analyze_commands_write_their_files(attacked_folder, tmp_path, monkeypat
 @pytest.mark.parametrize("extra,message", [
     (["activations", "--layer", "groups.9.conv"], "--layer 'groups.9.conv' is not a prunable conv"),
     (["tac", "--values", "0.1,1.5"], r"outside \(0, 1\]"),
+    (["tac", "--values", ""], "--values is empty"),
+    (["sweep-n", "--values", ""], "--values is empty"),
+    (["sweep-m", "--values", " , "], "--values is empty"),
     (["tac", "--skip", "anp,xyz"], "--skip 'xyz' is not a metric"),
 ])
 def test_analyze_bad_input_is_one_line(attacked_folder, tmp_path, capsys, monkeypatch, extra, message):

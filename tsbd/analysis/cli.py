@@ -130,12 +130,12 @@ def run_observation2(ctx: AnalysisContext) -> tuple[dict, str]:
                                           "help": "the suggested n is the largest whose ACC after TSBD stays within "
                                                   "this many points of the backdoored model's (default: 2)"})])
 def run_sweep_n(ctx: AnalysisContext) -> tuple[dict, str]:
-    return run_sweep(ctx, "neuron_ratio", parse_values(ctx.args.values or DEFAULT_N))
+    return run_sweep(ctx, "neuron_ratio", parse_values(DEFAULT_N if ctx.args.values is None else ctx.args.values))
 
 
 @analysis("sweep-m", "TSBD over weight ratios m")
 def run_sweep_m(ctx: AnalysisContext) -> tuple[dict, str]:
-    return run_sweep(ctx, "weight_ratio", parse_values(ctx.args.values or DEFAULT_M))
+    return run_sweep(ctx, "weight_ratio", parse_values(DEFAULT_M if ctx.args.values is None else ctx.args.values))
 
 
 def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tuple[dict, str]:

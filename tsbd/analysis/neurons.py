@@ -401,7 +401,7 @@ def run_activations(ctx: AnalysisContext) -> tuple[dict, str]:
                    DEFENSE_OPT])
 def run_tac(ctx: AnalysisContext) -> tuple[dict, str]:
     model, setup, runtime, out = ctx.model, ctx.setup, ctx.runtime, ctx.out
-    ratios = fractions(parse_values(ctx.args.values or DEFAULT_RATIOS), "--values", "neuron ratio")
+    ratios = fractions(parse_values(DEFAULT_RATIOS if ctx.args.values is None else ctx.args.values), "--values", "neuron ratio")
     metrics = [m for m in METRICS if m not in parse_skip(ctx.args.skip)]
     opts = parse_defense_opts(ctx.args.defense_opt, ("clp", "anp", "rnp"))
     clean_x, poison_x = paired_test_images(setup, ctx.args.images, ctx.seed)
