@@ -6,16 +6,25 @@ same schedule). The model is the pipeline's cached clean reference (the one anal
 a rerun loads it and reports the recorded training time.
 
     python benchmarks/clean_model.py --data-root ../shared/data --out benchmarks/results/clean_model.json
+
+``--compare DIR ...`` adds the per-class clean accuracy of other saved models (e.g. attacked
+models from the grid) beside the clean model's, to see where an attack's accuracy loss sits.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from tsbd.artifacts import provenance, write_json_atomic
+from tsbd.artifacts import load_model, provenance, write_json_atomic
 from tsbd.data import load_dataset
 from tsbd.pipeline import clean_reference_model, train_config
+from tsbd.train import predict
 from tsbd.train.runtime import Runtime
+
+
+def per_class_accuracy(model, test, runtime) -> list[float]:
+    pred = predict(model, test.x, runtime)
+    return [float((pred[test.y == c] == c).float().mean()) for c in range(int(test.y.max()) + 1)]
 
 
 def main() -> None:
@@ -28,6 +37,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--compare", nargs="*", default=[], help="saved model folders to compare per class")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     rt = Runtime.create(args.device, args.precision, args.threads)
@@ -37,7 +47,14 @@ def main() -> None:
     out = {"machine": rt.describe(), "dataset": ds.describe(), "args": vars(args),
            "train": meta["train"], "metrics": meta["metrics"], "train_seconds": meta["timings"]["train"],
            "train_images_per_second": len(ds.train) * cfg.epochs / meta["timings"]["train"],
-           "runtime_recorded": meta["runtime"], "provenance": provenance()}
+           "runtime_recorded": meta["runtime"], "provenance": provenance(),
+           "per_class_acc": {"clean": per_class_accuracy(model, ds.test, rt)}}
+    for folder in args.compare:
+        other, other_meta = load_model(folder)
+        out["per_class_acc"][folder] = per_class_accuracy(other, ds.test, rt)
+        print(f"{folder} ({other_meta.get('attack', {}).get('name', '?')}):",
+              " ".join(f"{a:.1%}" for a in out["per_class_acc"][folder]), flush=True)
+    print("clean:", " ".join(f"{a:.1%}" for a in out["per_class_acc"]["clean"]), flush=True)
     print(f"{args.model} clean: ACC {meta['metrics']['acc']:.2%} after {meta['timings']['train'] / 60:.1f} min", flush=True)
     write_json_atomic(args.out, out)
 
