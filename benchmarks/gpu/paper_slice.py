@@ -46,12 +46,13 @@ def main() -> None:
     ap.add_argument("--budget-seconds", type=float, default=1e9)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model for attack training")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     t_start = time.perf_counter()
-    rt = Runtime.create(args.device, args.precision)
+    rt = Runtime.create(args.device, args.precision, compile=args.compile)
     ds = load_dataset(args.dataset, root=args.data_root)
     if args.limit_train:
         ds = ds.limited(args.limit_train, max(100, args.limit_train // 5), args.seed)
