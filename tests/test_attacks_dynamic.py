@@ -96,9 +96,10 @@ def _flip_match(out, ref):
 def test_wanet_batch_mode_warps_the_head_of_every_batch(small):
     from tsbd.attacks.wanet import warp
 
-    attack = build_attack("wanet", {"random_crop": 0, "random_rotation": 0, "s": 2.0})
+    assert not build_attack("wanet").poisons_per_batch  # stored is WaNet's default (module doc)
+    attack = build_attack("wanet", {"random_crop": 0, "random_rotation": 0, "s": 2.0, "poisoning": "batch"})
     attack.prepare(small, seed=0)
-    assert attack.poisons_per_batch  # BackdoorBench's way is the default
+    assert attack.poisons_per_batch
     x, y = _shuffled_batch(small)
     out, y_out = attack.batch_hook(0)(x, y, torch.Generator().manual_seed(0))
     head = int(0.1 * 128)
@@ -203,7 +204,7 @@ def test_inputaware_cross_mode_keeps_labels(iad, small, runtime):
 
 def test_inputaware_batch_mode_triggers_the_head_and_crosses_the_rest(iad, small):
     attack, _ = iad
-    assert attack.poisons_per_batch
+    assert attack.poisons_per_batch  # Input-aware's default
     x, y = _shuffled_batch(small)
     out, y_out = attack.batch_hook(0)(x, y, torch.Generator().manual_seed(0))
     head = int(0.2 * 128)

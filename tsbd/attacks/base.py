@@ -7,11 +7,12 @@ resources (a trained generator, a clean model) build them in :meth:`Attack.prepa
 that poison on the fly during training return a :meth:`Attack.batch_hook`.
 
 Training-controllable attacks (WaNet, Input-aware) have a ``poisoning`` option:
-``"batch"`` (their default, as BackdoorBench and the attacks' papers train) stores no poisoned
-image; instead the first int(ratio * B) samples of every shuffled batch get the trigger and the
-target label on the fly (:meth:`Attack.poison_batch_head`), so over training the model sees the
-trigger on ever new images. ``"stored"`` poisons one fixed set of round(ratio * N) training
-images once, like the static attacks.
+``"batch"`` (as BackdoorBench and the attacks' papers train; Input-aware's default) stores no
+poisoned image; instead the first int(ratio * B) samples of every shuffled batch get the trigger
+and the target label on the fly (:meth:`Attack.poison_batch_head`), so over training the model
+sees the trigger on ever new images. ``"stored"`` (WaNet's default) poisons one fixed set of
+round(ratio * N) training images once, like the static attacks. Each default is the one that
+learned its backdoor at the CPU-scale schedule (BENCHMARKS.md, issue 4).
 """
 
 from __future__ import annotations
