@@ -271,3 +271,17 @@ def test_two_processes_on_one_store_share_the_work_and_lose_no_row(tmp_path):
         assert len(rows) == len(plan.cells) and all(r["status"] == "done" for r in rows)
         assert all(r["metrics"] == {"acc": 0.9, "asr": 0.1, "der": 0.9} for r in rows)
         assert runs_by_cell(store) == {c.id: ["done"] for c in plan.cells}
+
+
+def test_a_narrowed_run_shares_cells_but_keeps_the_grids_membership(tmp_path):
+    grid, results = write_grid(tmp_path), tmp_path / "results"
+    assert main(["bench", str(grid), "--results", str(results), "--dry-run", *RUNTIME]) == 0
+    assert main(["bench", str(grid), "--results", str(results), "--dry-run", "--set", 'attack=["badnets"]',
+                 *RUNTIME]) == 0
+    with Store(results) as store:
+        full = {r["id"] for r in store.cells("tiny")}
+        subsets = [g for g in store.grids() if g != "tiny"]
+        assert len(full) == 4  # the subset did not replace the grid's membership
+        assert len(subsets) == 1 and subsets[0].startswith("tiny+")
+        part = {r["id"] for r in store.cells(subsets[0])}
+        assert len(part) == 2 and part < full  # the same cells, shared

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -80,6 +83,12 @@ def cmd_bench(args) -> int:
     plan = load_grid(args.grid, overrides=parse_set(args.set_values), data_root=args.data_root,
                      cache_dir=args.cache_dir, seeds=None if args.seed is None else [args.seed])
     results = Path(args.results) if args.results else DEFAULT_RESULTS / re.sub(r"[^A-Za-z0-9._-]+", "-", plan.name)
+    if args.set_values or args.seed is not None:
+        # a narrowed or changed grid shares the folder (and every cell it has in common) but
+        # records its membership under its own name: the grid's own membership, which
+        # `tsbd report --grid NAME` shows, is not replaced by the subset
+        tag = hashlib.sha256(json.dumps([list(args.set_values or []), args.seed]).encode()).hexdigest()[:8]
+        plan = dataclasses.replace(plan, name=f"{plan.name}+{tag}")
     if results.exists() and not results.is_dir():
         raise TsbdError(f"--results {results} is a file; pass a folder")
     store = Store(results)
