@@ -18,6 +18,7 @@ from tsbd.bench.executors import run_grid
 from tsbd.bench.grid import Plan, attack_cell, defense_cell, load_grid
 from tsbd.bench.store import Store
 from tsbd.cli import main
+from tsbd.errors import TsbdError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,3 +286,36 @@ def test_a_narrowed_run_shares_cells_but_keeps_the_grids_membership(tmp_path):
         assert len(subsets) == 1 and subsets[0].startswith("tiny+")
         part = {r["id"] for r in store.cells(subsets[0])}
         assert len(part) == 2 and part < full  # the same cells, shared
+
+
+def test_opening_a_new_store_retries_a_locked_switch_to_wal(tmp_path, monkeypatch):
+    # two processes opening the same new store at the same moment: one can get "database is
+    # locked" from PRAGMA journal_mode at once (SQLite skips the busy handler when both hold a
+    # read lock; 1 in 40 simultaneous opens failed, the cause of a flake in the test above)
+    import tsbd.bench.store as store_mod
+
+    real_connect = store_mod.sqlite3.connect
+    failures = {"left": 3}
+
+    class FlakyConnection:
+        def __init__(self, conn):
+            object.__setattr__(self, "_conn", conn)
+
+        def __getattr__(self, name):
+            return getattr(self._conn, name)
+
+        def __setattr__(self, name, value):
+            setattr(self._conn, name, value)
+
+        def execute(self, sql, *args):
+            if "journal_mode" in sql and failures["left"]:
+                failures["left"] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return self._conn.execute(sql, *args)
+
+    monkeypatch.setattr(store_mod.sqlite3, "connect", lambda *a, **k: FlakyConnection(real_connect(*a, **k)))
+    with Store(tmp_path, busy_timeout_s=5) as store:
+        assert store.cells() == [] and failures["left"] == 0
+    failures["left"] = 10**9  # a lock that never clears: the busy timeout still ends it
+    with pytest.raises(TsbdError, match="database is locked"):
+        Store(tmp_path / "other", busy_timeout_s=0.2)
