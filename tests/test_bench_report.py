@@ -128,6 +128,7 @@ def test_report_tables_match_the_database(results, tmp_path):
     assert paper(avg[cols["otherdef ACC"]]) is None
     # failures are listed with their one-line error
     assert "RuntimeError: out of memory" in md and "1 failed" in md
+    assert "Incomplete table" not in md  # every column has both attacks
 
     html = (out / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 2 and "<style>" in html
@@ -195,3 +196,27 @@ def test_table1_columns_are_the_default_setting_of_tables_7_and_8(tables):
     # Table 4's Aa-FT column is the same default TSBD run (ACC, ASR)
     for attack, row in tables["table4"]["rows"].items():
         assert row["tsbd"][:2] == t1["rows"][attack]["tsbd"][:2]
+
+
+def test_a_partial_table_says_its_averages_cover_different_attacks(tmp_path):
+    cells, metrics = [], {}
+    for att, (acc, asr) in NO_DEF.items():
+        a = attack_cell(dataset={"name": "cifar10", "options": {}, "limit_train": 0, "limit_test": 0,
+                                 "fingerprint": "f" * 16},
+                        model={"name": "airbench", "options": {}}, attack={"name": att, "config": _defaults("attack", att)},
+                        train={"epochs": 30}, seed=0, versions=relevant_versions())
+        cells.append(a)
+        metrics[a.id] = {"acc": acc, "asr": asr, "ra": 0.0}
+        if att == "badnets":  # TSBD on one attack only
+            d = defense_cell(a, defense={"name": "tsbd", "config": _defaults("defense", "tsbd")}, clean_ratio=0.05, seed=0)
+            cells.append(d)
+            metrics[d.id] = {"acc": 0.84, "asr": 0.02, "der": 0.96}
+    with Store(tmp_path / "res") as store:
+        store.register(Plan("partial", {"name": "partial"}, cells))
+        for c in cells:
+            assert store.claim(c.id) == "claimed"
+            store.complete(c.id, CellResult(metrics[c.id], {"total": 1.0}, {"tsbd": "0.1"}, f"artifacts/{c.id}",
+                                            "testhost", now_iso(), now_iso()))
+    assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Incomplete table: each Average is over the attacks its column has (No Defense 2, TSBD 1 of 2)" in md

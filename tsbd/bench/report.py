@@ -315,6 +315,11 @@ def _settings_lines(t: ResultTable) -> list[str]:
     for r in t.rows:
         if r.changed:
             lines.append(f"{r.label}: attack options {_describe(r.changed)}.")
+    have = {c.label: sum((r.key, c.key) in t.values for r in t.rows) for c in t.columns}
+    if len(set(have.values())) > 1:  # a partial grid: the averages cover different attacks
+        lines.append("Incomplete table: each Average is over the attacks its column has ("
+                     + ", ".join(f"{label} {n}" for label, n in have.items()) + f" of {len(t.rows)}), "
+                     "so columns with different counts are not comparable.")
     return lines
 
 
