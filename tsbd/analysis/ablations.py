@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from tsbd.analysis.registry import AnalysisContext, analysis, fractions, parse_values, pyplot, write_csv
+from tsbd.analysis.registry import AnalysisContext, analysis, fractions, pyplot, write_csv
 from tsbd.artifacts import save_figure
 from tsbd.data.base import ImageSet
 from tsbd.defenses.tsbd import TSBD, TSBDConfig, activeness_aware_finetune, clean_unlearn, zero_reinit
@@ -141,11 +141,6 @@ def paper_cell(table: str, attack: str, *, defense: str = "tsbd", clean_ratio: f
 
 # ------------------------------------------------------------------------------------------
 # input checks and output helpers
-def _values(ctx: AnalysisContext, default: str) -> list[float]:
-    """--values, or ``default`` when it is not given (an empty --values is an error, not the default)."""
-    return parse_values(default if ctx.args.values is None else ctx.args.values)
-
-
 def _threshold(ctx: AnalysisContext) -> tuple[float, float]:
     thr, step = ctx.args.asr_threshold, ctx.args.refine_step
     if not 0 <= thr < 1:
@@ -236,7 +231,7 @@ THRESHOLD_OPTIONS = [
 def run_reinit_variants(ctx: AnalysisContext) -> tuple[dict, str]:
     cfg, out = ctx.cfg, ctx.out
     threshold, step = _threshold(ctx)
-    grid = fractions(_values(ctx, DEFAULT_GRID))
+    grid = fractions(ctx.values(DEFAULT_GRID))
     change, unlearn_info = unlearned_change(ctx.model, ctx.clean, cfg, ctx.runtime, seed=ctx.seed,
                                             progress=ctx.progress)
     found = {s: first_ratio_below(reinit_evaluator(ctx.model, change, cfg.weight_ratio, s, ctx.evaluate), grid,
@@ -314,7 +309,7 @@ def run_finetune_variants(ctx: AnalysisContext) -> tuple[dict, str]:
     at = _at_n(ctx.args.at_n, cfg)
     if at == "auto":
         threshold, step = _threshold(ctx)
-        grid = fractions(_values(ctx, DEFAULT_GRID))
+        grid = fractions(ctx.values(DEFAULT_GRID))
     before = ctx.evaluate(ctx.model)
     change, unlearn_info = unlearned_change(ctx.model, ctx.clean, cfg, ctx.runtime, seed=ctx.seed,
                                             progress=ctx.progress)
@@ -368,7 +363,7 @@ def run_finetune_variants(ctx: AnalysisContext) -> tuple[dict, str]:
 # ------------------------------------------------------------------------------------------
 @analysis("sweep-clean-ratio", f"Table 7: TSBD with clean-data ratios --values (default {DEFAULT_CLEAN})")
 def run_sweep_clean_ratio(ctx: AnalysisContext) -> tuple[dict, str]:
-    values = fractions(_values(ctx, DEFAULT_CLEAN))
+    values = fractions(ctx.values(DEFAULT_CLEAN))
     before = ctx.evaluate(ctx.model)
     rows = []
     for ratio in values:
@@ -401,7 +396,7 @@ def run_sweep_clean_ratio(ctx: AnalysisContext) -> tuple[dict, str]:
 @analysis("sweep-ft-lr", f"Table 8: TSBD with fine-tuning learning rates --values (default {DEFAULT_LR})")
 def run_sweep_ft_lr(ctx: AnalysisContext) -> tuple[dict, str]:
     cfg = ctx.cfg
-    values = _values(ctx, DEFAULT_LR)
+    values = ctx.values(DEFAULT_LR)
     if any(v <= 0 for v in values):
         raise TsbdError(f"--values: learning rates must be > 0, got {min(values):g}; e.g. 0.1,0.01,0.001")
     before = ctx.evaluate(ctx.model)
@@ -486,7 +481,7 @@ def run_sweep_poison_ratio(ctx: AnalysisContext) -> tuple[dict, str]:
     from tsbd.pipeline import cached_attacked_model, setup_attack
     from tsbd.train.engine import TrainConfig
 
-    values = fractions(_values(ctx, DEFAULT_POISON))
+    values = fractions(ctx.values(DEFAULT_POISON))
     meta, runtime = ctx.meta, ctx.runtime
     attack_meta, arch = meta.get("attack") or {}, meta.get("arch", {})
     if not meta.get("train") or not attack_meta.get("name"):

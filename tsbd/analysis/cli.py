@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tsbd.analysis.registry import ANALYSES, AnalysisContext, analysis, parse_values, pyplot, write_csv
+from tsbd.analysis.registry import ANALYSES, AnalysisContext, analysis, pyplot, write_csv
 from tsbd.artifacts import provenance, save_figure, write_bytes_atomic, write_json_atomic
 from tsbd.config import to_dict
 from tsbd.errors import TsbdError
@@ -130,12 +130,12 @@ def run_observation2(ctx: AnalysisContext) -> tuple[dict, str]:
                                           "help": "the suggested n is the largest whose ACC after TSBD stays within "
                                                   "this many points of the backdoored model's (default: 2)"})])
 def run_sweep_n(ctx: AnalysisContext) -> tuple[dict, str]:
-    return run_sweep(ctx, "neuron_ratio", parse_values(DEFAULT_N if ctx.args.values is None else ctx.args.values))
+    return run_sweep(ctx, "neuron_ratio", ctx.values(DEFAULT_N))
 
 
 @analysis("sweep-m", "TSBD over weight ratios m")
 def run_sweep_m(ctx: AnalysisContext) -> tuple[dict, str]:
-    return run_sweep(ctx, "weight_ratio", parse_values(DEFAULT_M if ctx.args.values is None else ctx.args.values))
+    return run_sweep(ctx, "weight_ratio", ctx.values(DEFAULT_M))
 
 
 def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tuple[dict, str]:

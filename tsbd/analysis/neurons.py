@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from tsbd.analysis.observations import pearson
-from tsbd.analysis.registry import AnalysisContext, analysis, fractions, parse_values, pyplot, write_csv
+from tsbd.analysis.registry import AnalysisContext, analysis, fractions, pyplot, write_csv
 from tsbd.artifacts import save_figure
 from tsbd.data.base import ImageSet
 from tsbd.data.poison import sample_indices
@@ -401,7 +401,7 @@ def run_activations(ctx: AnalysisContext) -> tuple[dict, str]:
                    DEFENSE_OPT])
 def run_tac(ctx: AnalysisContext) -> tuple[dict, str]:
     model, setup, runtime, out = ctx.model, ctx.setup, ctx.runtime, ctx.out
-    ratios = fractions(parse_values(DEFAULT_RATIOS if ctx.args.values is None else ctx.args.values), "--values", "neuron ratio")
+    ratios = fractions(ctx.values(DEFAULT_RATIOS), "--values", "neuron ratio")
     metrics = [m for m in METRICS if m not in parse_skip(ctx.args.skip)]
     opts = parse_defense_opts(ctx.args.defense_opt, ("clp", "anp", "rnp"))
     clean_x, poison_x = paired_test_images(setup, ctx.args.images, ctx.seed)

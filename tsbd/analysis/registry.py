@@ -45,6 +45,10 @@ class AnalysisContext:
 
         return evaluate(model, self.setup.dataset.test, self.setup.poisoned_test, self.runtime)
 
+    def values(self, default: str) -> list[float]:
+        """--values, or ``default`` when it is not given (an empty --values is an error, not the default)."""
+        return parse_values(default if self.args.values is None else self.args.values)
+
     def clean_reference_model(self) -> tuple[Any, dict]:
         """(model, meta): a clean model of the attacked model's architecture and training recipe on
         the same dataset (trained once, cached; :func:`tsbd.pipeline.clean_reference_model`)."""
