@@ -58,9 +58,9 @@ class Attack:
         self.config = override(cfg, overrides)
         if not 0 <= self.config.poison_ratio <= 1:
             raise TsbdError(f"poison ratio must be in [0, 1], got {self.config.poison_ratio}")
-        mode = getattr(self.config, "poisoning", "stored")
-        if mode not in POISONING_MODES:
-            raise TsbdError(f"{self.name} poisoning must be one of {', '.join(POISONING_MODES)}, got {mode!r}")
+        if self.poisoning not in POISONING_MODES:
+            raise TsbdError(f"{self.name} poisoning must be one of {', '.join(POISONING_MODES)}, "
+                            f"got {self.poisoning!r}")
 
     # -- resources -------------------------------------------------------------------------
     def prepare(self, dataset: Dataset, **context: Any) -> None:
@@ -98,9 +98,14 @@ class Attack:
 
     # -- per-batch poisoning (training-controllable attacks) --------------------------------
     @property
+    def poisoning(self) -> str:
+        """``"batch"`` or ``"stored"``; attacks without the option store their poisoned set."""
+        return getattr(self.config, "poisoning", "stored")
+
+    @property
     def poisons_per_batch(self) -> bool:
         """True when the attack poisons each training batch on the fly (``poisoning="batch"``)."""
-        return getattr(self.config, "poisoning", "stored") == "batch"
+        return self.poisoning == "batch"
 
     def poison_batch_head(self, x: torch.Tensor, y: torch.Tensor, trigger) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Batch mode: ``trigger`` (float [0, 1] images -> poisoned ones) on the first
@@ -114,6 +119,16 @@ class Attack:
             x[:n] = trigger(x[:n])
             y[:n] = self.config.target
         return x, y, n
+
+    def cross_count(self, batch_size: int) -> int:
+        """Cross / noise-mode samples per batch: int(int(ratio * B) * cross_ratio), as BackdoorBench."""
+        return int(int(self.config.poison_ratio * batch_size) * getattr(self.config, "cross_ratio", 0.0))
+
+    def cross_picks(self, y: torch.Tensor, start: int) -> torch.Tensor:
+        """Batch positions for the cross / noise-mode samples: the first :meth:`cross_count`
+        non-target samples after the poisoned head. The batch is shuffled, so they are a random
+        draw, and stored poisoned images (label = target) are never among them."""
+        return torch.nonzero(y[start:] != self.config.target).flatten()[: self.cross_count(len(y))] + start
 
     # -- derived ---------------------------------------------------------------------------
     def apply_chunked(self, x: torch.Tensor, index: torch.Tensor | None, split: str) -> torch.Tensor:

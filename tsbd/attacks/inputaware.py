@@ -356,22 +356,15 @@ class InputAware(Attack):
             out.append(to_uint8(trigger(xb)))
         return torch.cat(out) if out else x.clone()
 
-    def cross_count(self, batch_size: int) -> int:
-        """Cross-mode samples per batch: int(int(ratio * B) * cross_ratio), as BackdoorBench."""
-        return int(int(self.config.poison_ratio * batch_size) * self.config.cross_ratio)
-
     def batch_hook(self, seed: int):
-        trigger, target = self._prepared(), self.config.target
+        trigger = self._prepared()
 
         @torch.no_grad()
         def hook(x, y, generator):
             # batch mode: the head of the (augmented) batch with its own trigger, labelled target
             clean = x  # poison_batch_head copies, so cross triggers come from the clean images
             x, y, start = self.poison_batch_head(x, y, trigger)
-            count = self.cross_count(len(y))
-            # the batch is shuffled, so its first non-target samples after the head are a random
-            # draw; stored poisoned images (label = target) are never among them
-            pick = torch.nonzero(y[start:] != target).flatten()[:count] + start
+            pick = self.cross_picks(y, start)
             if len(pick) and len(y) > 1:
                 x = x.clone()
                 x[pick] = trigger(clean[pick], clean[cross_source(len(y), pick)])

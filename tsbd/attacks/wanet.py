@@ -215,23 +215,14 @@ class WaNet(Attack):
         x = random_rotation(x, self.config.random_rotation, ROTATION_P, self._fill, generator)
         return batch_augment.random_hflip(x, generator, FLIP_P).clamp_(0, 1)  # the fill trick leaves ~1e-8 overshoots
 
-    def cross_count(self, batch_size: int) -> int:
-        """Noise-mode samples per batch: int(int(ratio * B) * cross_ratio), as BackdoorBench."""
-        return int(int(self.config.poison_ratio * batch_size) * self.config.cross_ratio)
-
     def batch_hook(self, seed: int):
-        target = self.config.target
-
         def hook(x, y, generator):
             # batch mode: the head of the batch warped, labelled target (before augmentation, as BackdoorBench)
             x, y, start = self.poison_batch_head(x, y, lambda v: warp(v, self._require_grid(tuple(v.shape[2:]))))
-            count = self.cross_count(len(y))
-            if count:
-                # the batch is shuffled, so its first non-target samples after the head are a random draw
-                pick = torch.nonzero(y[start:] != target).flatten()[:count] + start
-                if len(pick):
-                    x = x.clone()
-                    x[pick] = self.noise_warp(x[pick], generator)
+            pick = self.cross_picks(y, start)
+            if len(pick):
+                x = x.clone()
+                x[pick] = self.noise_warp(x[pick], generator)
             x = self.augment(x, generator)
             return x.contiguous(memory_format=torch.channels_last), y
 
