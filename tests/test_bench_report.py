@@ -40,12 +40,7 @@ def results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("results")
     cells, metrics = [], {}
     for att, (acc, asr) in NO_DEF.items():
-        a = attack_cell(dataset={"name": "cifar10", "options": {}, "limit_train": 0, "limit_test": 0,
-                                 "fingerprint": "f" * 16},
-                        model={"name": "airbench", "options": {"widths": [32, 64, 128]}},
-                        attack={"name": att, "config": _defaults("attack", att)},
-                        train={"epochs": 30, "batch_size": 256, "lr": 0.2, "schedule": "onecycle"}, seed=0,
-                        versions=relevant_versions())
+        a = _attack_cell(att)
         cells.append(a)
         metrics[a.id] = {"acc": acc, "asr": asr, "ra": 0.0}
         for (att2, name, opts), (dacc, dasr, dder) in DEF.items():
@@ -57,16 +52,30 @@ def results(tmp_path_factory):
             metrics[d.id] = {"acc": dacc, "asr": dasr, "der": dder}
     failed = defense_cell(cells[0], defense={"name": "otherdef", "config": {"batch_size": 1}}, clean_ratio=0.05, seed=0)
     cells.append(failed)
+    _fill_store(folder, "fixture", cells, metrics, failed=failed.id)
+    return folder
+
+
+def _attack_cell(att):
+    return attack_cell(dataset={"name": "cifar10", "options": {}, "limit_train": 0, "limit_test": 0,
+                                "fingerprint": "f" * 16},
+                       model={"name": "airbench", "options": {"widths": [32, 64, 128]}},
+                       attack={"name": att, "config": _defaults("attack", att)},
+                       train={"epochs": 30, "batch_size": 256, "lr": 0.2, "schedule": "onecycle"}, seed=0,
+                       versions=relevant_versions())
+
+
+def _fill_store(folder, grid, cells, metrics, failed=None):
+    """Register ``cells`` as grid ``grid`` and finish each with its ``metrics`` (``failed``: that one fails)."""
     with Store(folder) as store:
-        store.register(Plan("fixture", {"name": "fixture"}, cells))
+        store.register(Plan(grid, {"name": grid}, cells))
         for c in cells:
             assert store.claim(c.id) == "claimed"
-            if c.id == failed.id:
+            if c.id == failed:
                 store.fail(c.id, "RuntimeError: out of memory")
                 continue
             store.complete(c.id, CellResult(metrics[c.id], {"total": 1.0}, {"tsbd": "0.1"}, f"artifacts/{c.id}",
                                             "testhost", now_iso(), now_iso()))
-    return folder
 
 
 def md_rows(text: str) -> dict[str, list[str]]:
@@ -201,22 +210,15 @@ def test_table1_columns_are_the_default_setting_of_tables_7_and_8(tables):
 def test_a_partial_table_says_its_averages_cover_different_attacks(tmp_path):
     cells, metrics = [], {}
     for att, (acc, asr) in NO_DEF.items():
-        a = attack_cell(dataset={"name": "cifar10", "options": {}, "limit_train": 0, "limit_test": 0,
-                                 "fingerprint": "f" * 16},
-                        model={"name": "airbench", "options": {}}, attack={"name": att, "config": _defaults("attack", att)},
-                        train={"epochs": 30}, seed=0, versions=relevant_versions())
+        a = _attack_cell(att)
         cells.append(a)
         metrics[a.id] = {"acc": acc, "asr": asr, "ra": 0.0}
         if att == "badnets":  # TSBD on one attack only
-            d = defense_cell(a, defense={"name": "tsbd", "config": _defaults("defense", "tsbd")}, clean_ratio=0.05, seed=0)
+            d = defense_cell(a, defense={"name": "tsbd", "config": _defaults("defense", "tsbd")}, clean_ratio=0.05,
+                             seed=0)
             cells.append(d)
             metrics[d.id] = {"acc": 0.84, "asr": 0.02, "der": 0.96}
-    with Store(tmp_path / "res") as store:
-        store.register(Plan("partial", {"name": "partial"}, cells))
-        for c in cells:
-            assert store.claim(c.id) == "claimed"
-            store.complete(c.id, CellResult(metrics[c.id], {"total": 1.0}, {"tsbd": "0.1"}, f"artifacts/{c.id}",
-                                            "testhost", now_iso(), now_iso()))
+    _fill_store(tmp_path / "res", "partial", cells, metrics)
     assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Incomplete table: each Average is over the attacks its column has (No Defense 2, TSBD 1 of 2)" in md
