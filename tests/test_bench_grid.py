@@ -128,6 +128,23 @@ def test_poison_ratio_axis_and_per_defense_clean_ratio():
     assert all("clean_ratio" not in d.config["defense"]["config"] for d in p.cells if d.kind == "defense")
 
 
+def test_per_attack_training_overrides_touch_only_that_attack():
+    base = expand(spec(defense=["none"]))
+    own = expand(spec(defense=["none"], attack_opts={"blended": {"train": {"epochs": 3}, "blend_ratio": 0.2}}))
+    by_name = {c.config["attack"]["name"]: c for c in own.cells}
+    before = {c.config["attack"]["name"]: c for c in base.cells}
+    assert by_name["blended"].config["train"]["epochs"] == 3
+    assert by_name["blended"].config["train"]["batch_size"] == 64  # the grid's [train] still applies
+    assert by_name["blended"].id != before["blended"].id
+    assert by_name["badnets"].id == before["badnets"].id  # the other attack's cell is unchanged
+    swept = expand(spec(defense=["none"], attack="blended", attack_opts={"blended": {"train": {"epochs": [2, 3]}}}))
+    assert sorted(c.config["train"]["epochs"] for c in swept.cells) == [2, 3]
+    with pytest.raises(TsbdError, match=r"\[attack_opts.blended\]: 'train' must be a table"):
+        expand(spec(attack_opts={"blended": {"train": 3}}))
+    with pytest.raises(TsbdError):
+        expand(spec(attack_opts={"blended": {"train": {"bogus_field": 1}}}))
+
+
 def test_unknown_names_are_listed_at_load_time():
     with pytest.raises(TsbdError) as err:
         expand(spec(attack=["badnets", "nosuchattack"], defense=["none", "nosuchdefense", "otherdefense"]))

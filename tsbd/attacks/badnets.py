@@ -28,22 +28,18 @@ class BadNets(Attack):
     name = "badnets"
     config_class = BadNetsConfig
 
-    def __init__(self, config=None, **overrides):
-        super().__init__(config, **overrides)
-        self._trigger: torch.Tensor | None = None
-
     def trigger(self, shape: tuple[int, int, int]) -> torch.Tensor:
         """The C x H x W uint8 trigger for images of ``shape`` (zero where the image is kept)."""
-        if self._trigger is None or tuple(self._trigger.shape) != tuple(shape):
-            c, h, w = shape
-            if self.config.trigger_image:
-                t = load_trigger_image(self.config.trigger_image, (h, w))[:c]
-            else:
-                k = self.config.patch_size or max(1, round(3 * h / 32))
-                t = torch.zeros(shape, dtype=torch.uint8)
-                t[:, h - k :, w - k :] = 255
-            self._trigger = t
-        return self._trigger
+        return self.memo_trigger(shape, self._build_trigger)
+
+    def _build_trigger(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        c, h, w = shape
+        if self.config.trigger_image:
+            return load_trigger_image(self.config.trigger_image, (h, w))[:c]
+        k = self.config.patch_size or max(1, round(3 * h / 32))
+        t = torch.zeros(shape, dtype=torch.uint8)
+        t[:, h - k :, w - k :] = 255
+        return t
 
     def apply(self, x, index=None, split="train"):
         t = self.trigger(tuple(x.shape[1:]))

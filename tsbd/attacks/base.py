@@ -72,6 +72,14 @@ class Attack:
                 f"choose --set target=0..{dataset.num_classes - 1}"
             )
 
+    def memo_trigger(self, shape: tuple[int, int, int], build) -> torch.Tensor:
+        """A static trigger for images of ``shape``: ``build(shape)`` once, then the same tensor
+        while the image shape stays the same."""
+        cached = getattr(self, "_memo_trigger", None)
+        if cached is None or tuple(cached.shape) != tuple(shape):
+            cached = self._memo_trigger = build(tuple(shape))
+        return cached
+
     # -- what each attack defines ----------------------------------------------------------
     def apply(self, x: torch.Tensor, index: torch.Tensor | None = None, split: str = "train") -> torch.Tensor:
         """Poison uint8 images ``x`` (N x C x H x W); ``index`` are their dataset indices."""

@@ -35,18 +35,14 @@ class Blended(Attack):
     name = "blended"
     config_class = BlendedConfig
 
-    def __init__(self, config=None, **overrides):
-        super().__init__(config, **overrides)
-        self._trigger: torch.Tensor | None = None
-
     def trigger(self, shape: tuple[int, int, int]) -> torch.Tensor:
-        if self._trigger is None or tuple(self._trigger.shape) != tuple(shape):
-            c, h, w = shape
-            if self.config.trigger_image:
-                self._trigger = load_trigger_image(self.config.trigger_image, (h, w))[:c]
-            else:
-                self._trigger = default_blend_pattern(shape)
-        return self._trigger
+        """The C x H x W uint8 image blended into the input."""
+        return self.memo_trigger(shape, self._build_trigger)
+
+    def _build_trigger(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        if self.config.trigger_image:
+            return load_trigger_image(self.config.trigger_image, shape[1:])[: shape[0]]
+        return default_blend_pattern(shape)
 
     def apply(self, x, index=None, split="train"):
         a = self.config.blend_ratio

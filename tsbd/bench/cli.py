@@ -22,12 +22,13 @@ GRID is a TOML file or a preset:
 
 Grid keys (each axis a value or a list): dataset, model, preset, attack, defense, poison_ratio,
 clean_ratio, seed, limit_train, limit_test; tables [train], [model_opts.NAME],
-[attack_opts(.NAME)], [defense_opts(.NAME)], [dataset_opts.NAME] whose list values are axes too.
-See docs/bench.md.
+[attack_opts(.NAME)], [attack_opts.NAME.train] (one attack's training), [defense_opts(.NAME)],
+[dataset_opts.NAME] whose list values are axes too. See docs/bench.md.
 
 Rerunning the same command resumes: finished cells are never redone, a cell that was running
 when the process died is redone (attack training from its last epoch checkpoint), failed cells
-are kept failed unless --retry-failed. Several bench processes may share one results folder.
+are kept failed unless --retry-failed. Several bench processes may share one results folder;
+`tsbd merge` brings in results folders run elsewhere (e.g. slices on a GPU machine).
 """
 
 
@@ -69,6 +70,17 @@ def register(subparsers, add_runtime_args, add_data_root) -> None:
     p.add_argument("--grid", default=None, help="only this grid's cells (default: every cell in the folder)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser("merge", help="merge bench results folders (e.g. slices run on a GPU machine) into one",
+                              description="Merge results stores into --into, cell by cell: a cell --into lacks is "
+                                          "added, one it has unfinished takes the source's result, one it has "
+                                          "done is kept. Grid memberships are united; artifact folders are "
+                                          "copied with their cells. One transaction per source.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="results folder of `tsbd bench` or its results.sqlite")
+    p.add_argument("--into", required=True, help="results folder to merge into (created if missing)")
+    p.add_argument("--no-artifacts", action="store_true",
+                   help="merge the rows only (e.g. to send back a small results file from a device)")
+    p.set_defaults(func=cmd_merge)
 
 
 def cmd_bench(args) -> int:
@@ -149,4 +161,12 @@ def cmd_report(args) -> int:
     files = write_report(args.results, out_dir=args.out, grid=args.grid, plots=not args.no_plots)
     print(files["md"])
     print(files["html"])
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from tsbd.bench.merge import merge_results
+
+    for source in args.sources:
+        print(merge_results(source, args.into, artifacts=not args.no_artifacts).line())
     return 0

@@ -379,31 +379,38 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
                         raise TsbdError(f"model {model_name!r} has no option {unknown[0]!r}; its options are: "
                                         f"{', '.join(m_defaults) or 'none'}")
                     model_cfg = {"name": model_name, "options": _jsonable({**m_defaults, **m_opts})}
-                    for t_opts in train_variants:
-                        train_cfg = to_dict(train_config(str(preset), t_opts))
-                        for att, ratio in itertools.product(_axis(spec, "attack"), _axis(spec, "poison_ratio")):
-                            att = str(att).lower()
-                            opts = {"poison_ratio": ratio, **attack_common, **attack_per.get(att, {})}
-                            cls = ATTACKS.get(att)
-                            for a_opts in _expand(opts, _config_sequence_fields(cls.config_class), f"[attack_opts.{att}]"):
-                                attack = build_attack(att, a_opts)
-                                if not 0 <= attack.config.target < datasets[key]["_num_classes"]:
-                                    raise TsbdError(f"attack target {attack.config.target} is outside the "
-                                                    f"{datasets[key]['_num_classes']} classes of {ds_name}")
-                                for seed in seeds:
-                                    a = attack_cell(dataset=ds_cfg, model=model_cfg, attack=attack.describe(),
-                                                    train=train_cfg, seed=seed, versions=versions)
-                                    if a.id in seen:
-                                        continue
-                                    seen.add(a.id)
-                                    cells.append(a)
-                                    for d, d_cfg, ratios in defense_variants:
-                                        for ratio in ratios:
-                                            dc = defense_cell(a, defense={"name": d, "config": d_cfg},
-                                                              clean_ratio=ratio, seed=seed)
-                                            if dc.id not in seen:
-                                                seen.add(dc.id)
-                                                cells.append(dc)
+                    for t_opts, att, ratio in itertools.product(train_variants, _axis(spec, "attack"),
+                                                                _axis(spec, "poison_ratio")):
+                        att = str(att).lower()
+                        own = dict(attack_per.get(att, {}))
+                        own_train = own.pop("train", {})
+                        if not isinstance(own_train, dict):
+                            raise TsbdError(f"[attack_opts.{att}]: 'train' must be a table of training options, "
+                                            f"e.g. [attack_opts.{att}.train] epochs = 60")
+                        opts = {"poison_ratio": ratio, **attack_common, **own}
+                        cls = ATTACKS.get(att)
+                        for tv, a_opts in itertools.product(
+                                _expand(own_train, _config_sequence_fields(TrainConfig), f"[attack_opts.{att}.train]"),
+                                _expand(opts, _config_sequence_fields(cls.config_class), f"[attack_opts.{att}]")):
+                            train_cfg = to_dict(train_config(str(preset), {**t_opts, **tv}))
+                            attack = build_attack(att, a_opts)
+                            if not 0 <= attack.config.target < datasets[key]["_num_classes"]:
+                                raise TsbdError(f"attack target {attack.config.target} is outside the "
+                                                f"{datasets[key]['_num_classes']} classes of {ds_name}")
+                            for seed in seeds:
+                                a = attack_cell(dataset=ds_cfg, model=model_cfg, attack=attack.describe(),
+                                                train=train_cfg, seed=seed, versions=versions)
+                                if a.id in seen:
+                                    continue
+                                seen.add(a.id)
+                                cells.append(a)
+                                for d, d_cfg, ratios in defense_variants:
+                                    for clean_ratio in ratios:
+                                        dc = defense_cell(a, defense={"name": d, "config": d_cfg},
+                                                          clean_ratio=clean_ratio, seed=seed)
+                                        if dc.id not in seen:
+                                            seen.add(dc.id)
+                                            cells.append(dc)
     # the training config must round-trip (it is rebuilt from JSON in the worker)
     for c in cells:
         if c.kind == "attack":

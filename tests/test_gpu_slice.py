@@ -1,0 +1,65 @@
+"""benchmarks/gpu/grid_slice.sh, the prepared device run, on CPU with a tiny grid: it runs the
+slice, sends back one rows-only results file, and that file merges into a local store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tsbd.bench.merge import merge_results
+from tsbd.bench.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = """
+name = "tiny-slice"
+dataset = "demo"
+model = "airbench"
+attack = ["badnets", "blended"]
+defense = ["none", "tsbd"]
+clean_ratio = 0.25
+limit_train = 200
+limit_test = 100
+[train]
+epochs = 1
+batch_size = 64
+[model_opts.airbench]
+widths = [8, 16, 16]
+[defense_opts.tsbd]
+unlearn_lr = 0.01
+unlearn_max_epochs = 2
+finetune_epochs = 1
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_slice_runs_one_attack_row_and_comes_back_as_one_mergeable_file(tmp_path):
+    grid = tmp_path / "tiny.toml"
+    grid.write_text(GRID)
+    out, results = tmp_path / "out", tmp_path / "device-results"
+    env = {**os.environ, "OUT": str(out), "RESULTS": str(results), "DATA_ROOT": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/grid_slice.sh"), str(grid), "badnets",
+                           "--device", "cpu", "--threads", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["results.sqlite"]  # rows only
+    assert not (out / "results" / "artifacts").exists()
+    local = tmp_path / "local"
+    summary = merge_results(out / "results", local)
+    assert summary.added == 4
+    with Store(local) as store:
+        assert store.counts("tiny-slice") == {"pending": 2, "running": 0, "done": 2, "failed": 0}
+        done = {c["config"].get("attack", {}).get("name") or c["config"]["defense"]["name"]: c
+                for c in store.cells(status="done")}
+        assert set(done) == {"badnets", "tsbd"}
+        assert 0 <= done["tsbd"]["metrics"]["asr"] <= 1 and done["badnets"]["artifact"] is None
+
+
+def test_slice_script_says_how_to_call_it(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/grid_slice.sh")], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode != 0 and "usage: OUT=DIR grid_slice.sh GRID ATTACK" in proc.stderr
