@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,42 @@ from tsbd.train.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TSBD_TEST_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# a grid of tiny cells on the embedded demo subset: seconds each
+TINY_GRID = """\
+name = "{name}"
+dataset = "demo"
+model = "airbench"
+preset = "cpu"
+attack = {attacks}
+defense = {defenses}
+poison_ratio = 0.1
+clean_ratio = 0.25
+seed = 0
+limit_train = 300
+limit_test = 100
+
+[train]
+epochs = {epochs}
+batch_size = 64
+
+[model_opts.airbench]
+widths = {widths}
+
+[defense_opts.tsbd]
+unlearn_lr = 0.01
+unlearn_max_epochs = 3
+finetune_epochs = 1
+"""
+
+
+def write_tiny_grid(folder: Path, *, name: str = "tiny", attacks=("badnets", "blended"), defenses=("none", "tsbd"),
+                    epochs: int = 1, widths=(16, 32, 32)) -> Path:
+    """Write a tiny grid (default: 2 attacks x (No Defense + TSBD)) to ``folder/NAME.toml``."""
+    path = Path(folder) / f"{name}.toml"
+    path.write_text(TINY_GRID.format(name=name, attacks=json.dumps(list(attacks)), defenses=json.dumps(list(defenses)),
+                                     epochs=epochs, widths=list(widths)))
+    return path
 
 
 @pytest.fixture(scope="session")

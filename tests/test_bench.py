@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_tiny_grid
 from tsbd.bench.cells import CellContext, CellResult, artifact_path, checkpoint_path, now_iso
 from tsbd.bench.executors import run_grid
 from tsbd.bench.grid import Plan, attack_cell, defense_cell, load_grid
@@ -22,39 +23,12 @@ from tsbd.errors import TsbdError
 
 REPO = Path(__file__).resolve().parents[1]
 
-# 2 attacks x (No Defense + TSBD), tiny airbench, a few hundred demo images: 4 cells, seconds each
-TINY_GRID = """\
-name = "tiny"
-dataset = "demo"
-model = "airbench"
-preset = "cpu"
-attack = ["badnets", "blended"]
-defense = ["none", "tsbd"]
-poison_ratio = 0.1
-clean_ratio = 0.25
-seed = 0
-limit_train = 300
-limit_test = 100
-
-[train]
-epochs = {epochs}
-batch_size = 64
-
-[model_opts.airbench]
-widths = [16, 32, 32]
-
-[defense_opts.tsbd]
-unlearn_lr = 0.01
-unlearn_max_epochs = 3
-finetune_epochs = 1
-"""
 RUNTIME = ["--device", "cpu", "--precision", "fp32", "--threads", "1", "--quiet"]
 
 
 def write_grid(tmp_path: Path, epochs: int = 1) -> Path:
-    grid = tmp_path / "tiny.toml"
-    grid.write_text(TINY_GRID.format(epochs=epochs))
-    return grid
+    """2 attacks x (No Defense + TSBD), tiny airbench, a few hundred demo images: 4 cells, seconds each."""
+    return write_tiny_grid(tmp_path, epochs=epochs)
 
 
 def env() -> dict:

@@ -9,6 +9,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from conftest import write_tiny_grid  # noqa: E402
 from tsbd.bench.cells import CellContext, run_cell  # noqa: E402
 from tsbd.bench.executors import run_grid  # noqa: E402
 from tsbd.bench.grid import load_grid  # noqa: E402
@@ -17,25 +18,6 @@ from tsbd.bench.store import Store  # noqa: E402
 from tsbd.errors import TsbdError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = """\
-name = "tiny-ray"
-dataset = "demo"
-model = "airbench"
-attack = ["badnets", "blended"]
-defense = ["none", "tsbd"]
-clean_ratio = 0.25
-limit_train = 300
-limit_test = 100
-[train]
-epochs = 1
-batch_size = 64
-[model_opts.airbench]
-widths = [16, 32, 32]
-[defense_opts.tsbd]
-unlearn_lr = 0.01
-unlearn_max_epochs = 3
-finetune_epochs = 1
-"""
 
 
 @pytest.fixture
@@ -60,8 +42,7 @@ def failing_for_blended_defense(cell, parent, ctx, cache):
 
 
 def test_ray_executor_runs_the_tiny_grid_attacks_before_their_defenses(tmp_path, local_ray):
-    grid = tmp_path / "grid.toml"
-    grid.write_text(GRID)
+    grid = write_tiny_grid(tmp_path, name="tiny-ray")
     plan = load_grid(grid)
     results = tmp_path / "results"
     ctx = CellContext(str(results), device="cpu", precision="fp32")

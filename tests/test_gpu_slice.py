@@ -10,35 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_tiny_grid
 from tsbd.bench.merge import merge_results
 from tsbd.bench.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-GRID = """
-name = "tiny-slice"
-dataset = "demo"
-model = "airbench"
-attack = ["badnets", "blended"]
-defense = ["none", "tsbd"]
-clean_ratio = 0.25
-limit_train = 200
-limit_test = 100
-[train]
-epochs = 1
-batch_size = 64
-[model_opts.airbench]
-widths = [8, 16, 16]
-[defense_opts.tsbd]
-unlearn_lr = 0.01
-unlearn_max_epochs = 2
-finetune_epochs = 1
-"""
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_slice_runs_one_attack_row_and_comes_back_as_one_mergeable_file(tmp_path):
-    grid = tmp_path / "tiny.toml"
-    grid.write_text(GRID)
+    grid = write_tiny_grid(tmp_path, name="tiny-slice", widths=(8, 16, 16))
     out, results = tmp_path / "out", tmp_path / "device-results"
     env = {**os.environ, "OUT": str(out), "RESULTS": str(results), "DATA_ROOT": str(tmp_path),
            "PYTHONPATH": str(ROOT)}

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_tiny_grid
 from tsbd.artifacts import load_state
 from tsbd.cli import main
 
@@ -195,23 +196,6 @@ def test_defend_sigkill_writes_nothing_and_rerun_finishes(attacked, tmp_path):
     assert (out / "meta.json").is_file()
 
 
-BENCH_GRID = """\
-name = "tiny-write"
-dataset = "demo"
-model = "airbench"
-preset = "cpu"
-attack = "badnets"
-defense = ["none"]
-limit_train = 300
-limit_test = 100
-
-[train]
-epochs = 1
-batch_size = 64
-
-[model_opts.airbench]
-widths = [8, 16, 16]
-"""
 
 
 def test_bench_write_failing_half_way_leaves_no_artifact_and_no_result_row(tmp_path, monkeypatch, capsys):
@@ -225,9 +209,9 @@ def test_bench_write_failing_half_way_leaves_no_artifact_and_no_result_row(tmp_p
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    (tmp_path / "grid.toml").write_text(BENCH_GRID)
+    grid = write_tiny_grid(tmp_path, name="tiny-write", attacks=["badnets"], defenses=["none"], widths=(8, 16, 16))
     results = tmp_path / "results"
-    assert main(["bench", str(tmp_path / "grid.toml"), "--results", str(results), *RUNTIME]) == 1
+    assert main(["bench", str(grid), "--results", str(results), *RUNTIME]) == 1
     assert "nothing was written" in capsys.readouterr().err
     with Store(results) as store:
         rows = store.cells()
