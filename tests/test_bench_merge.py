@@ -78,6 +78,7 @@ def test_a_slice_merges_into_the_local_store_and_a_second_merge_changes_nothing(
     again = merge_results(device, local)
     assert (again.added, again.updated, again.artifacts, again.grids) == (0, 0, 0, 0)
     assert again.kept == 5  # four done, and the failure already recorded
+    assert not list((local / "artifacts").glob(".*"))  # no temporary copy left behind
     with Store(local) as store:
         assert store.runs() == history  # no attempt recorded twice
 

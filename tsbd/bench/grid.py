@@ -326,7 +326,18 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
     seeds = seeds if seeds is not None else [int(s) for s in _axis(spec, "seed")]
     attack_common, attack_per = _split_opts(spec.get("attack_opts", {}))
     defense_common, defense_per = _split_opts(spec.get("defense_opts", {}))
-    train_variants = _expand(spec.get("train", {}), _config_sequence_fields(TrainConfig), "[train]")
+    train_seq = _config_sequence_fields(TrainConfig)
+    train_variants = _expand(spec.get("train", {}), train_seq, "[train]")
+    # one attack's own training overrides ([attack_opts.NAME.train]), applied on top of [train]
+    attack_train: dict[str, list[dict]] = {}
+    for att, own in list(attack_per.items()):
+        own = dict(own)
+        own_train = own.pop("train", {})
+        if not isinstance(own_train, dict):
+            raise TsbdError(f"[attack_opts.{att}]: 'train' must be a table of training options, "
+                            f"e.g. [attack_opts.{att}.train] epochs = 60")
+        attack_per[att] = own
+        attack_train[att] = _expand(own_train, train_seq, f"[attack_opts.{att}.train]")
     defenses = [str(d).lower() for d in _axis(spec, "defense")]
     clean_ratios = [float(c) for c in _axis(spec, "clean_ratio")]
     for c in clean_ratios:
@@ -382,15 +393,10 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
                     for t_opts, att, ratio in itertools.product(train_variants, _axis(spec, "attack"),
                                                                 _axis(spec, "poison_ratio")):
                         att = str(att).lower()
-                        own = dict(attack_per.get(att, {}))
-                        own_train = own.pop("train", {})
-                        if not isinstance(own_train, dict):
-                            raise TsbdError(f"[attack_opts.{att}]: 'train' must be a table of training options, "
-                                            f"e.g. [attack_opts.{att}.train] epochs = 60")
-                        opts = {"poison_ratio": ratio, **attack_common, **own}
+                        opts = {"poison_ratio": ratio, **attack_common, **attack_per.get(att, {})}
                         cls = ATTACKS.get(att)
                         for tv, a_opts in itertools.product(
-                                _expand(own_train, _config_sequence_fields(TrainConfig), f"[attack_opts.{att}.train]"),
+                                attack_train.get(att, [{}]),
                                 _expand(opts, _config_sequence_fields(cls.config_class), f"[attack_opts.{att}]")):
                             train_cfg = to_dict(train_config(str(preset), {**t_opts, **tv}))
                             attack = build_attack(att, a_opts)

@@ -12,9 +12,9 @@ the same row:
   when SOURCE failed too, and a cell a live process runs;
 * grid memberships are united (a grid DEST lacks is added; a grid both have gains SOURCE's cells).
 
-Artifact folders are copied with their done cells when SOURCE is a folder that has them (each to a
-temporary name, renamed into place before the rows are committed); a done cell whose artifact did
-not come along is recorded with none. The whole merge into DEST is one transaction: an interrupted
+Artifact folders are copied with their done cells when SOURCE is a folder that has them: first to
+temporary names, before DEST's write lock is taken, then renamed into place inside the transaction
+that records their rows; a done cell whose artifact did not come along is recorded with none. The whole merge into DEST is one transaction: an interrupted
 merge leaves DEST as it was (apart from whole artifact folders of cells it does not yet mark done).
 SOURCE is only read (it is copied first, so a read-only folder fetched from a device is fine).
 """
@@ -105,12 +105,15 @@ def merge_results(source: str | Path, into: str | Path, *, artifacts: bool = Tru
         runs_by_cell.setdefault(run["cell"], []).append(run)
 
     with Store(dest_dir) as store:
-        moved: list[Path] = []
+        # artifact folders are copied before the write lock is taken (bench processes sharing DEST
+        # keep writing meanwhile); the transaction only renames the copies it uses into place
+        staged = _stage_artifacts(rows["cells"], store, src_dir, dest_dir) if artifacts else {}
+        placed: list[Path] = []
         try:
             with store.transaction() as conn:
                 for cell in rows["cells"]:
-                    _merge_cell(conn, store, cell, runs_by_cell.get(cell["id"], []), src_dir, dest_dir,
-                                artifacts, summary, moved)
+                    _merge_cell(conn, store, cell, runs_by_cell.get(cell["id"], []), staged, dest_dir, summary,
+                                placed)
                 for grid in rows["grids"]:
                     conn.execute("INSERT OR IGNORE INTO grids (name, spec_json, created, updated) VALUES (?, ?, ?, ?)",
                                  (grid["name"], grid["spec_json"], grid["created"], grid["updated"]))
@@ -122,14 +125,17 @@ def merge_results(source: str | Path, into: str | Path, *, artifacts: bool = Tru
                         changed.add(gc["grid"])
                 summary.grids = len(changed)
         except BaseException:
-            for path in moved:  # the rows that pointed at them were rolled back
+            for path in placed:  # the rows that pointed at them were rolled back
                 shutil.rmtree(path, ignore_errors=True)
             raise
+        finally:
+            for tmp in staged.values():  # copies not used (the cell was done in DEST by then)
+                shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
-def _merge_cell(conn, store: Store, cell: dict, runs: list[dict], src_dir: Path | None, dest_dir: Path,
-                artifacts: bool, summary: MergeSummary, moved: list[Path]) -> None:
+def _merge_cell(conn, store: Store, cell: dict, runs: list[dict], staged: dict[str, Path], dest_dir: Path,
+                summary: MergeSummary, placed: list[Path]) -> None:
     mine = conn.execute("SELECT status, owner, heartbeat, attempts FROM cells WHERE id = ?", (cell["id"],)).fetchone()
     finished = cell["status"] in ("done", "failed")
     if mine is not None:
@@ -143,9 +149,14 @@ def _merge_cell(conn, store: Store, cell: dict, runs: list[dict], src_dir: Path 
             return  # neither has a result: nothing to take
     status = cell["status"] if finished else "pending"
     artifact = None
-    if status == "done" and cell["artifact"]:
-        artifact = _copy_artifact(cell, src_dir, dest_dir, moved) if artifacts else None
-        summary.artifacts += artifact is not None
+    if status == "done" and cell["id"] in staged:
+        target = dest_dir / ARTIFACTS / cell["id"]
+        if target.exists():  # a leftover of an unfinished local attempt: SOURCE's finished one replaces it
+            shutil.rmtree(target)
+        staged.pop(cell["id"]).rename(target)
+        placed.append(target)
+        artifact = str(Path(ARTIFACTS) / cell["id"])
+        summary.artifacts += 1
     result = {k: cell[k] for k in RESULT_FIELDS} if finished else dict.fromkeys(RESULT_FIELDS)
     base = mine["attempts"] if mine is not None else 0
     attempts = base + (cell["attempts"] if finished else 0)
@@ -167,21 +178,25 @@ def _merge_cell(conn, store: Store, cell: dict, runs: list[dict], src_dir: Path 
         conn.execute(f"INSERT INTO runs ({', '.join(run)}) VALUES ({', '.join('?' * len(run))})", tuple(run.values()))
 
 
-def _copy_artifact(cell: dict, src_dir: Path | None, dest_dir: Path, moved: list[Path]) -> str | None:
-    """Copy a done cell's artifact folder into DEST (temporary name, then rename); its relative path,
-    or None when SOURCE did not bring it."""
+def _stage_artifacts(cells: list[dict], store: Store, src_dir: Path | None, dest_dir: Path) -> dict[str, Path]:
+    """Copy the artifact folder of every SOURCE cell that is done there, not done in DEST, and whose
+    folder came along, to a temporary name in DEST: {cell id: copy}."""
+    staged: dict[str, Path] = {}
     if src_dir is None:
-        return None
-    src = src_dir / cell["artifact"]
-    if not src.is_dir():
-        return None
-    target = dest_dir / ARTIFACTS / cell["id"]
-    if target.exists():  # a leftover of an unfinished local attempt: SOURCE's finished one replaces it
-        shutil.rmtree(target)
-    tmp = target.with_name(f".{cell['id']}.merging")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    tmp.rename(target)
-    moved.append(target)
-    return str(Path(ARTIFACTS) / cell["id"])
-
+        return staged
+    try:
+        for cell in cells:
+            if cell["status"] != "done" or not cell["artifact"]:
+                continue
+            src, mine = src_dir / cell["artifact"], store.state(cell["id"])
+            if not src.is_dir() or (mine is not None and mine["status"] == "done"):
+                continue
+            tmp = dest_dir / ARTIFACTS / f".{cell['id']}.merging"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            staged[cell["id"]] = tmp
+    except BaseException:
+        for tmp in staged.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return staged
