@@ -253,3 +253,29 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     if not found:
         raise TsbdError(f"{type(model).__name__} has no nn.Linear layer whose input units could be selected")
     return found[-1]
+
+
+# BackdoorBench's trigger files (SCLBD/BackdoorBench @ f02e353, ``resource/``; CC BY-NC 4.0, so not
+# shipped here) and the option of each attack that takes one. LF's file is made per (dataset, model).
+BACKDOORBENCH_TRIGGERS = {
+    "badnets": ("trigger_image", "trigger_image.png"),
+    "blended": ("trigger_image", "hello_kitty.jpeg"),
+    "trojan": ("mask_image", "apple4.png"),
+    "lf": ("trigger_file", "{dataset}_{model}_0_255.npy"),
+}
+
+
+def backdoorbench_trigger_options(folder: str | os.PathLike, dataset: str = "cifar10",
+                                  model: str = "preactresnet18") -> dict[str, dict[str, str]]:
+    """``{attack: {option: path}}`` for BackdoorBench's trigger files in ``folder`` (LF's for
+    ``dataset`` and ``model`` in BackdoorBench's spelling, e.g. ``preactresnet18``, ``vgg19_bn``).
+    Raises a TsbdError naming the first file that is missing."""
+    out = {}
+    for attack, (option, name) in BACKDOORBENCH_TRIGGERS.items():
+        path = Path(folder) / name.format(dataset=dataset, model=model)
+        if not path.is_file():
+            raise TsbdError(f"BackdoorBench trigger file {path} not found; pass the folder that holds "
+                            f"BackdoorBench's resource files ({', '.join(n for _, n in BACKDOORBENCH_TRIGGERS.values())})")
+        out[attack] = {option: str(path)}
+    return out
+

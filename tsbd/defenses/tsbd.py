@@ -26,7 +26,8 @@ from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.errors import DivergedError
 from tsbd.metrics import accuracy
-from tsbd.models.surgery import rank_neurons, subweight_change, zero_subweights
+from tsbd.models.surgery import (batchnorm_buffers, rank_neurons, recompute_bn_stats, subweight_change,
+                                 zero_subweights)
 from tsbd.train.engine import TrainConfig, cross_entropy_step, fit, predict
 from tsbd.train.runtime import Runtime
 
@@ -50,7 +51,18 @@ class TSBDConfig(DefenseConfig):
     finetune_lr: float = option(0.01, "activeness-aware fine-tuning learning rate", "paper App. C")
     finetune_momentum: float = option(0.9, "fine-tuning SGD momentum (no weight decay, no schedule)",
                                       "authors' tsbd.py")
-    finetune_epochs: int = option(20, "fine-tuning epochs (the authors' loop runs ft_epoch+1 = 21)", "paper App. C")
+    finetune_epochs: int = option(21, "fine-tuning epochs (paper App. C: 20; the authors' loop runs "
+                                  "range(ft_epoch + 1) = 21, which produced the paper's numbers)",
+                                  "authors' tsbd.py fine-tuning loop")
+    finetune_shuffle: bool = option(False, "shuffle the clean set every fine-tuning epoch (the authors' clean "
+                                    "loader keeps dataset order)", "authors' tsbd.py (shuffle=False)")
+    unlearn_shuffle: bool = option(False, "shuffle the clean set every unlearning epoch (same loader)",
+                                   "authors' tsbd.py (shuffle=False)")
+    passes_update_bn: bool = option(False, "let the two gradient passes of a step update BatchNorm running "
+                                    "statistics (the authors take them on a per-batch copy: they do not)",
+                                    "authors' tsbd.py train_finetuning_reg")
+    post_step_bn: bool = option(True, "after each step, one train-mode forward of the batch updates BatchNorm "
+                                "running statistics at the new weights", "authors' tsbd.py train_finetuning_reg")
     r: float = option(0.05, "perturbation radius of the gradient-norm approximation", "paper App. C, Zhao et al. 2022")
     alpha: float = option(0.7, "balance coefficient a = lambda / r", "paper App. C, Zhao et al. 2022")
     perturbation_norm: Literal["per-tensor", "global"] = option(
@@ -91,7 +103,8 @@ def clean_unlearn(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: R
 
     try:
         res = fit(unlearned, clean, train_cfg, runtime, seed=seed, step=cross_entropy_step(ascent=True),
-                  optimizer=opt, on_epoch_end=reached_threshold, desc="TSBD 1a clean unlearning", progress=progress)
+                  optimizer=opt, on_epoch_end=reached_threshold, desc="TSBD 1a clean unlearning", progress=progress,
+                  shuffle=cfg.unlearn_shuffle)
     except DivergedError:
         # gradient ascent drove the loss to infinity before accuracy reached the threshold (a model
         # already near chance): the unlearning is as complete as it gets; use the last finite epoch
@@ -157,17 +170,26 @@ def zero_reinit(backdoored: nn.Module, weight_change: dict[str, torch.Tensor], n
 
 # ------------------------------------------------------------------------------------------
 # Stage 2
-def activeness_aware_step(r: float, alpha: float, norm: str = "per-tensor"):
+def activeness_aware_step(r: float, alpha: float, norm: str = "per-tensor", *, passes_update_bn: bool = False,
+                          post_step_bn: bool = True):
     """The Aa-FT step (Alg. 2): g1 at theta; g2 at theta + r g1/||g1||; update with (1-a) g1 + a g2.
 
     ``norm="per-tensor"`` divides each tensor's g1 by its own L2 norm (authors' code);
     ``"global"`` by the norm of the whole gradient (paper Eq. 5).
+
+    BatchNorm running statistics as in the authors' code: both gradient passes run in train mode
+    (batch statistics) but leave the running statistics as they were (the authors take them on a
+    per-batch deep copy; here the buffers are saved and put back, which is the same and copies
+    a few kilobytes instead of the model); after the step, one train-mode forward of the batch
+    updates them at the new weights. ``passes_update_bn=True, post_step_bn=False`` is the
+    simpler variant in which the two passes update them (at theta and theta + eps) and nothing else.
     """
     if norm not in ("per-tensor", "global"):
         raise ValueError(f"unknown perturbation norm {norm!r}")
 
     def step(model, x, y, optimizer, runtime):
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        saved = None if passes_update_bn else [b.clone() for b in batchnorm_buffers(model)]
         with runtime.autocast():
             loss = nn.functional.cross_entropy(model(x), y)
         g1 = torch.autograd.grad(loss, params, allow_unused=True)
@@ -187,7 +209,13 @@ def activeness_aware_step(r: float, alpha: float, norm: str = "per-tensor"):
             for p, e, a, b in zip(params, eps, g1, g2):
                 p.sub_(e)
                 p.grad = (1 - alpha) * a + (alpha * b if b is not None else 0)
+            if saved is not None:
+                for buf, old in zip(batchnorm_buffers(model), saved):
+                    buf.copy_(old)
         optimizer.step()
+        if post_step_bn:
+            with torch.no_grad(), runtime.autocast():
+                model(x)
         return loss.detach()
 
     return step
@@ -201,10 +229,11 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet, cfg: TSBDConfig
     train_cfg = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.finetune_lr,
                             momentum=cfg.finetune_momentum, weight_decay=0.0, schedule="constant",
                             augment=cfg.augment, drop_last=False)
-    step = (activeness_aware_step(cfg.r, cfg.alpha, cfg.perturbation_norm)
+    step = (activeness_aware_step(cfg.r, cfg.alpha, cfg.perturbation_norm, passes_update_bn=cfg.passes_update_bn,
+                                  post_step_bn=cfg.post_step_bn)
             if cfg.finetune_mode == "activeness-aware" else cross_entropy_step())
     res = fit(model, clean, train_cfg, runtime, seed=seed + 1, step=step, desc="TSBD 2 activeness-aware FT",
-              progress=progress)
+              progress=progress, shuffle=cfg.finetune_shuffle)
     return {"epochs": res.epochs, "final_loss": res.history[-1]["loss"] if res.history else math.nan}
 
 
@@ -227,6 +256,13 @@ class TSBD(Defense):
             model, result.info["reinit"] = zero_reinit(model, change, cfg.neuron_ratio, cfg.weight_ratio,
                                                        cfg.reinit_scheme)
         stages.observe("after_reinit", model)
+        if stages.monitor is not None:
+            # the reinit leaves BN statistics that no longer match the weights; how much of the
+            # backdoor they hide shows on a copy whose statistics are recomputed on the clean set
+            fresh = copy.deepcopy(model)
+            recompute_bn_stats(fresh, clean.x, runtime, batch_size=cfg.batch_size)
+            stages.observe("after_reinit_bn_recomputed", fresh)
+            del fresh
         with stages.stage("finetune"):
             result.info["finetune"] = activeness_aware_finetune(model, clean, cfg, runtime, seed=seed,
                                                                 progress=progress)

@@ -63,6 +63,37 @@ def rank_neurons(nwc: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
     return [keys[i] for i in order.tolist()]
 
 
+def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The running statistics (mean, var, batch count) of every BatchNorm layer of ``model``."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, images: torch.Tensor, runtime: Runtime, *, batch_size: int = 256) -> int:
+    """Replace every BatchNorm layer's running statistics, in place, by their average over
+    ``images`` (uint8) at the present weights: one train-mode pass, weights untouched. Returns the
+    number of BN layers reset (0: nothing to do)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    momenta = [m.momentum for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    model.train()
+    try:
+        for start in range(0, len(images), batch_size):
+            with runtime.autocast():
+                model(to_model_input(images[start:start + batch_size], runtime))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return len(bns)
+
+
 def zero_subweights(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Set the conv weights where ``masks[name]`` (K x I bool) is True to 0, in place; returns the count."""
     mods = dict(model.named_modules())

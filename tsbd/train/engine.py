@@ -157,6 +157,7 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     train_mode: bool = True,
+    shuffle: bool = True,
 ) -> FitResult:
     """Train ``model`` in place on ``data`` for ``cfg.epochs`` epochs.
 
@@ -166,6 +167,7 @@ def fit(
     With ``checkpoint`` set, state is saved there after every epoch and a rerun resumes.
     ``train_mode=False`` keeps the model in eval mode (frozen BN statistics), for methods that
     optimize something other than the weights (trigger reverse-engineering, masks).
+    ``shuffle=False`` visits the images in dataset order every epoch (an unshuffled loader).
     """
     if len(data) == 0:
         raise TsbdError("the training set is empty; provide at least one image")
@@ -217,7 +219,8 @@ def fit(
             n_batches = 0
             t_epoch = time.perf_counter()
             for i, (x, y) in enumerate(iterate_batches(data, cfg.batch_size, runtime, generator=generator,
-                                                       augment=cfg.augment, drop_last=drop_last)):
+                                                       shuffle=shuffle, augment=cfg.augment,
+                                                       drop_last=drop_last)):
                 factor = _lr_factor(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
