@@ -10,6 +10,7 @@ import torch
 from tsbd.bench.grid import (PRESETS, attack_cell, cell_id, check_names, defense_cell, expand, load_spec, parse_set,
                              relevant_versions)
 from tsbd.errors import TsbdError
+from tsbd.train.runtime import Runtime
 
 TINY = {
     "name": "tiny", "dataset": "demo", "model": "airbench", "preset": "cpu", "attack": ["badnets", "blended"],
@@ -227,3 +228,62 @@ def test_the_docs_example_grid_loads(tmp_path):
     assert len(plan.cells) == 4 * (1 + 2)  # each with TSBD at two neuron ratios
     blended = next(c for c in plan.attack_cells if c.config["attack"]["name"] == "blended")
     assert blended.config["attack"]["config"]["blend_ratio"] == 0.2 and blended.config["train"]["epochs"] == 20
+
+
+def _trigger_root(tmp_path, name, content=b"\x00" * 3):
+    """A data root holding the embedded demo set's stand-in: only the trigger folder matters here."""
+    import numpy as np
+
+    folder = tmp_path / name / "backdoorbench-triggers"
+    folder.mkdir(parents=True)
+    arr = np.zeros((32, 32, 3), np.uint8)
+    arr[..., 0] = content[0]
+    np.save(folder / "lf.npy", arr)
+    return tmp_path / name
+
+
+def test_data_root_files_keep_the_placeholder_and_hash_the_content(tmp_path):
+    from tsbd.bench.cells import CellContext, DataCache
+
+    opts = {"attack_opts": {"lf": {"trigger_file": "{data_root}/backdoorbench-triggers/lf.npy"}},
+            "attack": ["lf", "badnets"], "defense": ["none"]}
+    a, b = _trigger_root(tmp_path, "a"), _trigger_root(tmp_path, "b")
+    plan_a, plan_b = expand(spec(**opts), data_root=str(a)), expand(spec(**opts), data_root=str(b))
+    lf_a = next(c for c in plan_a.attack_cells if c.config["attack"]["name"] == "lf")
+    assert lf_a.config["attack"]["config"]["trigger_file"].startswith("{data_root}/")
+    assert set(lf_a.config["files"]) == {"trigger_file"}
+    assert [c.id for c in plan_a.cells] == [c.id for c in plan_b.cells]  # machine-independent ids
+    badnets = next(c for c in plan_a.attack_cells if c.config["attack"]["name"] == "badnets")
+    assert "files" not in badnets.config  # grids without files keep their ids
+    other = _trigger_root(tmp_path, "c", content=b"\x07")
+    lf_c = next(c for c in expand(spec(**opts), data_root=str(other)).attack_cells
+                if c.config["attack"]["name"] == "lf")
+    assert lf_c.id != lf_a.id  # another file is another cell
+    # the worker resolves the placeholder against its own root and checks the content
+    setup = DataCache().setup(lf_a, CellContext(results_dir=str(tmp_path / "r"), data_root=str(b)),
+                              Runtime.create("cpu", "fp32"))
+    assert setup.attack.config.trigger_file == str(b / "backdoorbench-triggers" / "lf.npy")
+    with pytest.raises(TsbdError, match="sha256 differs"):
+        DataCache().setup(lf_a, CellContext(results_dir=str(tmp_path / "r"), data_root=str(other)),
+                          Runtime.create("cpu", "fp32"))
+
+
+def test_data_root_files_need_a_data_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("TSBD_DATA_ROOT", raising=False)
+    opts = {"attack_opts": {"lf": {"trigger_file": "{data_root}/backdoorbench-triggers/lf.npy"}}, "attack": "lf"}
+    with pytest.raises(TsbdError, match="--data-root"):
+        expand(spec(**opts))
+    with pytest.raises(TsbdError, match="not found"):
+        expand(spec(**opts), data_root=str(tmp_path))
+
+
+@pytest.mark.parametrize("preset", ["paper-cifar10-cpu", "paper-cifar10-r18-cpu"])
+def test_cpu_presets_use_backdoorbench_trigger_files(preset):
+    s = load_spec(preset)
+    files = {a: next(iter(o.values())) for a, o in s["attack_opts"].items() if a in ("badnets", "blended", "lf", "trojan")}
+    assert files == {"badnets": "{data_root}/backdoorbench-triggers/trigger_image.png",
+                     "blended": "{data_root}/backdoorbench-triggers/hello_kitty.jpeg",
+                     "lf": "{data_root}/backdoorbench-triggers/cifar10_preactresnet18_0_255.npy",
+                     "trojan": "{data_root}/backdoorbench-triggers/apple4.png"}
+    if preset == "paper-cifar10-r18-cpu":
+        assert s["model"] == "preact_resnet18" and "tsbd" not in s.get("defense_opts", {})  # paper lrs unchanged

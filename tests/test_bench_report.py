@@ -222,3 +222,25 @@ def test_a_partial_table_says_its_averages_cover_different_attacks(tmp_path):
     assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Incomplete table: each Average is over the attacks its column has (No Defense 2, TSBD 1 of 2)" in md
+
+
+def test_n_selected_on_test_data_is_a_labelled_column_never_ranked(tmp_path):
+    from tsbd.bench.report import collect
+    from tsbd.metrics import der
+
+    a = _attack_cell("badnets")
+    d = defense_cell(a, defense={"name": "tsbd", "config": _defaults("defense", "tsbd")}, clean_ratio=0.05, seed=0)
+    picked = {"n": 0.3, "acc": 0.84, "asr": 0.0, "sweep": []}
+    _fill_store(tmp_path, "sel", [a, d], {a.id: {"acc": 0.85, "asr": 0.95},
+                                          d.id: {"acc": 0.80, "asr": 0.40, "der": 0.5,
+                                                 "stages": {"n_selected_on_test": picked}}})
+    with Store(tmp_path, create=False) as store:
+        (table,) = collect(store, "sel")
+    sel = [c for c in table.columns if c.selected_on_test]
+    assert len(sel) == 1 and sel[0].label == "TSBD, n selected on test data"
+    row = table.rows[0].key
+    v = table.values[(row, sel[0].key)]
+    assert v["asr"] == pytest.approx(0.0) and v["acc"] == pytest.approx(84.0) and v["selected_n"] == [0.3]
+    assert v["der"] == pytest.approx(100 * der(0.85, 0.95, 0.84, 0.0))
+    # better on every metric than the fixed-n column, yet never marked best: it saw the test set
+    assert table.best(row, "asr") == set() and table.best(None, "der") == set()

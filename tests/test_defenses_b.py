@@ -42,7 +42,8 @@ def backdoored(small, runtime):
     poisoned = attack.poison_train(small.train, seed=0)
     torch.manual_seed(0)
     model = build_model("airbench", 10, mean=small.mean, std=small.std, widths=(16, 32, 32))
-    fit(model, poisoned.data, TrainConfig(epochs=10, batch_size=64, lr=0.1, nesterov=True, schedule="onecycle",
+    # lr 0.05: at 0.1 the backdoor is learnt on some CPUs and not on others (ASR 0.57 on an AVX2-only EPYC)
+    fit(model, poisoned.data, TrainConfig(epochs=10, batch_size=64, lr=0.05, nesterov=True, schedule="onecycle",
                                           augment=False), runtime, progress=False)
     test = attack.poison_test(small.test)
     asr = attack_success_rate(predict(model, test.x, runtime), test.y_target)

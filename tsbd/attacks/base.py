@@ -151,14 +151,14 @@ class Attack:
 
     def poison_train(self, train: ImageSet, seed: int) -> PoisonedTrain:
         if self.poisons_per_batch:  # nothing stored: the batch hook poisons during training
-            return PoisonedTrain(ImageSet(train.x, train.y), torch.empty(0, dtype=torch.int64))
+            return PoisonedTrain(ImageSet(train.x, train.y, hflip=train.hflip), torch.empty(0, dtype=torch.int64))
         idx = self.poison_indices(train.y, seed)
         x, y = train.x.clone(), train.y.clone()
         if len(idx):
             x[idx] = self.apply_chunked(train.x[idx], idx, "train")
             if not self.clean_label:
                 y[idx] = self.config.target
-        return PoisonedTrain(ImageSet(x, y), idx)
+        return PoisonedTrain(ImageSet(x, y, hflip=train.hflip), idx)
 
     def poison_test(self, test: ImageSet) -> PoisonedTest:
         keep = torch.nonzero(test.y != self.config.target).flatten()

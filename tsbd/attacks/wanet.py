@@ -157,6 +157,7 @@ class WaNet(Attack):
         self.grid: torch.Tensor | None = None  # 1 x H x W x 2 trigger sampling grid
         self.resource: Resource | None = None  # the field as a cached, fingerprinted artifact
         self._fill = torch.zeros(3)
+        self._hflip = True
 
     # -- resources -------------------------------------------------------------------------
     def prepare(self, dataset: Dataset, **context: Any) -> None:
@@ -177,6 +178,7 @@ class WaNet(Attack):
         self.resource = load_or_generate(self.name, settings, generate, context.get("cache_dir"))
         self.noise, self.grid = self.resource.tensors["noise_grid"], self.resource.tensors["grid"]
         self._fill = torch.tensor(dataset.mean, dtype=torch.float32)
+        self._hflip = dataset.train.hflip  # BackdoorBench's PostTensorTransform flips CIFAR-10 only
 
     def _prepared_grid(self) -> torch.Tensor:
         if self.grid is None:
@@ -213,7 +215,9 @@ class WaNet(Attack):
         """WaNet's training augmentation on float [0, 1] images, per sample."""
         x = random_crop(x, self.config.random_crop, CROP_P, self._fill, generator)
         x = random_rotation(x, self.config.random_rotation, ROTATION_P, self._fill, generator)
-        return batch_augment.random_hflip(x, generator, FLIP_P).clamp_(0, 1)  # the fill trick leaves ~1e-8 overshoots
+        if self._hflip:
+            x = batch_augment.random_hflip(x, generator, FLIP_P)
+        return x.clamp_(0, 1)  # the fill trick leaves ~1e-8 overshoots
 
     def batch_hook(self, seed: int):
         def hook(x, y, generator):

@@ -110,7 +110,11 @@ class DataCache:
         if self._setup is None or self._setup[0] != attack_cell.id:
             c = attack_cell.config
             ds = self.dataset(c["dataset"], ctx)
-            attack = build_attack(c["attack"]["name"], c["attack"]["config"])
+            from tsbd.bench.grid import resolve_data_options
+
+            opts = resolve_data_options(c["attack"]["config"], ctx.data_root, c.get("files"),
+                                        f"[attack_opts.{c['attack']['name']}]")
+            attack = build_attack(c["attack"]["name"], opts)
             setup = setup_attack(ds, attack, c["seed"], runtime, arch=c["model"]["name"],
                                  arch_kwargs=c["model"].get("options", {}), cache_dir=ctx.cache_dir,
                                  progress=ctx.progress)

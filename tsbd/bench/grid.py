@@ -30,6 +30,11 @@ A list is an axis, except for a sequence-typed field (``widths``), where a list 
 Unknown methods, models, datasets, presets and option names are rejected when the grid is
 loaded, in one line.
 
+A string option that starts with ``{data_root}`` names a file under the data root (``--data-root``
+or ``$TSBD_DATA_ROOT``), e.g. ``trigger_file = "{data_root}/backdoorbench-triggers/x.npy"``: the cell
+keeps the placeholder (so its id is the same on every machine) and the file's sha256 (so a changed
+file is a new cell); the worker resolves it against its own data root and checks the hash.
+
 Each attack cell is identified by the hash of everything that determines the attacked model
 (resolved attack config, dataset fingerprint, model and resolved architecture options, resolved
 training config, seed, tsbd and torch major.minor versions); each defense cell by the hash of
@@ -52,6 +57,7 @@ from typing import Any, Iterable
 
 import torch
 
+from tsbd.attacks.resources import BACKDOORBENCH_TRIGGERS, file_sha256
 from tsbd.errors import TsbdError
 
 NO_DEFENSE = "none"
@@ -66,11 +72,29 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0, "limit_train": 0, "limit_test": 0,
 }
 
+DATA_ROOT = "{data_root}"  # placeholder for the data root in grid options that name files
 PAPER_ATTACKS = ["badnets", "blended", "inputaware", "lf", "sig", "ssba", "trojan", "wanet"]  # paper Sec. 4.1
 PAPER_DEFENSES = [NO_DEFENSE, "tsbd", "ft", "fp", "nad", "nc", "anp", "clp", "ibau", "rnp"]  # paper App. C
 _PAPER = {"attack": PAPER_ATTACKS, "defense": PAPER_DEFENSES, "poison_ratio": 0.1, "clean_ratio": 0.05, "seed": 0,
           # paper App. C: "for RNP ... the clean data ratio is set to 0.5%"
           "defense_opts": {"rnp": {"clean_ratio": 0.005}}}
+
+
+def backdoorbench_triggers(dataset: str = "cifar10", model: str = "preactresnet18") -> dict[str, dict[str, str]]:
+    """attack_opts pointing each attack that has a BackdoorBench trigger file at its copy under
+    ``{data_root}/backdoorbench-triggers/`` (LF's file is made per dataset and model)."""
+    return {attack: {option: f"{DATA_ROOT}/backdoorbench-triggers/{name.format(dataset=dataset, model=model)}"}
+            for attack, (option, name) in BACKDOORBENCH_TRIGGERS.items()}
+
+
+def _merge_opts(*tables: dict[str, dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for table in tables:
+        for method, opts in table.items():
+            out[method] = {**out.get(method, {}), **opts}
+    return out
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-cifar10-cpu": {**_PAPER, "description": "Table 1 at CPU scale: CIFAR-10, airbench, cpu training preset",
                           "dataset": "cifar10", "model": "airbench", "preset": "cpu",
@@ -80,7 +104,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                           "defense_opts": {**_PAPER["defense_opts"], "tsbd": {"unlearn_lr": 8e-4}},
                           # Input-aware at BackdoorBench's size (width 1, 25 + 75 epochs) takes hours on 2 cores:
                           # half-width generator/mask and the victim's 30 epochs (benchmarks/attacks_dynamic.py)
-                          "attack_opts": {"inputaware": {"width": 0.5, "joint_epochs": 30}}},
+                          "attack_opts": _merge_opts(backdoorbench_triggers(),
+                                                     {"inputaware": {"width": 0.5, "joint_epochs": 30}})},
+    # the paper's architecture at CPU scale: PreAct-ResNet18 with BackdoorBench's layout and names at a
+    # quarter of its width (ordinary logits, so the paper's learning rates apply unchanged),
+    # BackdoorBench's trigger files, the paper's defense settings (docs/fidelity.md)
+    "paper-cifar10-r18-cpu": {**_PAPER, "description": "Table 1 at CPU scale on the paper's architecture: "
+                                                       "CIFAR-10, PreAct-ResNet18 width 16, cpu preset 40 epochs",
+                              "dataset": "cifar10", "model": "preact_resnet18", "preset": "cpu",
+                              "model_opts": {"preact_resnet18": {"width": 16}}, "train": {"epochs": 40},
+                              "attack_opts": _merge_opts(backdoorbench_triggers(),
+                                                         {"inputaware": {"width": 0.5, "joint_epochs": 40}})},
     "paper-cifar10": {**_PAPER, "description": "Table 1: CIFAR-10, PreAct-ResNet18, BackdoorBench training",
                       "dataset": "cifar10", "model": "preact_resnet18", "preset": "backdoorbench"},
     "paper-tiny-imagenet": {**_PAPER, "description": "Table 2: Tiny ImageNet, PreAct-ResNet18, BackdoorBench training",
@@ -131,10 +165,50 @@ def relevant_versions() -> dict[str, str]:
 
 
 def attack_cell(*, dataset: dict, model: dict, attack: dict, train: dict, seed: int,
-                versions: dict | None = None) -> Cell:
+                versions: dict | None = None, files: dict | None = None) -> Cell:
+    """``files``: {option: sha256} of the options that name files under the data root (omitted
+    when there are none, so the ids of grids without such files do not change)."""
     config = {"kind": "attack", "dataset": dataset, "model": model, "attack": attack, "train": train,
               "seed": int(seed), "versions": versions or relevant_versions()}
+    if files:
+        config["files"] = dict(files)
     return Cell("attack", cell_id(config), config)
+
+
+def resolve_data_path(value: str, data_root: str | None, where: str) -> Path:
+    """The file a ``{data_root}/...`` option names, on this machine; a one-line error if it is not there."""
+    from tsbd.data import resolve_data_root
+
+    root = resolve_data_root(data_root)
+    if root is None:
+        raise TsbdError(f"{where} = {value!r} names a file under the data root; pass --data-root DIR "
+                        f"(or set TSBD_DATA_ROOT)")
+    path = root / value[len(DATA_ROOT):].lstrip("/")
+    if not path.is_file():
+        raise TsbdError(f"{where}: {path} not found; put the file there or point --data-root at the folder "
+                        f"that holds it")
+    return path
+
+
+def data_files(options: dict, data_root: str | None, where: str) -> dict[str, str]:
+    """{option: sha256} of the ``{data_root}/...`` options in ``options``."""
+    return {k: file_sha256(resolve_data_path(v, data_root, f"{where}.{k}")) for k, v in sorted(options.items())
+            if isinstance(v, str) and v.startswith(DATA_ROOT)}
+
+
+def resolve_data_options(options: dict, data_root: str | None, files: dict | None, where: str) -> dict:
+    """``options`` with each ``{data_root}/...`` value replaced by the file's path here, after
+    checking that its content is the one the cell was planned with."""
+    out = dict(options)
+    for k, v in options.items():
+        if isinstance(v, str) and v.startswith(DATA_ROOT):
+            path = resolve_data_path(v, data_root, f"{where}.{k}")
+            want = (files or {}).get(k)
+            if want and file_sha256(path) != want:
+                raise TsbdError(f"{where}.{k}: {path} is not the file this grid was planned with (sha256 differs); "
+                                f"restore it, or rerun `tsbd bench` to plan against the current file")
+            out[k] = str(path)
+    return out
 
 
 def defense_cell(parent: Cell, *, defense: dict, clean_ratio: float, seed: int) -> Cell:
@@ -403,9 +477,10 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
                             if not 0 <= attack.config.target < datasets[key]["_num_classes"]:
                                 raise TsbdError(f"attack target {attack.config.target} is outside the "
                                                 f"{datasets[key]['_num_classes']} classes of {ds_name}")
+                            files = data_files(a_opts, data_root, f"[attack_opts.{att}]")
                             for seed in seeds:
                                 a = attack_cell(dataset=ds_cfg, model=model_cfg, attack=attack.describe(),
-                                                train=train_cfg, seed=seed, versions=versions)
+                                                train=train_cfg, seed=seed, versions=versions, files=files)
                                 if a.id in seen:
                                     continue
                                 seen.add(a.id)

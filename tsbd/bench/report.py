@@ -24,6 +24,7 @@ from tsbd.bench.grid import NO_DEFENSE, canonical_json
 from tsbd.bench.paper import (ATTACK_NAMES, DATASET_NAMES, DEFENSE_NAMES, METRICS, MODEL_NAMES, PaperIndex,
                               attack_order, defense_order, display, non_default)
 from tsbd.bench.store import Store
+from tsbd.metrics import der
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class Column:
     config: dict
     changed: dict
     label: str = ""
+    selected_on_test: bool = False  # TSBD's n picked by test ASR: reported, never ranked with the defenses
+
+
+SELECTED_ON_TEST = "n_selected_on_test"  # the TSBD stage record of a test-selected n (tsbd.defenses.tsbd)
 
 
 @dataclasses.dataclass
@@ -77,7 +82,7 @@ class ResultTable:
 
     def best(self, row: str | None, metric: str) -> set[str]:
         """The defense columns with the best ``metric`` in a row (None: the average row)."""
-        cols = [c for c in self.columns if c.defense != NO_DEFENSE]
+        cols = [c for c in self.columns if c.defense != NO_DEFENSE and not c.selected_on_test]
         vals = {c.key: (self.average(c.key, metric) if row is None else self.value(row, c.key, metric)) for c in cols}
         vals = {k: v for k, v in vals.items() if v is not None}
         if len(vals) < 2:
@@ -180,15 +185,30 @@ def collect(store: Store, grid: str | None = None, paper: PaperIndex | None = No
             acc.setdefault((rkey, ckey), []).append({"acc": m.get("acc"), "asr": m.get("asr"),
                                                       "der": m.get("der") if d is not None else None,
                                                       "cell": (d or a)["id"]})
+            picked = (m.get("stages") or {}).get(SELECTED_ON_TEST) if d is not None else None
+            if picked:
+                skey = ckey + "|" + SELECTED_ON_TEST
+                if skey not in cols:
+                    base = cols[ckey]
+                    cols[skey] = Column(skey, base.defense, base.clean_ratio, base.config, base.changed,
+                                        selected_on_test=True)
+                before = a["metrics"] or {}
+                d_er = (der(before["acc"], before["asr"], picked["acc"], picked["asr"])
+                        if {"acc", "asr"} <= set(before) and {"acc", "asr"} <= set(picked) else None)
+                acc.setdefault((rkey, skey), []).append({"acc": picked.get("acc"), "asr": picked.get("asr"),
+                                                         "der": d_er, "cell": d["id"], "n": picked.get("n")})
         values = {}
         for k, items in acc.items():
             entry: dict[str, Any] = {"n": len(items), "cells": [i["cell"] for i in items]}
+            if any("n" in i for i in items):  # the neuron ratios picked on test data, per seed
+                entry["selected_n"] = [i.get("n") for i in items]
             for metric in METRICS:
                 vals = [i[metric] for i in items if i[metric] is not None and not math.isnan(i[metric])]
                 entry[metric] = 100 * sum(vals) / len(vals) if vals else None
             values[k] = entry
         row_list = sorted(rows_.values(), key=lambda r: (attack_order(r.attack), r.key))
-        col_list = sorted(cols.values(), key=lambda c: (defense_order(c.defense), c.clean_ratio or 0, c.key))
+        col_list = sorted(cols.values(), key=lambda c: (defense_order(c.defense), c.selected_on_test,
+                                                        c.clean_ratio or 0, c.key))
         _label_rows(row_list)
         _label_columns(col_list)
         tables.append(ResultTable(g["key"], row_list, col_list, values))
@@ -210,13 +230,20 @@ def _label_rows(rows: list[Row]) -> None:
 
 
 def _label_columns(cols: list[Column]) -> None:
+    for c in cols:
+        if c.selected_on_test:
+            c.label = ""
     for name in {c.defense for c in cols}:
-        same = [c for c in cols if c.defense == name]
+        same = [c for c in cols if c.defense == name and not c.selected_on_test]
         vary = _varying([{"clean_ratio": c.clean_ratio, **c.config} for c in same]) if len(same) > 1 else []
         for c in same:
             flat = _flatten({"clean_ratio": c.clean_ratio, **c.config})
             extra = _describe({("clean" if k == "clean_ratio" else k): flat.get(k) for k in vary})
             c.label = display(c.defense, DEFENSE_NAMES) + (f" ({extra})" if extra else "")
+    by_key = {c.key: c for c in cols}
+    for c in cols:
+        if c.selected_on_test:
+            c.label = by_key[c.key.split("|")[0]].label + ", n selected on test data"
 
 
 def _title_tables(tables: list[ResultTable]) -> None:

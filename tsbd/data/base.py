@@ -17,10 +17,12 @@ from tsbd.errors import TsbdError
 
 @dataclasses.dataclass
 class ImageSet:
-    """Images ``x`` (uint8, N x C x H x W) with integer labels ``y`` (int64, N)."""
+    """Images ``x`` (uint8, N x C x H x W) with integer labels ``y`` (int64, N). ``hflip``: whether
+    training augmentation may mirror them (a :class:`Dataset` sets it for its splits)."""
 
     x: torch.Tensor
     y: torch.Tensor
+    hflip: bool = True
 
     def __post_init__(self):
         if self.x.dtype != torch.uint8 or self.x.ndim != 4:
@@ -38,7 +40,7 @@ class ImageSet:
 
     def subset(self, indices) -> "ImageSet":
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        return ImageSet(self.x[idx], self.y[idx])
+        return ImageSet(self.x[idx], self.y[idx], hflip=self.hflip)
 
     def balanced_subset(self, limit: int, num_classes: int, seed: int = 0) -> "ImageSet":
         """``limit`` images, as equal a number per class as the data allows, drawn in a seeded
@@ -66,6 +68,9 @@ class ImageSet:
         return h.hexdigest()[:16]
 
 
+HFLIP_DATASETS = frozenset({"cifar10", "demo"})  # demo: a CIFAR-10 subset
+
+
 @dataclasses.dataclass
 class Dataset:
     """A train/test pair with class names, the normalization models use, and a fingerprint."""
@@ -80,6 +85,16 @@ class Dataset:
     source: str = ""  # where it was read from
     limit_train: int = 0  # > 0: a class-balanced subset of this many training images (see limited)
     limit_test: int = 0
+
+    def __post_init__(self):
+        for split in (self.train, self.test):
+            split.hflip = self.hflip
+
+    @property
+    def hflip(self) -> bool:
+        """Whether training augmentation mirrors images: BackdoorBench flips CIFAR-10 only (its
+        ``get_transform``), not traffic signs, Tiny ImageNet or other data."""
+        return self.name in HFLIP_DATASETS
 
     @property
     def num_classes(self) -> int:
@@ -108,4 +123,5 @@ class Dataset:
             "test": len(self.test),
             "image_shape": list(self.train.image_shape),
             "num_classes": self.num_classes,
+            "hflip": self.hflip,
         }

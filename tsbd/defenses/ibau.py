@@ -142,7 +142,7 @@ def ibau_unlearn(model: nn.Module, clean: ImageSet, cfg: IBAUConfig, runtime: Ru
     outer_opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, amsgrad=True)
     scale = input_scale(model)
     generator = torch.Generator().manual_seed(seed)
-    cached = ImageSet(crop_flip(clean.x, generator), clean.y) if cfg.augment else clean
+    cached = ImageSet(crop_flip(clean.x, generator, flip=clean.hflip), clean.y) if cfg.augment else clean
     one_pass = dict(epochs=1, batch_size=cfg.batch_size, schedule="constant", drop_last=False)
     outer_step = None
     delta_ref: dict = {}

@@ -224,7 +224,7 @@ def unlearning_set(clean: ImageSet, triggers: list[RecoveredTrigger], ratio: flo
         stamped = stamp(src, trig.mask.float(), trig.pattern.float())
         xs.append((stamped * 255).round().clamp(0, 255).to(torch.uint8))
         ys.append(clean.y[rest])
-    return ImageSet(torch.cat(xs), torch.cat(ys))
+    return ImageSet(torch.cat(xs), torch.cat(ys), hflip=clean.hflip)
 
 
 def _centroid(mask: torch.Tensor) -> list[float]:

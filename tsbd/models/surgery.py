@@ -71,7 +71,7 @@ def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def recompute_bn_stats(model: nn.Module, images: torch.Tensor, runtime: Runtime, *, batch_size: int = 256) -> int:
-    """Replace every BatchNorm layer's running statistics, in place, by their average over
+    """Replace every BatchNorm layer's running statistics, in place, by their average over the batches of
     ``images`` (uint8) at the present weights: one train-mode pass, weights untouched. Returns the
     number of BN layers reset (0: nothing to do)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]

@@ -1,6 +1,7 @@
 """Batch augmentation with torch ops (no per-sample Python work).
 
-BackdoorBench's train transform is RandomCrop(32, padding=4) + RandomHorizontalFlip; these do
+BackdoorBench's train transform is RandomCrop(32, padding=4), plus RandomHorizontalFlip on CIFAR-10
+only (GTSRB and Tiny ImageNet are not flipped; :attr:`tsbd.data.ImageSet.hflip`); these do
 the same on a whole uint8 batch at once, on whatever device the batch lives on.
 """
 
@@ -39,6 +40,9 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None, p: f
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4) -> torch.Tensor:
-    """RandomCrop(size, padding) then RandomHorizontalFlip, as BackdoorBench trains."""
-    return random_hflip(random_crop(x, padding, generator), generator)
+def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4,
+              flip: bool = True) -> torch.Tensor:
+    """RandomCrop(size, padding) then, if ``flip``, RandomHorizontalFlip, as BackdoorBench trains
+    (it flips CIFAR-10 only: ``get_transform`` in utils/aggregate_block/dataset_and_transform_generate.py)."""
+    x = random_crop(x, padding, generator)
+    return random_hflip(x, generator) if flip else x

@@ -131,7 +131,7 @@ def iterate_batches(
         idx = order[start : start + batch_size]
         xb = data.x[idx.to(data.x.device)]
         if augment:
-            xb = crop_flip(xb, generator)
+            xb = crop_flip(xb, generator, flip=data.hflip)
         yield to_model_input(xb, runtime), data.y[idx.to(data.y.device)].to(runtime.device, non_blocking=True)
 
 
@@ -188,7 +188,7 @@ def fit(
     drop_last = cfg.drop_last and len(data) >= cfg.batch_size
     steps_per_epoch = len(data) // cfg.batch_size if drop_last else math.ceil(len(data) / cfg.batch_size)
     if runtime.device.type == "cuda":  # keep the whole uint8 set on the GPU: no per-batch copies
-        data = ImageSet(data.x.to(runtime.device), data.y.to(runtime.device))
+        data = ImageSet(data.x.to(runtime.device), data.y.to(runtime.device), hflip=data.hflip)
 
     history: list[dict] = []
     start_epoch = 0
