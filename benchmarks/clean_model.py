@@ -55,7 +55,8 @@ def main() -> None:
         print(f"{folder} ({other_meta.get('attack', {}).get('name', '?')}):",
               " ".join(f"{a:.1%}" for a in out["per_class_acc"][folder]), flush=True)
     print("clean:", " ".join(f"{a:.1%}" for a in out["per_class_acc"]["clean"]), flush=True)
-    print(f"{args.model} clean: ACC {meta['metrics']['acc']:.2%} after {meta['timings']['train'] / 60:.1f} min", flush=True)
+    print(f"{args.model} clean: ACC {meta['metrics']['acc']:.2%} after {meta['timings']['train'] / 60:.1f} min",
+          flush=True)
     write_json_atomic(args.out, out)
 
 

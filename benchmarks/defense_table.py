@@ -27,10 +27,12 @@ def diagnostic(variant: str, info: dict) -> str:
     if variant in ("ft", "vanilla-ft"):
         return f"{info.get('finetune', {}).get('epochs')} epochs"
     if variant == "fp":
-        return f"{info.get('pruned')}/{info.get('channels')} last-layer channels pruned (held-out acc {info.get('holdout_acc_kept', float('nan')):.3f})" \
+        return (f"{info.get('pruned')}/{info.get('channels')} last-layer channels pruned "
+                f"(held-out acc {info.get('holdout_acc_kept', float('nan')):.3f})") \
             if "holdout_acc_kept" in info else f"{info.get('pruned')}/{info.get('channels')} last-layer channels pruned"
     if variant == "nad":
-        return f"teacher clean-set acc {info.get('teacher_clean_acc', float('nan')):.3f}; layers {', '.join(info.get('layers', []))}"
+        return (f"teacher clean-set acc {info.get('teacher_clean_acc', float('nan')):.3f}; "
+                f"layers {', '.join(info.get('layers', []))}")
     if variant == "clp":
         return f"{info.get('pruned')}/{info.get('channels')} BN channels pruned (u = 3)"
     if variant == "anp":
@@ -65,7 +67,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for attack, row in attacks.items():
         m = row["no_defense"]
-        print(f"| {attack} | no defense | {m['acc'] * 100:.2f} | {m['asr'] * 100:.2f} | {m['ra'] * 100:.2f} | - | - | |")
+        print(f"| {attack} | no defense | {m['acc'] * 100:.2f} | {m['asr'] * 100:.2f} | {m['ra'] * 100:.2f} "
+              f"| - | - | |")
         for variant, rec in row["defenses"].items():
             m = rec["metrics"]
             print(f"| {attack} | {NAMES.get(variant, variant)} | {m['acc'] * 100:.2f} | {m['asr'] * 100:.2f} | "

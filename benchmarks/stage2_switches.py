@@ -77,6 +77,23 @@ def summarize(rows: dict) -> dict:
                 for n, d in by.items()} for a, by in out.items()}
 
 
+def markdown(doc: dict) -> str:
+    """The summary as a Markdown table: ASR / ACC (mean +- std over seeds, %) per attack and variant."""
+    summary = doc.get("summary", {})
+    names = ["no_defense", "after_reinit", "after_reinit_bn_recomputed", *doc.get("variants", {})]
+    lines = ["| variant | " + " | ".join(f"{a} ASR | {a} ACC" for a in summary) + " |",
+             "|---|" + "---:|---:|" * len(summary)]
+    for name in names:
+        cells = []
+        for attack in summary:
+            s = summary[attack].get(name)
+            cells += ([f"{100 * s[m]['mean']:.2f} ± {100 * s[m]['std']:.2f}" for m in ("asr", "acc")] if s
+                      else ["-", "-"])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    seeds = {a: next(iter(v.values()))["asr"]["n"] for a, v in summary.items() if v}
+    return "\n".join(lines) + f"\n\nSeeds per attack: {seeds}.\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=None)
@@ -94,7 +111,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", default="runs/stage2_switches")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--markdown", action="store_true", help="print the summary of --out as a Markdown table and stop")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")

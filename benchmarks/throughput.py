@@ -13,7 +13,8 @@ warm-up step compiles), side by side with the eager numbers. Also measures the m
 peak at the training precision in the same run (best of three square sizes), so the numbers can
 be read as a fraction of the hardware limit.
 
-    python benchmarks/throughput.py --data-root ../shared/data --models airbench --out benchmarks/results/throughput.json
+    python benchmarks/throughput.py --data-root ../shared/data --models airbench \\
+        --out benchmarks/results/throughput.json
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import time
 
 import numpy as np
 import torch
-
 from PIL import Image
 
 from tsbd.artifacts import provenance, write_json_atomic
@@ -206,7 +206,7 @@ def main() -> None:
     print(f"matmul peak at {rt.precision}: {peak:.2f} TFLOP/s on {rt.device}", flush=True)
     for name in args.models.split(","):
         torch.manual_seed(0)
-        make = lambda: build_model(name, 10, mean=ds.mean, std=ds.std)  # noqa: E731
+        make = lambda name=name: build_model(name, 10, mean=ds.mean, std=ds.std)  # noqa: E731
         fwd_flops = model_flops_per_image(make())
         row = {"forward_gflops_per_image": fwd_flops / 1e9}
         row["bare"] = bench_bare(make(), rt, args.batch_size, args.steps, args.warmup)

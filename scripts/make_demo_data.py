@@ -19,7 +19,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from tsbd.data.archive import SPLITS, open_jpeg_archive, write_jpeg_archive
+from tsbd.data.archive import SPLITS, open_jpeg_archive, write_jpeg_archive  # noqa: E402 -- needs the sys.path line above
 
 log = logging.getLogger("make_demo_data")
 

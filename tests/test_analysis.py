@@ -107,8 +107,9 @@ def test_analyze_commands_write_their_files(attacked_folder, tmp_path, name, fil
     if name.startswith("sweep"):
         argv += ["--values", "0.1,0.5"]
     if name == "observation2":  # its clean reference model: keep it to one short epoch
-        from tsbd.pipeline import TRAIN_PRESETS
         import dataclasses
+
+        from tsbd.pipeline import TRAIN_PRESETS
         monkeypatch.setitem(TRAIN_PRESETS, "cpu", dataclasses.replace(TRAIN_PRESETS["cpu"], epochs=1))
     assert main(argv) == 0
     for f in files + ["result.json", "section.md"]:

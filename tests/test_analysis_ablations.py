@@ -7,14 +7,13 @@ import time
 
 import pytest
 import torch
+from conftest import state_copy
 
 from tsbd.analysis.ablations import finetuned_copy, first_ratio_below, paper_cell, with_der
 from tsbd.analysis.sweeps import largest_ratio_within_acc
 from tsbd.cli import main
 from tsbd.defenses.tsbd import TSBDConfig, zero_reinit
 from tsbd.models.surgery import prunable_units
-
-from conftest import state_copy
 
 
 # ------------------------------------------------------------------------------------------

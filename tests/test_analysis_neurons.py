@@ -8,9 +8,17 @@ import re
 import pytest
 import torch
 
-from tsbd.analysis.neurons import (activation_points, coverage, neuron_activations, parse_defense_opts,
-                                   parse_skip, ranking_scores, resolve_layer, selection_scores,
-                                   trigger_activated_change)
+from tsbd.analysis.neurons import (
+    activation_points,
+    coverage,
+    neuron_activations,
+    parse_defense_opts,
+    parse_skip,
+    ranking_scores,
+    resolve_layer,
+    selection_scores,
+    trigger_activated_change,
+)
 from tsbd.analysis.registry import fractions
 from tsbd.attacks import build_attack
 from tsbd.cli import main
@@ -139,7 +147,7 @@ def test_ranking_scores_of_every_metric(trained, small, runtime):
     assert float(flat["nwc"].min()) >= 0 and float(flat["nwc"].max()) > 0
     assert float(flat["fp"].min()) >= 0 and float(flat["clp"].min()) > 0
     for m in ("anp", "rnp"):
-        assert 0 <= float(flat[m].min()) and float(flat[m].max()) <= 1
+        assert float(flat[m].min()) >= 0 and float(flat[m].max()) <= 1
     assert info["anp"]["iterations"] >= 2 and info["rnp"]["recover"]["epochs"] == 1
 
     # a conv feeding a residual sum has no BN channel of its own: CLP cannot score it
@@ -172,7 +180,8 @@ TINY_OPTS = ["--opt", "unlearn_lr=0.05", "--opt", "unlearn_max_epochs=20", "--op
      ["tac.csv", "tac_scores.csv", "tac.png", "tac.svg"],
      {"tac.csv": ["ratio", "metric", "coverage"],
       "tac_scores.csv": ["layer", "neuron", "tac", "nwc", "fp", "clp", "anp", "rnp"]}),
-    ("fp-nwc", ["--defense-opt", "fp.epochs=1", "--defense-opt", "fp.once_prune_ratio=0.25"], ["fp_nwc.csv", "fp_nwc.png", "fp_nwc.svg"],
+    ("fp-nwc", ["--defense-opt", "fp.epochs=1", "--defense-opt", "fp.once_prune_ratio=0.25"],
+     ["fp_nwc.csv", "fp_nwc.png", "fp_nwc.svg"],
      {"fp_nwc.csv": ["order", "acc", "asr", "ra", "channels_pruned", "seconds"]}),
 ])
 def test_analyze_commands_write_their_files(attacked_folder, tmp_path, monkeypatch, name, extra, files, columns):

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import TINY_ARCH, TINY_ATTACKS
 
 from tsbd.attacks import ATTACKS, build_attack
 from tsbd.errors import TsbdError
-
-from conftest import TINY_ARCH, TINY_ATTACKS
 
 ALL = ATTACKS.names()
 
@@ -92,8 +91,8 @@ def test_badnets_patch_is_bottom_right_white_square(small):
 
 
 def test_badnets_trigger_image_file(tmp_path, small):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     img = np.zeros((32, 32, 3), dtype=np.uint8)
     img[0:2, 0:2] = 200
@@ -104,8 +103,8 @@ def test_badnets_trigger_image_file(tmp_path, small):
 
 
 def test_blended_formula_and_trigger_image(tmp_path, small):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     Image.fromarray(np.full((10, 20, 3), 100, dtype=np.uint8)).save(tmp_path / "k.jpg", quality=100)
     attack = build_attack("blended", {"trigger_image": str(tmp_path / "k.jpg"), "blend_ratio": 0.2})

@@ -9,12 +9,11 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from tsbd.attacks import build_attack
 from tsbd.attacks.resources import load_or_generate, resource_fingerprint
 from tsbd.errors import TsbdError
-
-from conftest import SHARED_DATA
 
 BB_TRIGGERS = SHARED_DATA / "backdoorbench-triggers"
 TINY_ARCH = {"arch": "airbench", "arch_kwargs": {"widths": [8, 16, 32]}}
@@ -103,8 +102,8 @@ def test_lf_is_low_frequency_bounded_cached_and_seeded(small, runtime, cache, mo
 def test_lf_pushes_the_clean_model_toward_the_target(small, runtime, cache):
     a = prepared("lf", small, runtime, cache)
     info = a.describe()["resource"]["info"]
-    from tsbd.pipeline import clean_reference_model
     from tsbd.attacks.resources import CleanModelRecipe
+    from tsbd.pipeline import clean_reference_model
     from tsbd.train.engine import predict
 
     recipe = CleanModelRecipe.from_context("", 2, {"seed": 0, **TINY_ARCH})

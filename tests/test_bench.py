@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_tiny_grid
+
 from tsbd.bench.cells import CellContext, CellResult, artifact_path, checkpoint_path, now_iso
 from tsbd.bench.executors import run_grid
 from tsbd.bench.grid import Plan, attack_cell, defense_cell, load_grid

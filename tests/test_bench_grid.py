@@ -7,8 +7,17 @@ import copy
 import pytest
 import torch
 
-from tsbd.bench.grid import (PRESETS, attack_cell, cell_id, check_names, defense_cell, expand, load_spec, parse_set,
-                             relevant_versions)
+from tsbd.bench.grid import (
+    PRESETS,
+    attack_cell,
+    cell_id,
+    check_names,
+    defense_cell,
+    expand,
+    load_spec,
+    parse_set,
+    relevant_versions,
+)
 from tsbd.errors import TsbdError
 from tsbd.train.runtime import Runtime
 
@@ -111,7 +120,8 @@ def test_sequence_field_list_is_one_value_and_list_of_lists_an_axis():
     one = expand(spec(defense=["none"]))
     assert len(one.cells) == 2
     assert one.cells[0].config["model"]["options"]["widths"] == [16, 32, 32]
-    two = expand(spec(defense=["none"], attack="badnets", model_opts={"airbench": {"widths": [[16, 32, 32], [8, 16, 16]]}}))
+    two = expand(spec(defense=["none"], attack="badnets",
+                      model_opts={"airbench": {"widths": [[16, 32, 32], [8, 16, 16]]}}))
     assert sorted(c.config["model"]["options"]["widths"][0] for c in two.cells) == [8, 16]
 
 
@@ -160,7 +170,8 @@ def test_presets_name_only_registered_methods_or_say_which_are_not(preset):
     from tsbd.defenses import DEFENSES
 
     s = load_spec(preset)
-    missing = [a for a in s["attack"] if a not in ATTACKS] + [d for d in s["defense"] if d != "none" and d not in DEFENSES]
+    missing = ([a for a in s["attack"] if a not in ATTACKS]
+               + [d for d in s["defense"] if d != "none" and d not in DEFENSES])
     if not missing:
         check_names(s)
         return
@@ -280,10 +291,30 @@ def test_data_root_files_need_a_data_root(tmp_path, monkeypatch):
 @pytest.mark.parametrize("preset", ["paper-cifar10-cpu", "paper-cifar10-r18-cpu"])
 def test_cpu_presets_use_backdoorbench_trigger_files(preset):
     s = load_spec(preset)
-    files = {a: next(iter(o.values())) for a, o in s["attack_opts"].items() if a in ("badnets", "blended", "lf", "trojan")}
+    files = {a: next(iter(o.values())) for a, o in s["attack_opts"].items()
+             if a in ("badnets", "blended", "lf", "trojan")}
     assert files == {"badnets": "{data_root}/backdoorbench-triggers/trigger_image.png",
                      "blended": "{data_root}/backdoorbench-triggers/hello_kitty.jpeg",
                      "lf": "{data_root}/backdoorbench-triggers/cifar10_preactresnet18_0_255.npy",
                      "trojan": "{data_root}/backdoorbench-triggers/apple4.png"}
     if preset == "paper-cifar10-r18-cpu":
         assert s["model"] == "preact_resnet18" and "tsbd" not in s.get("defense_opts", {})  # paper lrs unchanged
+
+
+def test_unflipped_data_sets_are_new_cells_and_flipped_ones_keep_their_ids():
+    from tsbd.data.base import Dataset
+
+    def loader(flipped):
+        def load(ds_spec, **_):  # the demo images under a flipped or an unflipped data set's name
+            from tsbd.data import load_dataset
+
+            d = load_dataset("demo").limited(300, 100)
+            return Dataset("demo" if flipped else "gtsrb", d.train, d.test, d.classes, d.mean, d.std,
+                           fingerprint=d.fingerprint)
+        return load
+
+    flipped = expand(spec(), dataset_loader=loader(True))
+    plain = expand(spec(), dataset_loader=loader(False))
+    assert "hflip" not in flipped.attack_cells[0].config["dataset"]
+    assert plain.attack_cells[0].config["dataset"]["hflip"] is False
+    assert flipped.attack_cells[0].id != plain.attack_cells[0].id

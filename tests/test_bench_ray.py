@@ -10,6 +10,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from conftest import write_tiny_grid  # noqa: E402
+
 from tsbd.bench.cells import CellContext, run_cell  # noqa: E402
 from tsbd.bench.executors import run_grid  # noqa: E402
 from tsbd.bench.grid import load_grid  # noqa: E402

@@ -114,7 +114,8 @@ def test_report_tables_match_the_database(results, tmp_path):
         for (att2, name, opts), values in DEF.items():
             if att2 != att:
                 continue
-            prefix = "otherdef" if name == "otherdef" else f"TSBD (neuron_ratio={dict(opts).get('neuron_ratio', 0.15):g})"
+            prefix = ("otherdef" if name == "otherdef"
+                      else f"TSBD (neuron_ratio={dict(opts).get('neuron_ratio', 0.15):g})")
             for metric, v in zip(("ACC", "ASR", "DER"), values):
                 assert ours(row[cols[f"{prefix} {metric}"]]) == pytest.approx(100 * v, abs=0.005), (att, prefix, metric)
     # the average row is the mean over attacks

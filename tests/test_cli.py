@@ -70,7 +70,7 @@ def test_bad_input_is_one_line(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("TSBD_DATA_ROOT", raising=False)
     code, out, err = _run(capsys, *argv)
     assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("tsbd: error:") and needle in lines[0]
     assert not (tmp_path / "x").exists()
 

@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
-
 from conftest import state_copy
 from torch import nn
 
 from tsbd.defenses import DEFENSES, build_defense
 from tsbd.defenses.clp import channel_lipschitz, clp_prune
 from tsbd.defenses.fp import prune_sweep, rank_feature_channels
-from tsbd.defenses.nad import attention_distillation_step, attention_loss, attention_map, distillation_layers, NADConfig
+from tsbd.defenses.nad import NADConfig, attention_distillation_step, attention_loss, attention_map, distillation_layers
 from tsbd.models import build_model
 from tsbd.models.surgery import bn_conv_pairs, capture_features, classifier_layout, layer_activations, stage_outputs
 from tsbd.train.engine import to_model_input

@@ -13,8 +13,15 @@ from tsbd.defenses import build_defense
 from tsbd.defenses.anp import ANPConfig, select_threshold
 from tsbd.defenses.ibau import IBAUConfig, fixed_point_hypergradient
 from tsbd.defenses.masking import MaskedBatchNorm2d, masked_batchnorm, prune_bn_channels, thresholds
-from tsbd.defenses.nc import (CostSchedule, NCConfig, RecoveredTrigger, anomaly_index, flag_outliers,
-                              reverse_engineer_trigger, unlearning_set)
+from tsbd.defenses.nc import (
+    CostSchedule,
+    NCConfig,
+    RecoveredTrigger,
+    anomaly_index,
+    flag_outliers,
+    reverse_engineer_trigger,
+    unlearning_set,
+)
 from tsbd.metrics import accuracy, attack_success_rate
 from tsbd.models import build_model
 from tsbd.train import TrainConfig, fit, predict
@@ -137,7 +144,7 @@ def _assert_pruned_exactly(original, purified, masks, threshold):
     n_pruned = 0
     for name, values in masks.items():
         values = torch.tensor(values)
-        assert 0 <= values.min() and values.max() <= 1
+        assert values.min() >= 0 and values.max() <= 1
         cut = values <= threshold if threshold is not None else torch.zeros_like(values, dtype=torch.bool)
         w_in, w_out = mods_in[name].weight.detach(), mods_out[name].weight.detach()
         assert torch.all(w_out[cut] == 0)

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import state_copy
 
 from tsbd.defenses import DEFENSES, build_defense

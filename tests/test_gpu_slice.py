@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import write_tiny_grid
+
 from tsbd.bench.merge import merge_results
 from tsbd.bench.store import Store
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_tiny_grid
+
 from tsbd.artifacts import load_state
 from tsbd.cli import main
 
@@ -177,19 +177,36 @@ def test_defend_ctrl_c_writes_nothing_and_rerun_finishes(attacked, tmp_path, cap
     assert main(argv) == 0 and (tmp_path / "pure" / "model.safetensors").is_file()
 
 
+# `tsbd defend` that touches MARKER when TSBD's first training loop starts: the kill lands inside the defense
+KILLABLE_DEFEND = """
+import pathlib, sys
+import tsbd.defenses.tsbd as stages
+_fit = stages.fit
+def marked(*args, **kwargs):
+    pathlib.Path({marker!r}).touch()
+    return _fit(*args, **kwargs)
+stages.fit = marked
+from tsbd.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
 def test_defend_sigkill_writes_nothing_and_rerun_finishes(attacked, tmp_path):
-    out = tmp_path / "pure"
+    out, marker = tmp_path / "pure", tmp_path / "inside-defense"
     slow = ["--opt", "unlearn_lr=1e-9", "--opt", "unlearn_max_epochs=100000", "--opt", "batch_size=64"]  # never ends
-    cmd = [sys.executable, "-m", "tsbd.cli", "defend", str(attacked), "--clean-ratio", "0.5", *slow,
-           "--out", str(out), *RUNTIME]
+    argv = ["defend", str(attacked), "--clean-ratio", "0.5", *slow, "--out", str(out), *RUNTIME]
     before = _files(attacked)
-    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_DEFEND.format(marker=str(marker), argv=argv)], env=_env(),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
     try:
-        time.sleep(8)  # imports, data, then inside the defense
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        while time.time() < deadline and proc.poll() is None and not marker.exists():
+            time.sleep(0.02)
+        inside = proc.poll() is None and marker.exists()
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+    assert inside, proc.stderr.read().decode()[-2000:]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".pure")]
     assert _files(attacked) == before
     assert main(["defend", str(attacked), "--clean-ratio", "0.5", *TSBD_FAST, "--out", str(out), *RUNTIME]) == 0

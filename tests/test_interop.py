@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import TinyNet, state_copy
 from PIL import Image
 from torch import nn
 
@@ -20,11 +21,16 @@ from tsbd.artifacts import load_model, save_model
 from tsbd.cli import main
 from tsbd.data.base import ImageSet
 from tsbd.errors import TsbdError
-from tsbd.interop import (check_prunable, classify_layers, describe_path, load_images, load_model_file,
-                          read_torch_file, save_backdoorbench)
+from tsbd.interop import (
+    check_prunable,
+    classify_layers,
+    describe_path,
+    load_images,
+    load_model_file,
+    read_torch_file,
+    save_backdoorbench,
+)
 from tsbd.models import build_model
-
-from conftest import TinyNet, state_copy
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
 # TSBD kept tiny: two unlearning epochs, one fine-tuning epoch, batches of 64, no augmentation

@@ -70,7 +70,7 @@ def test_dirty_label_attack_poisons_round_ratio_n_distinct_indices(n, ratio, tar
     idx = attack.poison_indices(labels, seed)
     assert len(idx) == round(ratio * n)
     assert len(torch.unique(idx)) == len(idx) and bool((idx[1:] > idx[:-1]).all())
-    assert len(idx) == 0 or (0 <= int(idx.min()) and int(idx.max()) < n)
+    assert len(idx) == 0 or (int(idx.min()) >= 0 and int(idx.max()) < n)
     assert torch.equal(idx, attack.poison_indices(labels, seed))  # seeded
 
 

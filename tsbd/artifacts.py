@@ -41,7 +41,7 @@ def versions() -> dict[str, str]:
 def provenance() -> dict[str, Any]:
     """Versions, host and time, recorded with every artifact and result."""
     return {"versions": versions(), "host": socket.gethostname(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv)}
 
 

@@ -95,7 +95,7 @@ def _print_metrics_table(rows: list[tuple[str, dict]], console) -> None:
     for col in ("model", "ACC %", "ASR %", "RA %", "DER %", "time s"):
         table.add_column(col, justify="right" if col != "model" else "left")
     for name, m in rows:
-        def pct(key):
+        def pct(key, m=m):
             return f"{100 * m[key]:.2f}" if key in m and m[key] is not None else "-"
         table.add_row(name, pct("acc"), pct("asr"), pct("ra"), pct("der"),
                       f"{m['time']:.1f}" if m.get("time") is not None else "-")

@@ -12,7 +12,8 @@ import dataclasses
 import json
 import types
 import typing
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from tsbd.errors import TsbdError
 
@@ -38,9 +39,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            if type(None) in args:
-                return None
+        if (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))) and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):

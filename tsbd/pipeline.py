@@ -90,7 +90,8 @@ def train_attacked_model(setup: AttackSetup, arch: str, cfg: TrainConfig, runtim
     model = build_model(arch, ds.num_classes, mean=ds.mean, std=ds.std, **(arch_kwargs or {}))
     train = setup.poisoned_train.data
     if hasattr(model, "init_from_data"):  # data-dependent init (airbench's whitening), on what the attacker trains on
-        model.init_from_data(train.x[torch.randperm(len(train), generator=torch.Generator().manual_seed(setup.seed))[:5000]])
+        model.init_from_data(train.x[torch.randperm(len(train),
+                                                    generator=torch.Generator().manual_seed(setup.seed))[:5000]])
     cfg = override(cfg, setup.attack.train_overrides())
     res = fit(model, train, cfg, runtime, seed=setup.seed, batch_hook=setup.attack.batch_hook(setup.seed),
               checkpoint=checkpoint, desc=f"train {arch} ({setup.attack.name})", progress=progress)
@@ -196,8 +197,8 @@ def clean_reference_model(dataset: Dataset, arch: str, runtime: Runtime, *, seed
                                                                 generator=torch.Generator().manual_seed(seed))[:5000]])
         res = fit(model, dataset.train, cfg, runtime, seed=seed, desc=f"clean {arch}", progress=progress)
         metrics = evaluate(model, dataset.test, None, runtime)
-        return model, {"kind": "clean", "classes": dataset.classes, "dataset": dataset.describe(), "train": to_dict(cfg),
-                       "seed": seed, "runtime": runtime.describe(), "metrics": metrics,
+        return model, {"kind": "clean", "classes": dataset.classes, "dataset": dataset.describe(),
+                       "train": to_dict(cfg), "seed": seed, "runtime": runtime.describe(), "metrics": metrics,
                        "timings": {"train": res.seconds}, "provenance": provenance()}
 
     key = json.dumps([dataset.fingerprint, arch, arch_kwargs, repr(cfg), seed])

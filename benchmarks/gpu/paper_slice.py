@@ -62,7 +62,8 @@ def main() -> None:
         key, value = o.split("=", 1)
         name, field = key.split(".", 1)
         defense_opts.setdefault(name, {})[field] = value
-    out = {"machine": {"device": str(rt.device), "gpu": torch.cuda.get_device_name() if rt.device.type == "cuda" else None,
+    out = {"machine": {"device": str(rt.device),
+                       "gpu": torch.cuda.get_device_name() if rt.device.type == "cuda" else None,
                        **rt.describe()},
            "args": vars(args), "dataset": ds.describe(), "provenance": provenance(), "rows": [], "skipped": []}
 

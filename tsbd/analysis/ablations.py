@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import math
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 

@@ -27,7 +27,7 @@ model's own activation (airbench uses GELU), so every architecture follows one d
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

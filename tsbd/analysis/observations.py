@@ -101,7 +101,8 @@ def nwc_comparison(model: nn.Module, clean: ImageSet, poisoned: ImageSet, cfg: T
 
 
 def gradient_norms_during_unlearning(model: nn.Module, clean: ImageSet, lr: float, runtime: Runtime, *,
-                                     batch_size: int = 256, seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+                                     batch_size: int = 256, seed: int = 0,
+                                     progress: bool = False) -> dict[str, torch.Tensor]:
     """Observation 2: per-neuron gradient L2 norm, averaged over the batches of one epoch of
     clean unlearning (gradient ascent, SGD ``lr``, momentum 0.9, train mode) on a copy of ``model``."""
     import copy

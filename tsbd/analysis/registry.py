@@ -14,8 +14,9 @@ import argparse
 import csv
 import dataclasses
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tsbd.artifacts import write_bytes_atomic
 from tsbd.errors import TsbdError

@@ -126,7 +126,7 @@ class StegaStamp(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         state = {"step": 0, "start": None, "bit_accuracy": 0.5}
 
-        def step(model: "StegaStamp", x, y, optimizer, runtime):
+        def step(model: StegaStamp, x, y, optimizer, runtime):
             secret = torch.randint(0, 2, (len(x), model.bits), generator=gen).float().to(x.device)
             now = state["step"]
             alpha = max(0.0, 1.0 - now / warmup_steps) if warmup_steps > 0 else 0.0
@@ -142,7 +142,8 @@ class StegaStamp(nn.Module):
                 state["start"] = now
             ramp = 0.0 if state["start"] is None else min(1.0, (now - state["start"]) / max(1, ramp_steps))
             state["step"] += 1
-            loss = l2_weight * ramp * F.mse_loss(stamped.float(), x) + F.binary_cross_entropy_with_logits(logits.float(), secret)
+            loss = (l2_weight * ramp * F.mse_loss(stamped.float(), x)
+                    + F.binary_cross_entropy_with_logits(logits.float(), secret))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -153,7 +154,8 @@ class StegaStamp(nn.Module):
 
 
 def train_stegastamp(images: ImageSet, *, bits: int, width: int, epochs: int, batch_size: int, lr: float,
-                     l2_weight: float, l2_await: float, l2_ramp: float, seed: int, runtime: Runtime, progress: bool = False) -> tuple[StegaStamp, dict]:
+                     l2_weight: float, l2_await: float, l2_ramp: float, seed: int, runtime: Runtime,
+                     progress: bool = False) -> tuple[StegaStamp, dict]:
     """Train a :class:`StegaStamp` on ``images`` through the engine's :func:`fit` (Adam, constant lr);
     returns it in eval mode and a record of the training."""
     with torch.random.fork_rng(devices=[]):

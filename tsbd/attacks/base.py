@@ -30,7 +30,7 @@ from tsbd.data.poison import PoisonedTest, PoisonedTrain, sample_indices
 from tsbd.errors import TsbdError
 from tsbd.registry import Registry
 
-ATTACKS: Registry[type["Attack"]] = Registry("attack", "tsbd.attacks")
+ATTACKS: Registry[type[Attack]] = Registry("attack", "tsbd.attacks")
 
 POISONING_MODES = ("batch", "stored")
 _CHUNK = 4096  # images poisoned per chunk, bounds the float working memory

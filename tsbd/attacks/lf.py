@@ -13,7 +13,8 @@ tsbd generates the perturbation itself, reproducibly from the seed, and caches i
 1. a clean model of the victim's architecture (:func:`tsbd.pipeline.clean_reference_model`,
    the "cpu" preset with ``clean_epochs`` epochs, cached);
 2. a *targeted* universal perturbation: projected gradient descent of the cross-entropy
-   toward the target class (each step the low-passed gradient scaled to a peak of ``step_size``) on ``images`` non-target training images, through the engine's
+   toward the target class (each step the low-passed gradient scaled to a peak of ``step_size``) on
+   ``images`` non-target training images, through the engine's
    :func:`tsbd.train.fit` (the classifier frozen in eval mode, only the perturbation trained).
    Targeted rather than DeepFool's untargeted direction because the trigger's job is to push
    every image to the target; DeepFool needs one backward pass per class per image, which
@@ -46,8 +47,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from tsbd.attacks.base import ATTACKS, Attack, AttackConfig
-from tsbd.attacks.resources import (CleanModelRecipe, Resource, file_sha256, image_shape_of, load_or_generate,
-                                    runtime_of, tensors_sha256)
+from tsbd.attacks.resources import (
+    CleanModelRecipe,
+    Resource,
+    file_sha256,
+    image_shape_of,
+    load_or_generate,
+    runtime_of,
+    tensors_sha256,
+)
 from tsbd.config import option
 from tsbd.data.base import Dataset
 from tsbd.errors import TsbdError
@@ -196,11 +204,13 @@ class LowFrequency(Attack):
                      desc="LF perturbation", progress=progress, train_mode=False)
         delta = wrapper.delta.detach().float().cpu()[0].contiguous()
         perturbation = (delta * 255).round()  # integers on the 0-255 scale, |t| <= epsilon * 255
-        info = {"clean_model": clean_info, "optimized_on": len(chosen), "steps": result.epochs * max(1, len(chosen) // train_cfg.batch_size),
+        info = {"clean_model": clean_info, "optimized_on": len(chosen),
+                "steps": result.epochs * max(1, len(chosen) // train_cfg.batch_size),
                 "final_loss": result.history[-1]["loss"] if result.history else None,
                 "linf_255": float(perturbation.abs().max()),
                 "low_frequency_energy": low_frequency_energy(perturbation, cfg.cutoff),
-                "target_rate_clean_model": self._target_rate(classifier, dataset.train.x[held_out], perturbation, runtime),
+                "target_rate_clean_model": self._target_rate(classifier, dataset.train.x[held_out], perturbation,
+                                                             runtime),
                 "target_rate_measured_on": len(held_out)}
         return {"perturbation": perturbation}, info
 
@@ -226,7 +236,8 @@ class LowFrequency(Attack):
             log.warning("LF trigger file %s peaks at %.3g on the 0-255 scale: added to images and truncated as "
                         "BackdoorBench does, it changes no pixel (its VGG19-BN files have this scale issue); "
                         "set trigger_scale=255 to use it as a [0, 1] perturbation", path, peak)
-        info = {"file": str(path), "sha256": file_sha256(path), "dtype": str(arr.dtype), "scale": self.config.trigger_scale,
+        info = {"file": str(path), "sha256": file_sha256(path), "dtype": str(arr.dtype),
+                "scale": self.config.trigger_scale,
                 "peak_255": peak, "fingerprint": tensors_sha256({"perturbation": trigger})[:16]}
         return trigger, info
 

@@ -22,8 +22,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,13 +109,15 @@ def read_resource(folder: Path, name: str, fingerprint: str) -> Resource | None:
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != RESOURCE_FORMAT or meta.get("version") != RESOURCE_VERSION:
-            raise ValueError(f"format {meta.get('format')} v{meta.get('version')} is not {RESOURCE_FORMAT} v{RESOURCE_VERSION}")
+            raise ValueError(f"format {meta.get('format')} v{meta.get('version')} "
+                             f"is not {RESOURCE_FORMAT} v{RESOURCE_VERSION}")
         if meta.get("name") != name or meta.get("fingerprint") != fingerprint:
             raise ValueError("it belongs to another resource")
         tensors = load_file(str(folder / TENSORS))
         digest = tensors_sha256(tensors)
         if digest != meta.get("content_sha256"):
-            raise ValueError(f"content hash {digest[:12]} differs from the recorded {str(meta.get('content_sha256'))[:12]}")
+            raise ValueError(f"content hash {digest[:12]} differs from the recorded "
+                             f"{str(meta.get('content_sha256'))[:12]}")
     except Exception as err:  # a torn, edited or foreign entry: regenerate rather than fail
         log.warning("ignoring damaged attack resource %s (%s); regenerating it", folder, err)
         return None
@@ -167,7 +170,7 @@ def load_or_generate(name: str, settings: Mapping[str, Any], generate: GenerateF
         "format": RESOURCE_FORMAT, "version": RESOURCE_VERSION, "name": name, "fingerprint": fingerprint,
         "settings": settings, "info": json.loads(json.dumps(info, default=str)),
         "content_sha256": tensors_sha256(tensors), "generation_seconds": round(seconds, 3),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": versions(),
     }
     written = _write_resource(folder, tensors, meta)
@@ -212,7 +215,7 @@ class CleanModelRecipe:
     seed: int
 
     @classmethod
-    def from_context(cls, clean_arch: str, clean_epochs: int, context: Mapping[str, Any]) -> "CleanModelRecipe":
+    def from_context(cls, clean_arch: str, clean_epochs: int, context: Mapping[str, Any]) -> CleanModelRecipe:
         arch, kwargs = resource_arch(clean_arch, context)
         if clean_epochs < 1:
             raise TsbdError(f"clean_epochs must be >= 1, got {clean_epochs}")
@@ -275,7 +278,8 @@ def backdoorbench_trigger_options(folder: str | os.PathLike, dataset: str = "cif
         path = Path(folder) / name.format(dataset=dataset, model=model)
         if not path.is_file():
             raise TsbdError(f"BackdoorBench trigger file {path} not found; pass the folder that holds "
-                            f"BackdoorBench's resource files ({', '.join(n for _, n in BACKDOORBENCH_TRIGGERS.values())})")
+                            f"BackdoorBench's resource files "
+                            f"({', '.join(n for _, n in BACKDOORBENCH_TRIGGERS.values())})")
         out[attack] = {option: str(path)}
     return out
 

@@ -87,7 +87,8 @@ def show_attack(attack, dataset, runtime, *, out: str | Path, images: int = 8, s
             if i == 0:
                 ax.set_title(classes[label] if label < len(classes) else str(label), fontsize=8)
     target = attack.config.target
-    row_names = ["clean", f"poisoned\n(-> {classes[target] if target < len(classes) else target})", f"|residual|\nx{255 / scale:.1f}"]
+    row_names = ["clean", f"poisoned\n(-> {classes[target] if target < len(classes) else target})",
+                 f"|residual|\nx{255 / scale:.1f}"]
     for i, name in enumerate(row_names):
         axes[i][0].set_ylabel(name, fontsize=8)
     fig.suptitle(f"{attack.name} on {dataset.name}: L-inf {stats['linf'] * 255:.1f}/255, "
@@ -143,7 +144,8 @@ def register(subparsers, add_runtime_args, add_data_root) -> None:
     p.add_argument("--attack-opt", action="append", metavar="KEY=VALUE",
                    help="attack option, applied to every named attack that has it (repeatable)")
     p.add_argument("--images", type=int, default=8, help="test images shown (default: 8)")
-    p.add_argument("--out", default="runs/show-attack", help="folder for NAME.png / NAME.svg (default: runs/show-attack)")
+    p.add_argument("--out", default="runs/show-attack",
+                   help="folder for NAME.png / NAME.svg (default: runs/show-attack)")
     p.add_argument("--json", action="store_true", help="print the residual statistics as one JSON object")
     add_runtime_args(p)
     p.set_defaults(func=cmd_show_attack)

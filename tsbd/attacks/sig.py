@@ -23,8 +23,10 @@ from tsbd.config import option
 
 @dataclasses.dataclass(frozen=True)
 class SIGConfig(AttackConfig):
-    delta: float = option(40.0, "amplitude of the sinusoid on the 0-255 scale", "BackdoorBench sig/default.yaml sig_delta")
-    frequency: float = option(6.0, "periods of the sinusoid across the image width", "BackdoorBench sig/default.yaml sig_f")
+    delta: float = option(40.0, "amplitude of the sinusoid on the 0-255 scale",
+                          "BackdoorBench sig/default.yaml sig_delta")
+    frequency: float = option(6.0, "periods of the sinusoid across the image width",
+                              "BackdoorBench sig/default.yaml sig_f")
 
 
 def sig_pattern(shape: tuple[int, int, int], delta: float, frequency: float) -> torch.Tensor:

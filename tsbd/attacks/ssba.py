@@ -43,12 +43,15 @@ from tsbd.train.runtime import Runtime
 class SSBAConfig(AttackConfig):
     secret_bits: int = option(32, "length of the hidden secret", "tsbd (BackdoorBench resource/ssba: 100)")
     width: int = option(16, "encoder/decoder base width (channels)", "tsbd (CPU budget)")
-    train_images: int = option(5000, "training images the encoder/decoder learn on", "tsbd (CPU budget; BackdoorBench: all)")
+    train_images: int = option(5000, "training images the encoder/decoder learn on",
+                               "tsbd (CPU budget; BackdoorBench: all)")
     epochs: int = option(10, "encoder/decoder training epochs", "tsbd (BackdoorBench resource/ssba: 20)")
     batch_size: int = option(32, "encoder/decoder batch size", "tsbd (BackdoorBench resource/ssba: 64)")
     lr: float = option(3e-3, "Adam learning rate", "tsbd (ArtificialGANFingerprints: 1e-4 over far more steps)")
-    l2_weight: float = option(10.0, "weight of the image L2 loss against the bit BCE", "ArtificialGANFingerprints l2_loss_weight")
-    l2_await: float = option(0.5, "the L2 weight stays 0 until the bits are learned or this fraction of the steps passed",
+    l2_weight: float = option(10.0, "weight of the image L2 loss against the bit BCE",
+                              "ArtificialGANFingerprints l2_loss_weight")
+    l2_await: float = option(0.5, "the L2 weight stays 0 until the bits are learned "
+                             "or this fraction of the steps passed",
                              "ArtificialGANFingerprints l2_loss_await (fixed, in steps there)")
     l2_ramp: float = option(0.3, "fraction of the steps over which the L2 weight then ramps up to l2_weight",
                             "ArtificialGANFingerprints l2_loss_ramp (in steps there)")

@@ -35,8 +35,15 @@ import torch
 from torch import nn
 
 from tsbd.attacks.base import ATTACKS, Attack, AttackConfig, load_trigger_image
-from tsbd.attacks.resources import (CleanModelRecipe, Resource, file_sha256, image_shape_of, last_linear,
-                                    load_or_generate, runtime_of)
+from tsbd.attacks.resources import (
+    CleanModelRecipe,
+    Resource,
+    file_sha256,
+    image_shape_of,
+    last_linear,
+    load_or_generate,
+    runtime_of,
+)
 from tsbd.config import option
 from tsbd.data.base import Dataset, ImageSet
 from tsbd.errors import TsbdError
@@ -51,12 +58,16 @@ class TrojanConfig(AttackConfig):
                               "BackdoorBench trojannn/preactresnet18.yaml num_neuron")
     neuron_target: float = option(100.0, "activation the chosen neurons are pushed to",
                                   "BackdoorBench trojannn neuron_target_values")
-    mask_update_iters: int = option(1000, "maximum sign-gradient steps on the trigger", "BackdoorBench trojannn mask_update_iters")
-    step_size: float = option(0.1, "sign-gradient step on the trigger ([0, 1] scale)", "BackdoorBench attack/trojannn.py")
-    bound: float = option(0.3, "L-infinity bound around the initial trigger ([0, 1] scale)", "BackdoorBench attack/trojannn.py")
+    mask_update_iters: int = option(1000, "maximum sign-gradient steps on the trigger",
+                                    "BackdoorBench trojannn mask_update_iters")
+    step_size: float = option(0.1, "sign-gradient step on the trigger ([0, 1] scale)",
+                              "BackdoorBench attack/trojannn.py")
+    bound: float = option(0.3, "L-infinity bound around the initial trigger ([0, 1] scale)",
+                          "BackdoorBench attack/trojannn.py")
     stop_cost: float = option(1e-3, "stop once the cost falls below this", "BackdoorBench attack/trojannn.py")
     mask_image: str = option("", "image whose non-zero pixels are the mask and values the initial trigger "
-                             "(BackdoorBench: apple4.png); empty = tsbd's apple-like blob", "BackdoorBench trojannn mask_path")
+                             "(BackdoorBench: apple4.png); empty = tsbd's apple-like blob",
+                             "BackdoorBench trojannn mask_path")
     clean_arch: str = option("", "architecture of the clean model; empty = the victim's", "BackdoorBench (same model)")
     clean_epochs: int = option(10, "epochs of the clean model ('cpu' preset)", "tsbd (CPU budget)")
 

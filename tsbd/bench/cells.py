@@ -21,7 +21,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-
 from tsbd.bench.grid import Cell
 from tsbd.errors import TsbdError
 
@@ -67,7 +66,7 @@ class CellResult:
 
 
 def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 # ------------------------------------------------------------------------------------------

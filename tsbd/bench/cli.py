@@ -121,7 +121,8 @@ def cmd_bench(args) -> int:
             gpus = 1 if args.device != "cpu" and torch.cuda.is_available() else 0
         ctx = CellContext(str(results), device=args.device, precision=args.precision, threads=args.threads,
                           compile=args.compile, data_root=args.data_root, cache_dir=args.cache_dir,
-                          progress=not args.quiet, save_defended_models=bool(plan.spec.get("save_defended_models", True)))
+                          progress=not args.quiet,
+                          save_defended_models=bool(plan.spec.get("save_defended_models", True)))
         summary = run_grid(plan, store, ctx, executor=args.executor, retry_failed=args.retry_failed,
                            progress=not args.quiet, address=args.address, cpus_per_cell=args.cpus_per_cell,
                            gpus_per_cell=gpus)

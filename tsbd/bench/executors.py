@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from tsbd.bench.cells import CellContext, CellResult, DataCache, one_line_error, run_cell
 from tsbd.bench.grid import Cell, Plan

@@ -52,8 +52,9 @@ import json
 import math
 import tomllib
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -237,7 +238,8 @@ class Plan:
 
     def describe(self) -> str:
         n_att = len(self.attack_cells)
-        return f"grid {self.name}: {len(self.cells)} cells ({n_att} attacked models, {len(self.cells) - n_att} defenses)"
+        return (f"grid {self.name}: {len(self.cells)} cells "
+                f"({n_att} attacked models, {len(self.cells) - n_att} defenses)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def _is_sequence_type(tp: Any) -> bool:
     import collections.abc
 
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, __import__("types").UnionType):
         return any(_is_sequence_type(a) for a in typing.get_args(tp) if a is not type(None))
     return origin in (tuple, list, collections.abc.Sequence) or tp in (tuple, list)
 
@@ -384,14 +386,13 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
     """Resolve every config of ``spec`` and expand it into cells (attack cells each followed by
     their defense cells). Datasets are loaded once here, for their fingerprints."""
     from tsbd.attacks import ATTACKS, build_attack
+    from tsbd.bench.cells import load_bench_dataset
     from tsbd.config import override, to_dict
     from tsbd.data import DATASETS
     from tsbd.defenses import DEFENSES, build_defense
     from tsbd.models import MODELS
     from tsbd.pipeline import train_config
     from tsbd.train.engine import TrainConfig
-
-    from tsbd.bench.cells import load_bench_dataset
 
     check_names(spec)
     name = str(spec.get("name", "grid"))
@@ -453,6 +454,8 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
             if key not in datasets:
                 ds = loader(ds_spec, data_root=data_root, cache_dir=cache_dir)
                 datasets[key] = {**ds_spec, "fingerprint": ds.fingerprint, "_num_classes": ds.num_classes}
+                if not ds.train.hflip:  # trained without flips since BackdoorBench's per-dataset transforms:
+                    datasets[key]["hflip"] = False  # a new cell (flipped data sets keep their ids)
             ds_cfg = {k: v for k, v in datasets[key].items() if not k.startswith("_")}
             for model_name, preset in itertools.product(_axis(spec, "model"), _axis(spec, "preset")):
                 model_name = str(model_name).lower()

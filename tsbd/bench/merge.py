@@ -14,7 +14,8 @@ the same row:
 
 Artifact folders are copied with their done cells when SOURCE is a folder that has them: first to
 temporary names, before DEST's write lock is taken, then renamed into place inside the transaction
-that records their rows; a done cell whose artifact did not come along is recorded with none. The whole merge into DEST is one transaction: an interrupted
+that records their rows; a done cell whose artifact did not come along is recorded with none. The
+whole merge into DEST is one transaction: an interrupted
 merge leaves DEST as it was (apart from whole artifact folders of cells it does not yet mark done).
 SOURCE is only read (it is copied first, so a read-only folder fetched from a device is fine).
 """

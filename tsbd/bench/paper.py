@@ -22,7 +22,8 @@ ATTACK_NAMES = {"badnets": "BadNets", "blended": "Blended", "inputaware": "Input
                 "ssba": "SSBA", "trojan": "Trojan", "wanet": "WaNet"}
 DEFENSE_NAMES = {"none": "No Defense", "ft": "FT", "fp": "FP", "nad": "NAD", "nc": "NC", "anp": "ANP", "clp": "CLP",
                  "ibau": "i-BAU", "rnp": "RNP", "tsbd": "TSBD"}
-DATASET_NAMES = {"cifar10": "CIFAR-10", "gtsrb": "GTSRB", "tiny-imagenet": "Tiny ImageNet", "demo": "demo (CIFAR-10 subset)"}
+DATASET_NAMES = {"cifar10": "CIFAR-10", "gtsrb": "GTSRB", "tiny-imagenet": "Tiny ImageNet",
+                 "demo": "demo (CIFAR-10 subset)"}
 MODEL_NAMES = {"preact_resnet18": "PreAct-ResNet18", "vgg19_bn": "VGG19-BN", "airbench": "airbench"}
 # our datasets that are the paper's under another name
 DATASET_ALIASES = {"demo": "cifar10"}

@@ -21,8 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from tsbd.bench.grid import NO_DEFENSE, canonical_json
-from tsbd.bench.paper import (ATTACK_NAMES, DATASET_NAMES, DEFENSE_NAMES, METRICS, MODEL_NAMES, PaperIndex,
-                              attack_order, defense_order, display, non_default)
+from tsbd.bench.paper import (
+    ATTACK_NAMES,
+    DATASET_NAMES,
+    DEFENSE_NAMES,
+    METRICS,
+    MODEL_NAMES,
+    PaperIndex,
+    attack_order,
+    defense_order,
+    display,
+    non_default,
+)
 from tsbd.bench.store import Store
 from tsbd.metrics import der
 
@@ -395,7 +405,8 @@ def render_markdown(tables: list[ResultTable], summary: dict) -> str:
 def _summary_lines(summary: dict, md: bool) -> list[str]:
     counts = summary["counts"]
     lines = [f"Results: `{summary['results']}`" + (f", grid `{summary['grid']}`" if summary.get("grid") else
-                                                   (f", grids {', '.join(summary['grids'])}" if summary['grids'] else "")),
+                                                   (f", grids {', '.join(summary['grids'])}"
+                                                    if summary['grids'] else "")),
              "",
              f"Cells: {counts['done']} done, {counts['failed']} failed, {counts['running']} running, "
              f"{counts['pending']} pending. Compute time of done cells: {summary['compute_s'] / 60:.1f} min "

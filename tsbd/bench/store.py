@@ -29,8 +29,9 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tsbd.errors import TsbdError
 
@@ -178,7 +179,7 @@ class Store:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -358,15 +359,13 @@ class Heartbeat:
         try:
             store = Store(self.store_path, owner=self.owner)
             while not self._stop.wait(self.interval_s):
-                try:
+                with contextlib.suppress(sqlite3.Error):  # a busy store: the next beat will do
                     store.beat()
-                except sqlite3.Error:
-                    pass  # a busy store: the next beat will do
         finally:
             if store is not None:
                 store.close()
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 

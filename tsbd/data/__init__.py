@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tsbd.data.base import Dataset, ImageSet
 from tsbd.errors import TsbdError

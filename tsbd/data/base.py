@@ -38,11 +38,11 @@ class ImageSet:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.x.shape[1:])  # type: ignore[return-value]
 
-    def subset(self, indices) -> "ImageSet":
+    def subset(self, indices) -> ImageSet:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         return ImageSet(self.x[idx], self.y[idx], hflip=self.hflip)
 
-    def balanced_subset(self, limit: int, num_classes: int, seed: int = 0) -> "ImageSet":
+    def balanced_subset(self, limit: int, num_classes: int, seed: int = 0) -> ImageSet:
         """``limit`` images, as equal a number per class as the data allows, drawn in a seeded
         random order and kept in dataset order; the whole set when ``limit`` is 0 or larger."""
         if limit <= 0 or limit >= len(self):
@@ -100,7 +100,7 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def limited(self, limit_train: int = 0, limit_test: int = 0, seed: int = 0) -> "Dataset":
+    def limited(self, limit_train: int = 0, limit_test: int = 0, seed: int = 0) -> Dataset:
         """A class-balanced random subset (0 = the whole split), with its own fingerprint and the
         limits recorded in :meth:`describe` so a model trained on it can be evaluated on it again."""
         if not limit_train and not limit_test:

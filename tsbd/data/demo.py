@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tsbd.data import DATASETS
-from tsbd.data import cifar10
+from tsbd.data import DATASETS, cifar10
 from tsbd.data.archive import load_archive_dataset
 from tsbd.data.base import Dataset
 from tsbd.errors import TsbdError

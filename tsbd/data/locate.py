@@ -7,8 +7,8 @@ function that says which format, if any, a path is.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from tsbd.errors import TsbdError
 

@@ -6,7 +6,8 @@ import contextlib
 import copy
 import dataclasses
 import time
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from tsbd.errors import TsbdError
 from tsbd.registry import Registry
 from tsbd.train.runtime import Runtime, seed_everything
 
-DEFENSES: Registry[type["Defense"]] = Registry("defense", "tsbd.defenses")
+DEFENSES: Registry[type[Defense]] = Registry("defense", "tsbd.defenses")
 
 # monitor(stage, model) -> metrics to record after a stage (e.g. test ACC/ASR in benchmarks)
 Monitor = Callable[[str, nn.Module], dict]

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -43,8 +44,14 @@ from tsbd.defenses.ft import FTConfig, after_each_step, finetune
 from tsbd.defenses.tsbd import TSBDConfig, clean_unlearn
 from tsbd.errors import TsbdError
 from tsbd.metrics import accuracy
-from tsbd.models.surgery import (ClassifierLayout, classifier_layout, layer_activations, neuron_weight_change,
-                                 prunable_units, zero_linear_inputs)
+from tsbd.models.surgery import (
+    ClassifierLayout,
+    classifier_layout,
+    layer_activations,
+    neuron_weight_change,
+    prunable_units,
+    zero_linear_inputs,
+)
 from tsbd.train.engine import cross_entropy_step, predict
 from tsbd.train.runtime import Runtime
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from torch import nn
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn

@@ -16,7 +16,8 @@ import copy
 import dataclasses
 import logging
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -26,8 +27,7 @@ from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.errors import DivergedError
 from tsbd.metrics import accuracy
-from tsbd.models.surgery import (batchnorm_buffers, rank_neurons, recompute_bn_stats, subweight_change,
-                                 zero_subweights)
+from tsbd.models.surgery import batchnorm_buffers, rank_neurons, recompute_bn_stats, subweight_change, zero_subweights
 from tsbd.train.engine import TrainConfig, cross_entropy_step, fit, predict
 from tsbd.train.runtime import Runtime
 

@@ -26,8 +26,9 @@ import pickle
 import re
 import uuid
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -49,8 +49,13 @@ def describe_path(path: str | Path) -> dict[str, Any]:
     """A JSON-ready description of a tsbd model folder, a safetensors file, a plain state dict or a
     BackdoorBench ``attack_result.pt``: format, architecture, classes, provenance, metrics, tensors."""
     from tsbd.artifacts import WEIGHTS, load_state, read_meta
-    from tsbd.interop.checkpoints import (BACKDOORBENCH_ARCHS, TORCH_SUFFIXES, backdoorbench_poisoned_test,
-                                          read_torch_file, unpack_torch_object)
+    from tsbd.interop.checkpoints import (
+        BACKDOORBENCH_ARCHS,
+        TORCH_SUFFIXES,
+        backdoorbench_poisoned_test,
+        read_torch_file,
+        unpack_torch_object,
+    )
 
     path = Path(path)
     if not path.exists():

@@ -22,7 +22,7 @@ airbench, each 3x3 conv's first ``in_channels`` filters start as identity (dirac
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -146,5 +146,6 @@ def airbench(
         and all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
     )
     if not ok:
-        raise TsbdError(f"airbench widths must be three positive integers, got {widths!r}; the default is [32, 64, 128]")
+        raise TsbdError(f"airbench widths must be three positive integers, got {widths!r}; "
+                        "the default is [32, 64, 128]")
     return Airbench(num_classes, mean, std, widths=tuple(widths))

@@ -9,7 +9,7 @@ with ``strict=True``. They are recorded in ``model.arch_spec`` instead.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

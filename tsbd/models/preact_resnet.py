@@ -10,7 +10,7 @@ bias-free and there is no BN/ReLU after ``layer4``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -265,7 +265,8 @@ def stage_outputs(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32), mi
     the module call that downsamples it the least (the outermost one on ties, e.g. ``layer3`` rather
     than its first block). That input is named by the outermost module that returned it (passing
     over a container that spans several stages), else ``"<downsampler>:input"``. Stage ends smaller
-    than ``min_size`` on a side (a 1x1 map after global pooling) are left out. PreActResNet18 -> ``layer1``, ``layer2``, ``layer3``, ``layer4`` (``layer4``
+    than ``min_size`` on a side (a 1x1 map after global pooling) are left out. PreActResNet18 ->
+    ``layer1``, ``layer2``, ``layer3``, ``layer4`` (``layer4``
     as the input of ``avgpool``); VGG19-BN -> the ReLU before each max-pool at 32, 16, 8, 4 and 2
     pixels (``features.5`` ... ``features.51``); airbench -> ``normalize``, ``activ``, ``groups.0..2``.
     A final stage that ends in a functional pooling (no module) is not found; name it explicitly.

@@ -11,7 +11,7 @@ not a dependency; its state dicts load here with ``strict=True``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -32,7 +32,8 @@ def make_layers(cfg: Sequence[int | str]) -> nn.Sequential:
         if v == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            layers += [nn.Conv2d(in_channels, int(v), kernel_size=3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(in_channels, int(v), kernel_size=3, padding=1), nn.BatchNorm2d(int(v)),
+                       nn.ReLU(inplace=True)]
             in_channels = int(v)
     return nn.Sequential(*layers)
 

@@ -14,8 +14,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional
+from typing import Literal
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ class TrainConfig:
 
 StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer, Runtime], torch.Tensor]
 BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], "tuple[torch.Tensor, torch.Tensor]"]
-EpochEnd = Callable[[int, nn.Module, dict], Optional[bool]]
+EpochEnd = Callable[[int, nn.Module, dict], bool | None]
 
 
 @dataclasses.dataclass
@@ -88,7 +89,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if not params:
         raise TsbdError("the model has no trainable parameters; check that its weights are not all frozen")
     return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
     )
 
 
@@ -242,7 +244,8 @@ def fit(
             mean_loss = float(loss_sum) / max(1, n_batches)
             if not math.isfinite(mean_loss):
                 raise DivergedError(
-                    f"{desc}: the loss became {mean_loss} in epoch {epoch + 1}; lower the learning rate (now {base_lrs[0]:g})"
+                    f"{desc}: the loss became {mean_loss} in epoch {epoch + 1}; "
+                    f"lower the learning rate (now {base_lrs[0]:g})"
                 )
             stats = {"epoch": epoch + 1, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
                      "seconds": time.perf_counter() - t_epoch}

@@ -88,7 +88,7 @@ class Runtime:
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", threads: int | None = None,
-               compile: bool = False) -> "Runtime":
+               compile: bool = False) -> Runtime:
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         if threads is None:
