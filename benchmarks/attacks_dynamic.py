@@ -20,13 +20,16 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from tsbd.artifacts import load_model, provenance, save_model, write_json_atomic
 from tsbd.attacks import build_attack
+from tsbd.config import parse_key_values
 from tsbd.data import load_dataset
 from tsbd.data.base import Dataset
+from tsbd.errors import TsbdError
 from tsbd.metrics import evaluate
 from tsbd.pipeline import AttackSetup, train_attacked_model, train_config
 from tsbd.train.runtime import Runtime
@@ -38,14 +41,12 @@ TINY = {
 }
 
 
-def parse_opts(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"option {item!r} must be key=value")
-        out[key.strip()] = value.strip()
-    return out
+def parse_opts(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE config overrides, in tsbd's one syntax (VALUE in TOML, else the plain string)."""
+    try:
+        return parse_key_values(items, "option")
+    except TsbdError as err:
+        raise SystemExit(str(err)) from None
 
 
 def balanced_subset(ds: Dataset, train_per_class: int, test_per_class: int) -> Dataset:

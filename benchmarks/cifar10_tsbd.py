@@ -21,10 +21,13 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from tsbd.artifacts import load_model, provenance, save_model, write_json_atomic
 from tsbd.attacks import build_attack
+from tsbd.config import parse_key_values
 from tsbd.data import load_dataset
+from tsbd.errors import TsbdError
 from tsbd.pipeline import defend_model, setup_attack, train_attacked_model, train_config
 from tsbd.train.runtime import Runtime
 
@@ -60,13 +63,16 @@ def main() -> None:
     out = {"machine": rt.describe(), "dataset": ds.describe(), "data_load_seconds": load_s,
            "args": vars(args), "provenance": provenance(), "attacks": {}}
     previous = json.loads(Path(args.out).read_text()).get("attacks", {}) if Path(args.out).exists() else {}
-    defense_opts: dict[str, dict[str, str]] = {}
+    defense_opts: dict[str, dict[str, Any]] = {}
     for item in args.defense_opt:
         name, _, kv = item.partition(":")
-        key, sep, value = kv.partition("=")
-        if not sep:
+        if "=" not in kv:
             ap.error(f"--defense-opt {item!r}: expected NAME:KEY=VALUE, e.g. rnp:unlearn_lr=0.01")
-        defense_opts.setdefault(name, {})[key] = value
+        defense_opts.setdefault(name, {}).update(parse_key_values([kv], "--defense-opt"))
+    try:
+        tsbd_opts = parse_key_values(args.tsbd_opt, "--tsbd-opt")
+    except TsbdError as err:
+        ap.error(str(err))
     for name in args.attacks.split(","):
         attack = build_attack(name, triggers.get(name, {}))
         setup = setup_attack(ds, attack, args.seed, rt)
@@ -92,7 +98,7 @@ def main() -> None:
                 opts = {"epochs": 20, "weight_decay": 0.0, "schedule": "constant"}
                 dname = "ft"
             elif variant in ("per-tensor", "global"):
-                opts = {"perturbation_norm": variant, **dict(o.split("=", 1) for o in args.tsbd_opt)}
+                opts = {"perturbation_norm": variant, **tsbd_opts}
                 dname = "tsbd"
             else:
                 opts, dname = dict(defense_opts.get(variant, {})), variant

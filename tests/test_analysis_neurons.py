@@ -126,8 +126,8 @@ def test_bad_inputs_name_the_fix(trained):
         parse_defense_opts(["nb_iter=3"], ("anp",))
     with pytest.raises(TsbdError, match="runs anp"):
         parse_defense_opts(["fp.epochs=3"], ("anp",))
-    assert parse_defense_opts(["anp.nb-iter=3", "anp.anp_eps=0.2"], ("anp",)) == {"anp": {"nb_iter": "3",
-                                                                                          "anp_eps": "0.2"}}
+    assert parse_defense_opts(["anp.nb-iter=3", "anp.anp_eps=0.2"], ("anp",)) == {"anp": {"nb_iter": 3,
+                                                                                          "anp_eps": 0.2}}
     with pytest.raises(TsbdError, match="unknown ranking metric"):
         ranking_scores(trained, None, TSBDConfig(), None, metrics=["tac2"])
 

@@ -1,9 +1,12 @@
 """The command line end to end on the embedded data, and its one-line errors."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+from tsbd import __version__
 from tsbd.cli import main
 
 
@@ -100,3 +103,32 @@ def test_demo_json_reports_its_setting(capsys, tmp_path):
     assert (tmp_path / "demo" / "purified" / "meta.json").exists()
     assert main(["demo", "--poison-ratio", "1.5"]) != 0
     assert "--poison-ratio must be in (0, 1)" in capsys.readouterr().err
+
+
+NO_TORCH = """
+import sys
+from tsbd.cli import main
+try:
+    main([{flag!r}])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+assert "torch" not in sys.modules, "torch was imported"
+"""
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_do_not_import_torch(flag):
+    res = subprocess.run([sys.executable, "-c", NO_TORCH.format(flag=flag)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    if flag == "--version":
+        assert res.stdout.strip() == f"tsbd {__version__}"
+    else:  # every subcommand is listed, with its help
+        assert "show-attack" in res.stdout and "train a backdoored model" in res.stdout
+
+
+def test_subcommand_help_has_its_options_and_python_m_works():
+    res = subprocess.run([sys.executable, "-m", "tsbd.cli", "attack", "--help"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "attack options:" in res.stdout and "poison_ratio = 0.1" in res.stdout and "--attack-opt" in res.stdout

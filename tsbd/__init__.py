@@ -2,10 +2,15 @@
 
 __version__ = "0.1.0"
 
+__all__ = ["__version__", "purify"]
 
-def purify(model, clean_data, defense: str = "tsbd", **options):
-    """Purify any ``torch.nn.Module`` with ``defense`` (default TSBD) on ``clean_data``; returns the
-    :class:`tsbd.defenses.DefenseResult` (``.model`` is the purified copy). See :func:`tsbd.interop.purify`."""
-    from tsbd.interop.purify import purify as _purify
 
-    return _purify(model, clean_data, defense, **options)
+def __getattr__(name: str):
+    """``tsbd.purify`` (:func:`tsbd.interop.purify.purify`: purify any ``torch.nn.Module`` with a
+    defense, default TSBD, on clean data), imported on first use so that ``import tsbd`` (and
+    ``tsbd --help``) loads no torch."""
+    if name == "purify":
+        from tsbd.interop.purify import purify
+
+        return purify
+    raise AttributeError(f"module 'tsbd' has no attribute {name!r}")

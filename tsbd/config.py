@@ -4,15 +4,22 @@ Every method's config is a frozen dataclass whose fields are declared with :func
 which records a one-line help text and where the default comes from (paper, BackdoorBench,
 the authors' code, or ours). The CLI turns these into flags, ``--help`` prints them, and
 :func:`to_dict` stores the resolved config with every result.
+
+Options given on a command line are ``KEY=VALUE`` pairs, read by :func:`parse_key_values` (the
+one syntax of every ``--opt``-like flag, ``tsbd bench --set`` and the benchmark scripts): VALUE
+in TOML syntax (``5``, ``1e-4``, ``true``, ``[16,32,64]``, ``"quoted"``), else the plain string
+(``runs/trigger.png``, ``per-tensor``). :func:`override` accepts such typed values as well as strings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from tsbd.errors import TsbdError
@@ -57,6 +64,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        elif not isinstance(value, list | tuple):  # one typed value (e.g. TOML's 16) for a sequence
+            value = [value]
         inner = args[0] if args else str
         return tuple(coerce(v, inner, name) for v in value)
     try:
@@ -80,6 +89,36 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     except (TypeError, ValueError):
         raise TsbdError(f"invalid value {value!r} for {name}: expected {tp.__name__}") from None
     return value
+
+
+def parse_value(text: str) -> Any:
+    """One ``KEY=VALUE`` value: TOML when ``text`` is one TOML value (a number, boolean, array,
+    inline table or quoted string), else ``text`` itself (file paths, names, words)."""
+    try:
+        doc = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    value = doc.get("v")
+    if len(doc) != 1 or isinstance(value, datetime.date | datetime.time):  # a second key, or a TOML date
+        return text
+    return value
+
+
+def parse_key_values(pairs: Iterable[str] | None, what: str, *, dash_to_underscore: bool = True,
+                     example: str | None = None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> {key: value}, each value read by :func:`parse_value`; the later of two
+    equal keys wins. ``what`` names the pairs in the one-line error for a pair without ``=``
+    (``"{what} 'x' must look like KEY=VALUE"``, then `` (e.g. EXAMPLE)`` when given); keys are
+    stripped and, with ``dash_to_underscore``, spelled with ``_`` for ``-`` (config fields;
+    off for dotted grid keys)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise TsbdError(f"{what} {pair!r} must look like KEY=VALUE" + (f" (e.g. {example})" if example else ""))
+        key = key.strip()
+        out[key.replace("-", "_") if dash_to_underscore else key] = parse_value(raw.strip())
+    return out
 
 
 def override(cfg: C, values: Mapping[str, Any] | None) -> C:

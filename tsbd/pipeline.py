@@ -5,12 +5,10 @@ data fingerprint."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -25,31 +23,16 @@ from tsbd.defenses import DefenseResult, build_defense
 from tsbd.errors import TsbdError
 from tsbd.metrics import der, evaluate
 from tsbd.models import build_model, non_default_options, spec_options
+from tsbd.reference import _cache_folder, _cached_model, clean_reference_model
 from tsbd.train.engine import TrainConfig, fit
+from tsbd.train.presets import PRESET_HELP, TRAIN_PRESETS, train_config
 from tsbd.train.runtime import Runtime, seed_everything
 
 log = logging.getLogger(__name__)
 
-# Attack-training presets. "backdoorbench" is the paper's schedule (BackdoorBench defaults);
-# "cpu" is the airbench-style recipe that trains the CPU-scale model in minutes on 2 cores.
-TRAIN_PRESETS: dict[str, TrainConfig] = {
-    "backdoorbench": TrainConfig(),
-    "cpu": TrainConfig(epochs=30, batch_size=256, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                       schedule="onecycle", warmup=0.2, label_smoothing=0.1),
-    "gpu": TrainConfig(epochs=35, batch_size=512, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                       schedule="onecycle", warmup=0.15),
-}
-PRESET_HELP = {
-    "backdoorbench": "BackdoorBench defaults: 100 epochs, batch 128, SGD 0.01/0.9/5e-4, cosine (paper scale)",
-    "cpu": "CPU preset: 30 epochs, batch 256, SGD nesterov lr 0.2, wd 5e-4, onecycle, label smoothing 0.1",
-    "gpu": "GPU preset for paper-scale models: 35 epochs, batch 512, SGD nesterov lr 0.1, wd 5e-4, onecycle",
-}
-
-
-def train_config(preset: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    if preset not in TRAIN_PRESETS:
-        raise TsbdError(f"unknown training preset {preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
-    return override(TRAIN_PRESETS[preset], overrides)
+# re-exported: the training presets live in tsbd.train.presets, the clean reference model in tsbd.reference
+__all__ = ["PRESET_HELP", "TRAIN_PRESETS", "AttackSetup", "cached_attacked_model", "clean_reference_model",
+           "defend_model", "load_setup_from_meta", "setup_attack", "train_attacked_model", "train_config"]
 
 
 @dataclasses.dataclass
@@ -154,57 +137,6 @@ def load_setup_from_meta(meta: dict, runtime: Runtime, *, data_root: str | None 
     arch = meta.get("arch", {})
     return setup_attack(ds, attack, int(meta.get("seed", 0)), runtime, arch=arch.get("name"),
                         arch_kwargs=spec_options(arch), cache_dir=cache_dir, progress=progress)
-
-
-def _cache_folder(kind: str, name: str, key_json: str, cache_dir: str | Path | None) -> Path:
-    """``<cache>/<kind>/<name>-<first 16 hex of sha256(key_json)>``."""
-    from tsbd.data.cache import resolve_cache_dir
-
-    return resolve_cache_dir(cache_dir) / kind / f"{name}-{hashlib.sha256(key_json.encode()).hexdigest()[:16]}"
-
-
-def _cached_model(folder: Path, runtime: Runtime, build) -> tuple[nn.Module, dict, bool]:
-    """The model saved in ``folder`` (:func:`_cache_folder`), else ``build()``'s (model, meta), saved
-    there as the artifact ``tsbd attack`` writes. A damaged entry is rebuilt. Returns (model in eval
-    mode, meta, whether it came from the cache)."""
-    from tsbd.artifacts import load_model, save_model
-
-    if folder.exists():
-        try:
-            model, meta = load_model(folder, runtime.device)
-            return model.eval(), meta, True
-        except TsbdError as err:
-            log.warning("rebuilding cached model %s: %s", folder, err)
-    model, meta = build()
-    save_model(folder, model, meta)
-    return model.eval(), meta, False
-
-
-def clean_reference_model(dataset: Dataset, arch: str, runtime: Runtime, *, seed: int = 0,
-                          cfg: TrainConfig | None = None, arch_kwargs: dict | None = None,
-                          cache_dir: str | Path | None = None, progress: bool = False) -> tuple[nn.Module, dict]:
-    """A clean model of ``arch`` on ``dataset`` (for attacks that need one, e.g. LF and TrojanNN,
-    and for analyses), trained once per (data fingerprint, arch, config, seed) and cached as an
-    artifact under the cache folder."""
-    cfg = cfg or TRAIN_PRESETS["cpu"]
-    arch_kwargs = non_default_options(arch, arch_kwargs)  # one key for {} and the defaults spelled out
-
-    def build():
-        seed_everything(seed)
-        model = build_model(arch, dataset.num_classes, mean=dataset.mean, std=dataset.std, **arch_kwargs)
-        if hasattr(model, "init_from_data"):
-            model.init_from_data(dataset.train.x[torch.randperm(len(dataset.train),
-                                                                generator=torch.Generator().manual_seed(seed))[:5000]])
-        res = fit(model, dataset.train, cfg, runtime, seed=seed, desc=f"clean {arch}", progress=progress)
-        metrics = evaluate(model, dataset.test, None, runtime)
-        return model, {"kind": "clean", "classes": dataset.classes, "dataset": dataset.describe(),
-                       "train": to_dict(cfg), "seed": seed, "runtime": runtime.describe(), "metrics": metrics,
-                       "timings": {"train": res.seconds}, "provenance": provenance()}
-
-    key = json.dumps([dataset.fingerprint, arch, arch_kwargs, repr(cfg), seed])
-    model, meta, _ = _cached_model(_cache_folder("clean_models", f"{dataset.name}-{arch}", key, cache_dir), runtime,
-                                   build)
-    return model, meta
 
 
 def cached_attacked_model(setup: AttackSetup, arch: str, cfg: TrainConfig, runtime: Runtime, *,

@@ -20,8 +20,10 @@ import torch
 
 from tsbd.artifacts import provenance, write_json_atomic
 from tsbd.attacks import build_attack
+from tsbd.config import parse_key_values
 from tsbd.data import load_dataset
 from tsbd.defenses import DEFENSES
+from tsbd.errors import TsbdError
 from tsbd.pipeline import defend_model, setup_attack, train_attacked_model, train_config
 from tsbd.train.runtime import Runtime
 
@@ -35,7 +37,7 @@ def main() -> None:
     ap.add_argument("--trigger-dir", default=None)
     ap.add_argument("--dataset", default="cifar10")
     ap.add_argument("--model", default="preact_resnet18")
-    ap.add_argument("--arch-opt", action="append", default=[], help="KEY=INT model kwarg (tiny CPU checks)")
+    ap.add_argument("--arch-opt", action="append", default=[], help="KEY=VALUE model kwarg (tiny CPU checks)")
     ap.add_argument("--preset", default="gpu")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--attacks", default="badnets")
@@ -56,12 +58,16 @@ def main() -> None:
     ds = load_dataset(args.dataset, root=args.data_root)
     if args.limit_train:
         ds = ds.limited(args.limit_train, max(100, args.limit_train // 5), args.seed)
-    arch_kwargs = {k: int(v) for k, v in (o.split("=", 1) for o in args.arch_opt)}
     defense_opts: dict[str, dict] = {}
-    for o in args.defense_opt:
-        key, value = o.split("=", 1)
-        name, field = key.split(".", 1)
-        defense_opts.setdefault(name, {})[field] = value
+    try:
+        arch_kwargs = parse_key_values(args.arch_opt, "--arch-opt")
+        for key, value in parse_key_values(args.defense_opt, "--defense-opt", dash_to_underscore=False).items():
+            name, dot, field = key.partition(".")
+            if not dot:
+                raise TsbdError(f"--defense-opt {key}={value} must look like NAME.KEY=VALUE, e.g. anp.nb_iter=200")
+            defense_opts.setdefault(name, {})[field] = value
+    except TsbdError as err:
+        ap.error(str(err))
     out = {"machine": {"device": str(rt.device),
                        "gpu": torch.cuda.get_device_name() if rt.device.type == "cuda" else None,
                        **rt.describe()},

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,8 +36,13 @@ from torch import nn
 from tsbd.analysis.observations import pearson
 from tsbd.analysis.registry import AnalysisContext, analysis, fractions, pyplot, write_csv
 from tsbd.artifacts import save_figure
+from tsbd.config import parse_key_values
 from tsbd.data.base import ImageSet
 from tsbd.data.poison import sample_indices
+from tsbd.defenses import build_defense
+from tsbd.defenses.anp import optimize_anp_masks
+from tsbd.defenses.clp import channel_lipschitz
+from tsbd.defenses.rnp import recover_masks, unlearn
 from tsbd.defenses.tsbd import TSBDConfig, clean_unlearn
 from tsbd.errors import TsbdError
 from tsbd.models.surgery import bn_conv_pairs, neuron_weight_change, prunable_units, rank_neurons
@@ -150,11 +156,6 @@ def ranking_scores(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: 
     own ``pairing`` option for CLP); a conv that feeds no BN of its own gets NaN, as those methods
     never touch it. ``defense_opts[name]`` overrides that defense's config (e.g. ``nb_iter``).
     """
-    from tsbd.defenses import build_defense
-    from tsbd.defenses.anp import optimize_anp_masks
-    from tsbd.defenses.clp import channel_lipschitz
-    from tsbd.defenses.rnp import recover_masks, unlearn
-
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise TsbdError(f"unknown ranking metric {sorted(unknown)[0]!r}; choose from {', '.join(METRICS)}")
@@ -261,13 +262,12 @@ def parse_skip(text: str | None) -> set[str]:
     return names
 
 
-def parse_defense_opts(pairs: Sequence[str] | None, allowed: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``--defense-opt DEFENSE.KEY=VALUE`` (repeatable) -> {defense: {key: value}}: ``tsbd defend --opt``'s
-    KEY=VALUE parsing with a defense before the dot; keys are checked when the defense's config is built."""
-    from tsbd.cli import _parse_opts
-
-    out: dict[str, dict[str, str]] = {}
-    for head, value in _parse_opts(pairs, "--defense-opt").items():
+def parse_defense_opts(pairs: Sequence[str] | None, allowed: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--defense-opt DEFENSE.KEY=VALUE`` (repeatable) -> {defense: {key: value}}: the KEY=VALUE syntax
+    of ``tsbd defend --opt`` (:func:`tsbd.config.parse_key_values`) with a defense before the dot; keys
+    are checked when the defense's config is built."""
+    out: dict[str, dict[str, Any]] = {}
+    for head, value in parse_key_values(pairs, "--defense-opt option").items():
         defense, dot, key = head.partition(".")
         if not dot or not key.strip():
             raise TsbdError(f"--defense-opt {head}={value} must look like DEFENSE.KEY=VALUE, e.g. anp.nb_iter=200")
@@ -464,8 +464,6 @@ def run_tac(ctx: AnalysisContext) -> tuple[dict, str]:
 
 @analysis("fp-nwc", "Fine-Pruning with its activation order and with the NWC order (App. F)", options=[DEFENSE_OPT])
 def run_fp_nwc(ctx: AnalysisContext) -> tuple[dict, str]:
-    from tsbd.defenses import build_defense
-
     model, setup, cfg, out = ctx.model, ctx.setup, ctx.cfg, ctx.out
     fp_opts = parse_defense_opts(ctx.args.defense_opt, ("fp",)).get("fp", {})
     if "order" in fp_opts:

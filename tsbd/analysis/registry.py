@@ -20,6 +20,10 @@ from typing import Any
 
 from tsbd.artifacts import write_bytes_atomic
 from tsbd.errors import TsbdError
+from tsbd.metrics import evaluate
+from tsbd.models import spec_options
+from tsbd.reference import clean_reference_model
+from tsbd.train.engine import TrainConfig
 
 
 @dataclasses.dataclass
@@ -42,8 +46,6 @@ class AnalysisContext:
 
     def evaluate(self, model) -> dict:
         """ACC / ASR / RA of ``model`` on the full clean and poisoned test sets."""
-        from tsbd.metrics import evaluate
-
         return evaluate(model, self.setup.dataset.test, self.setup.poisoned_test, self.runtime)
 
     def values(self, default: str) -> list[float]:
@@ -52,11 +54,7 @@ class AnalysisContext:
 
     def clean_reference_model(self) -> tuple[Any, dict]:
         """(model, meta): a clean model of the attacked model's architecture and training recipe on
-        the same dataset (trained once, cached; :func:`tsbd.pipeline.clean_reference_model`)."""
-        from tsbd.models import spec_options
-        from tsbd.pipeline import clean_reference_model
-        from tsbd.train.engine import TrainConfig
-
+        the same dataset (trained once, cached; :func:`tsbd.reference.clean_reference_model`)."""
         arch = self.meta.get("arch", {})
         train_cfg = TrainConfig(**self.meta["train"]) if self.meta.get("train") else None
         return clean_reference_model(self.setup.dataset, arch["name"], self.runtime, seed=self.setup.seed,

@@ -10,7 +10,7 @@ runs an untargeted DeepFool universal perturbation with Gaussian smoothing after
 tsbd generates the perturbation itself, reproducibly from the seed, and caches it
 (:mod:`tsbd.attacks.resources`):
 
-1. a clean model of the victim's architecture (:func:`tsbd.pipeline.clean_reference_model`,
+1. a clean model of the victim's architecture (:func:`tsbd.reference.clean_reference_model`,
    the "cpu" preset with ``clean_epochs`` epochs, cached);
 2. a *targeted* universal perturbation: projected gradient descent of the cross-entropy
    toward the target class (each step the low-passed gradient scaled to a peak of ``step_size``) on

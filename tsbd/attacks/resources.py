@@ -29,9 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from tsbd.artifacts import versions
+from tsbd.config import override, to_dict
 from tsbd.data.base import Dataset
 from tsbd.data.cache import resolve_cache_dir
 from tsbd.errors import TsbdError
+from tsbd.models import non_default_options
+from tsbd.reference import clean_reference_model
+from tsbd.train.presets import TRAIN_PRESETS
 from tsbd.train.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -164,8 +169,6 @@ def load_or_generate(name: str, settings: Mapping[str, Any], generate: GenerateF
     start = time.perf_counter()
     tensors, info = generate()
     seconds = time.perf_counter() - start
-    from tsbd.artifacts import versions
-
     meta = {
         "format": RESOURCE_FORMAT, "version": RESOURCE_VERSION, "name": name, "fingerprint": fingerprint,
         "settings": settings, "info": json.loads(json.dumps(info, default=str)),
@@ -193,8 +196,6 @@ def resource_arch(chosen: str, context: Mapping[str, Any]) -> tuple[str, dict]:
     architecture from the ``prepare`` context, airbench when it names none), with the victim's options
     when it is the victim's architecture. Options equal to the factory defaults are dropped, so ``{}``
     and the defaults spelled out (as the grid records them) give one cache key."""
-    from tsbd.models import non_default_options
-
     arch = chosen or context.get("arch") or "airbench"  # airbench is the CLI's default
     kwargs = dict(context.get("arch_kwargs") or {}) if arch == context.get("arch") else {}
     return arch, non_default_options(arch, kwargs)
@@ -207,7 +208,7 @@ def image_shape_of(dataset: Dataset) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class CleanModelRecipe:
     """How the clean reference model an attack optimizes against is trained
-    (:func:`tsbd.pipeline.clean_reference_model`, which caches it per recipe)."""
+    (:func:`tsbd.reference.clean_reference_model`, which caches it per recipe)."""
 
     arch: str
     arch_kwargs: dict
@@ -222,22 +223,15 @@ class CleanModelRecipe:
         return cls(arch, kwargs, int(clean_epochs), int(context.get("seed", 0) or 0))
 
     def train_config(self):
-        from tsbd.config import override
-        from tsbd.pipeline import TRAIN_PRESETS
-
         return override(TRAIN_PRESETS["cpu"], {"epochs": self.epochs})
 
     def settings(self, dataset: Dataset) -> dict[str, Any]:
         """The recipe as cache-key settings (no training needed to compute them)."""
-        from tsbd.config import to_dict
-
         return {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "train": to_dict(self.train_config()),
                 "seed": self.seed, "data": dataset.fingerprint}
 
     def build(self, dataset: Dataset, runtime: Runtime, cache_dir, progress: bool) -> tuple[nn.Module, dict]:
         """The trained clean model (eval mode, gradients off) and a summary of its record."""
-        from tsbd.pipeline import clean_reference_model
-
         model, meta = clean_reference_model(dataset, self.arch, runtime, seed=self.seed, cfg=self.train_config(),
                                             arch_kwargs=self.arch_kwargs or None, cache_dir=cache_dir,
                                             progress=progress)

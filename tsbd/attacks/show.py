@@ -10,7 +10,6 @@ and printed, so the stealth of triggers can be compared across attacks.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -98,54 +97,3 @@ def show_attack(attack, dataset, runtime, *, out: str | Path, images: int = 8, s
     plt.close(fig)
     return {"attack": attack.describe(), "dataset": dataset.name, "images": [int(keep[c]) for c in chosen],
             "residual": stats, "png": str(path.with_suffix(".png")), "svg": str(path.with_suffix(".svg"))}
-
-
-# ------------------------------------------------------------------------------------------
-# CLI
-def cmd_show_attack(args) -> int:
-    from tsbd.attacks import ATTACKS, build_attack
-    from tsbd.cli import _console, _emit_json, _parse_opts, _runtime
-    from tsbd.data import load_dataset
-
-    names = ATTACKS.names() if args.attack == "all" else [a.strip() for a in args.attack.split(",") if a.strip()]
-    unknown = [n for n in names if n not in ATTACKS.names()]
-    if unknown:
-        raise TsbdError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS.names())} or all")
-    console = _console(args)
-    runtime = _runtime(args)
-    dataset = load_dataset(args.dataset, root=args.data_root, cache_dir=args.cache_dir)
-    opts = _parse_opts(args.attack_opt, "attack")
-    results = []
-    for name in names:
-        fields = {f.name for f in dataclasses.fields(ATTACKS.get(name).config_class)}
-        own = {k: v for k, v in opts.items() if k in fields}
-        attack = build_attack(name, own)
-        res = show_attack(attack, dataset, runtime, out=args.out, images=args.images, seed=args.seed, arch=args.model,
-                          cache_dir=args.cache_dir, progress=not args.quiet)
-        results.append(res)
-        r = res["residual"]
-        console.print(f"{name}: {res['png']}  (L-inf {r['linf'] * 255:.1f}/255, L2 {r['l2']:.2f}, "
-                      f"PSNR {r['psnr_db']:.1f} dB)")
-    if args.json:
-        _emit_json({"attacks": results})
-    return 0
-
-
-def register(subparsers, add_runtime_args, add_data_root) -> None:
-    p = subparsers.add_parser("show-attack", help="picture of an attack's poisoned images beside clean ones",
-                              description=__doc__)
-    p.add_argument("--attack", default="badnets",
-                   help="attack name, comma-separated names, or 'all' (default: badnets)")
-    p.add_argument("--dataset", default="demo", help="dataset (default: demo, the embedded CIFAR-10 subset)")
-    add_data_root(p)
-    p.add_argument("--model", default="airbench",
-                   help="victim architecture, for attacks whose trigger depends on a model (LF, Trojan, "
-                        "Input-aware; default: airbench)")
-    p.add_argument("--attack-opt", action="append", metavar="KEY=VALUE",
-                   help="attack option, applied to every named attack that has it (repeatable)")
-    p.add_argument("--images", type=int, default=8, help="test images shown (default: 8)")
-    p.add_argument("--out", default="runs/show-attack",
-                   help="folder for NAME.png / NAME.svg (default: runs/show-attack)")
-    p.add_argument("--json", action="store_true", help="print the residual statistics as one JSON object")
-    add_runtime_args(p)
-    p.set_defaults(func=cmd_show_attack)

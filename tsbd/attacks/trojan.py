@@ -15,7 +15,7 @@ As BackdoorBench configures it (``attack/trojannn.py``, ``config/attack/trojannn
 
 Differences, on purpose:
 
-* the clean model is *trained* (:func:`tsbd.pipeline.clean_reference_model`, cached); BackdoorBench
+* the clean model is *trained* (:func:`tsbd.reference.clean_reference_model`, cached); BackdoorBench
   builds a 1000-class head that cannot load the trained 10-class ``linear`` weights, so it
   selects its neurons on a randomly initialized layer;
 * the sum x + t is computed without uint8 overflow (BackdoorBench casts before clipping, so

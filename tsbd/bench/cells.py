@@ -11,7 +11,6 @@ epoch, so a killed run resumes mid-training.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import os
 import shutil
@@ -21,8 +20,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tsbd.bench.grid import Cell
+from tsbd import pipeline  # its steps are called as pipeline.X, so that a test can wrap them
+from tsbd.artifacts import load_model, provenance, save_model, write_json_atomic
+from tsbd.attacks import build_attack
+from tsbd.bench.grid import Cell, canonical_json, load_bench_dataset, resolve_data_options
+from tsbd.bench.store import now_iso
+from tsbd.config import override
 from tsbd.errors import TsbdError
+from tsbd.train.engine import TrainConfig
+from tsbd.train.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +52,6 @@ class CellContext:
     save_defended_models: bool = True
 
     def runtime(self):
-        from tsbd.train.runtime import Runtime
-
         return Runtime.create(self.device, self.precision, self.threads, self.compile)
 
 
@@ -65,20 +69,8 @@ class CellResult:
         return dataclasses.asdict(self)
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
 # ------------------------------------------------------------------------------------------
 # data
-def load_bench_dataset(ds_spec: dict, *, data_root: str | None = None, cache_dir: str | None = None):
-    """The dataset of a cell's ``dataset`` spec: loaded, then cut to ``limit_train``/``limit_test``."""
-    from tsbd.data import load_dataset
-
-    ds = load_dataset(ds_spec["name"], root=data_root, cache_dir=cache_dir, **ds_spec.get("options", {}))
-    return ds.limited(int(ds_spec.get("limit_train", 0)), int(ds_spec.get("limit_test", 0)))
-
-
 class DataCache:
     """The last dataset and attack setup a process used, so that the defense cells of one
     attacked model do not reload and re-poison the data."""
@@ -88,8 +80,6 @@ class DataCache:
         self._setup: tuple[str, Any] | None = None
 
     def dataset(self, ds_spec: dict, ctx: CellContext):
-        from tsbd.bench.grid import canonical_json
-
         key = canonical_json({k: v for k, v in ds_spec.items() if k != "fingerprint"})
         if self._dataset is None or self._dataset[0] != key:
             self._dataset = None
@@ -103,20 +93,15 @@ class DataCache:
         return self._dataset[1]
 
     def setup(self, attack_cell: Cell, ctx: CellContext, runtime):
-        from tsbd.attacks import build_attack
-        from tsbd.pipeline import setup_attack
-
         if self._setup is None or self._setup[0] != attack_cell.id:
             c = attack_cell.config
             ds = self.dataset(c["dataset"], ctx)
-            from tsbd.bench.grid import resolve_data_options
-
             opts = resolve_data_options(c["attack"]["config"], ctx.data_root, c.get("files"),
                                         f"[attack_opts.{c['attack']['name']}]")
             attack = build_attack(c["attack"]["name"], opts)
-            setup = setup_attack(ds, attack, c["seed"], runtime, arch=c["model"]["name"],
-                                 arch_kwargs=c["model"].get("options", {}), cache_dir=ctx.cache_dir,
-                                 progress=ctx.progress)
+            setup = pipeline.setup_attack(ds, attack, c["seed"], runtime, arch=c["model"]["name"],
+                                          arch_kwargs=c["model"].get("options", {}), cache_dir=ctx.cache_dir,
+                                          progress=ctx.progress)
             self._setup = (attack_cell.id, setup)
         return self._setup[1]
 
@@ -132,11 +117,6 @@ def checkpoint_path(results_dir: str | Path, cell_id: str) -> Path:
 
 
 def run_attack_cell(cell: Cell, ctx: CellContext, cache: DataCache | None = None) -> CellResult:
-    from tsbd.artifacts import provenance, save_model
-    from tsbd.config import override
-    from tsbd.pipeline import train_attacked_model
-    from tsbd.train.engine import TrainConfig
-
     started = now_iso()
     t0 = time.perf_counter()
     cache = cache or DataCache()
@@ -147,8 +127,9 @@ def run_attack_cell(cell: Cell, ctx: CellContext, cache: DataCache | None = None
     cfg = override(TrainConfig(), c["train"])
     ckpt = checkpoint_path(ctx.results_dir, cell.id)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    model, meta = train_attacked_model(setup, c["model"]["name"], cfg, runtime, arch_kwargs=c["model"]["options"],
-                                       progress=ctx.progress, checkpoint=ckpt)
+    model, meta = pipeline.train_attacked_model(setup, c["model"]["name"], cfg, runtime,
+                                                arch_kwargs=c["model"]["options"], progress=ctx.progress,
+                                                checkpoint=ckpt)
     meta["dataset"].update(limit_train=c["dataset"]["limit_train"], limit_test=c["dataset"]["limit_test"],
                            options=c["dataset"]["options"])
     meta["bench"] = {"cell": cell.id, "kind": "attack", "config": c}
@@ -162,9 +143,6 @@ def run_attack_cell(cell: Cell, ctx: CellContext, cache: DataCache | None = None
 
 
 def run_defense_cell(cell: Cell, parent: Cell, ctx: CellContext, cache: DataCache | None = None) -> CellResult:
-    from tsbd.artifacts import load_model, provenance, save_model, write_json_atomic
-    from tsbd.pipeline import defend_model
-
     started = now_iso()
     t0 = time.perf_counter()
     cache = cache or DataCache()
@@ -175,9 +153,9 @@ def run_defense_cell(cell: Cell, parent: Cell, ctx: CellContext, cache: DataCach
     model, parent_meta = load_model(parent_dir, runtime.device)
     setup = cache.setup(parent, ctx, runtime)
     t_setup = time.perf_counter() - t0
-    result, record = defend_model(model, setup, c["defense"]["name"], c["defense"]["config"], c["clean_ratio"],
-                                  runtime, seed=c["seed"], progress=ctx.progress,
-                                  metrics_before=parent_meta.get("metrics"))
+    result, record = pipeline.defend_model(model, setup, c["defense"]["name"], c["defense"]["config"],
+                                           c["clean_ratio"], runtime, seed=c["seed"], progress=ctx.progress,
+                                           metrics_before=parent_meta.get("metrics"))
     meta = {k: parent_meta[k] for k in ("classes", "dataset", "attack", "poison", "train") if k in parent_meta}
     meta.update({"kind": "defended", "parent": parent.id, **record, "timings": result.timings,
                  "bench": {"cell": cell.id, "kind": "defense", "config": c}})

@@ -51,15 +51,24 @@ import itertools
 import json
 import math
 import tomllib
+import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tsbd import __version__
+from tsbd.attacks import ATTACKS, build_attack
 from tsbd.attacks.resources import BACKDOORBENCH_TRIGGERS, file_sha256
+from tsbd.config import override, parse_key_values, to_dict
+from tsbd.data import DATASETS, load_dataset, resolve_data_root
+from tsbd.defenses import DEFENSES, build_defense
 from tsbd.errors import TsbdError
+from tsbd.models import MODELS
+from tsbd.train.engine import TrainConfig
+from tsbd.train.presets import TRAIN_PRESETS, train_config
 
 NO_DEFENSE = "none"
 AXES = ("dataset", "model", "preset", "attack", "defense", "poison_ratio", "clean_ratio", "seed",
@@ -160,8 +169,6 @@ def major_minor(version: str) -> str:
 
 def relevant_versions() -> dict[str, str]:
     """Versions that change results: tsbd and torch, major.minor."""
-    from tsbd import __version__
-
     return {"tsbd": major_minor(__version__), "torch": major_minor(torch.__version__)}
 
 
@@ -176,10 +183,14 @@ def attack_cell(*, dataset: dict, model: dict, attack: dict, train: dict, seed: 
     return Cell("attack", cell_id(config), config)
 
 
+def load_bench_dataset(ds_spec: dict, *, data_root: str | None = None, cache_dir: str | None = None):
+    """The dataset of a cell's ``dataset`` spec: loaded, then cut to ``limit_train``/``limit_test``."""
+    ds = load_dataset(ds_spec["name"], root=data_root, cache_dir=cache_dir, **ds_spec.get("options", {}))
+    return ds.limited(int(ds_spec.get("limit_train", 0)), int(ds_spec.get("limit_test", 0)))
+
+
 def resolve_data_path(value: str, data_root: str | None, where: str) -> Path:
     """The file a ``{data_root}/...`` option names, on this machine; a one-line error if it is not there."""
-    from tsbd.data import resolve_data_root
-
     root = resolve_data_root(data_root)
     if root is None:
         raise TsbdError(f"{where} = {value!r} names a file under the data root; pass --data-root DIR "
@@ -280,17 +291,9 @@ def load_spec(grid: str | Path, overrides: dict[str, Any] | None = None) -> dict
 
 
 def parse_set(pairs: Iterable[str] | None) -> dict[str, Any]:
-    """``KEY=VALUE`` strings (VALUE in TOML syntax, else a plain string) as a dict."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise TsbdError(f"--set {pair!r} must look like KEY=VALUE (e.g. train.epochs=5)")
-        key, raw = (s.strip() for s in pair.split("=", 1))
-        try:
-            out[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = raw
-    return out
+    """``KEY=VALUE`` strings (VALUE in TOML syntax, else a plain string) as a dict; dotted keys
+    (``train.epochs``) are kept as they are (:func:`tsbd.config.parse_key_values`)."""
+    return parse_key_values(pairs, "--set", dash_to_underscore=False, example="train.epochs=5")
 
 
 def _axis(spec: dict, key: str) -> list:
@@ -302,12 +305,10 @@ def _axis(spec: dict, key: str) -> list:
 
 
 def _is_sequence_type(tp: Any) -> bool:
-    import collections.abc
-
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, __import__("types").UnionType):
+    if origin in (typing.Union, types.UnionType):
         return any(_is_sequence_type(a) for a in typing.get_args(tp) if a is not type(None))
-    return origin in (tuple, list, collections.abc.Sequence) or tp in (tuple, list)
+    return origin in (tuple, list, Sequence) or tp in (tuple, list)
 
 
 def _expand(options: dict[str, Any], sequence_fields: set[str], where: str) -> list[dict[str, Any]]:
@@ -356,12 +357,6 @@ def _split_opts(table: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]
 
 def check_names(spec: dict) -> None:
     """Raise one TsbdError naming every unknown attack, defense, dataset, model or preset."""
-    from tsbd.attacks import ATTACKS
-    from tsbd.data import DATASETS
-    from tsbd.defenses import DEFENSES
-    from tsbd.models import MODELS
-    from tsbd.pipeline import TRAIN_PRESETS
-
     problems = []
     checks = [("attack", ATTACKS.names(), []), ("defense", DEFENSES.names(), [NO_DEFENSE]),
               ("dataset", DATASETS.names(), []), ("model", MODELS.names(), []), ("preset", list(TRAIN_PRESETS), [])]
@@ -385,15 +380,6 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
            dataset_loader=None) -> Plan:
     """Resolve every config of ``spec`` and expand it into cells (attack cells each followed by
     their defense cells). Datasets are loaded once here, for their fingerprints."""
-    from tsbd.attacks import ATTACKS, build_attack
-    from tsbd.bench.cells import load_bench_dataset
-    from tsbd.config import override, to_dict
-    from tsbd.data import DATASETS
-    from tsbd.defenses import DEFENSES, build_defense
-    from tsbd.models import MODELS
-    from tsbd.pipeline import train_config
-    from tsbd.train.engine import TrainConfig
-
     check_names(spec)
     name = str(spec.get("name", "grid"))
     loader = dataset_loader or load_bench_dataset

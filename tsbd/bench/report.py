@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tsbd.artifacts import save_figure
+from tsbd.attacks import ATTACKS
 from tsbd.bench.grid import NO_DEFENSE, canonical_json
 from tsbd.bench.paper import (
     ATTACK_NAMES,
@@ -34,6 +36,9 @@ from tsbd.bench.paper import (
     non_default,
 )
 from tsbd.bench.store import Store
+from tsbd.config import to_dict
+from tsbd.defenses import DEFENSES
+from tsbd.errors import TsbdError
 from tsbd.metrics import der
 
 log = logging.getLogger(__name__)
@@ -102,13 +107,8 @@ class ResultTable:
 
 
 def _defaults(registry_name: str, name: str) -> dict | None:
-    from tsbd.config import to_dict
-
     try:
-        if registry_name == "attack":
-            from tsbd.attacks import ATTACKS as reg
-        else:
-            from tsbd.defenses import DEFENSES as reg
+        reg = ATTACKS if registry_name == "attack" else DEFENSES
         if name not in reg:
             return None
         return to_dict(reg.get(name).config_class())
@@ -568,8 +568,6 @@ def _plot(t: ResultTable, out_dir: Path) -> None:
 
 
 def _save(fig, folder: Path, stem: str) -> dict[str, Path]:
-    from tsbd.artifacts import save_figure
-
     return {ext: Path(PLOTS) / path.name for ext, path in save_figure(fig, folder / stem).items()}
 
 
@@ -609,8 +607,6 @@ def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     with Store(results, create=False) as store:
         if grid is not None and grid not in store.grids():
-            from tsbd.errors import TsbdError
-
             raise TsbdError(f"no grid {grid!r} in {results}; it has: {', '.join(store.grids()) or 'none'}")
         tables = collect(store, grid, PaperIndex(paper_tables))
         summary = summarize(store, grid, results)

@@ -22,6 +22,7 @@ whose owner is gone (same host: its pid no longer exists; any host: no heartbeat
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import socket
@@ -87,10 +88,9 @@ CREATE TABLE IF NOT EXISTS grid_cells (
 """
 
 
-def _now_iso() -> str:
-    from tsbd.bench.cells import now_iso
-
-    return now_iso()
+def now_iso() -> str:
+    """Now, in UTC, to the second (the timestamps of the store and of cell results)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def pid_alive(pid: int) -> bool:
@@ -189,7 +189,7 @@ class Store:
     def register(self, plan) -> int:
         """Add the plan's cells (new ones as pending) and record the grid's membership.
         Returns the number of new cells."""
-        now = _now_iso()
+        now = now_iso()
         with self.transaction() as conn:
             before = conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
             conn.executemany(
@@ -220,7 +220,7 @@ class Store:
     def claim(self, cell_id: str, *, retry_failed: bool = False) -> str:
         """Try to take ``cell_id`` for this process. Returns ``claimed``, ``done``, ``failed``
         (and not retrying), ``busy`` (another live process runs it) or ``missing``."""
-        now = _now_iso()
+        now = now_iso()
         with self.transaction() as conn:
             row = conn.execute("SELECT status, owner, heartbeat, attempts FROM cells WHERE id = ?",
                                (cell_id,)).fetchone()
@@ -247,7 +247,7 @@ class Store:
     def complete(self, cell_id: str, result) -> bool:
         """Mark a claimed cell done with its result (a :class:`~tsbd.bench.cells.CellResult`), in one
         transaction. False when this process no longer owns the cell (it was taken over)."""
-        now = _now_iso()
+        now = now_iso()
         with self.transaction() as conn:
             cur = conn.execute(
                 "UPDATE cells SET status = 'done', metrics_json = ?, timings_json = ?, versions_json = ?, host = ?, "
@@ -264,7 +264,7 @@ class Store:
     def fail(self, cell_id: str, error: str, detail: str = "", *, claim: bool = False) -> bool:
         """Mark a cell failed with a one-line ``error``. With ``claim=True`` a cell this process does
         not hold is failed directly (a defense whose attacked model failed)."""
-        now = _now_iso()
+        now = now_iso()
         error = " ".join(str(error).split())
         with self.transaction() as conn:
             if claim:
@@ -286,7 +286,7 @@ class Store:
 
     def release(self, cell_id: str) -> None:
         """Give a claimed cell back (Ctrl-C): pending again, its attempt recorded as interrupted."""
-        now = _now_iso()
+        now = now_iso()
         with self.transaction() as conn:
             conn.execute("UPDATE cells SET status = 'pending', owner = NULL, heartbeat = NULL "
                          "WHERE id = ? AND owner = ? AND status = 'running'", (cell_id, self.owner))

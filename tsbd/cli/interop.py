@@ -1,4 +1,5 @@
-"""``tsbd inspect PATH`` and ``tsbd purify MODEL_FILE --clean-data DATA`` (registered by :mod:`tsbd.cli`)."""
+"""``tsbd inspect PATH`` and ``tsbd purify MODEL_FILE --clean-data DATA``: models from elsewhere
+(BackdoorBench files, state dicts, safetensors, your own architecture)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import sys
 from typing import Any
 
+from tsbd.cli import common
 from tsbd.errors import TsbdError
 
 log = logging.getLogger(__name__)
@@ -36,45 +38,8 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
     return values
 
 
-def register(subparsers, add_runtime_args, add_data_root) -> None:
-    p = subparsers.add_parser("inspect", help="what a model file or folder holds (architecture, classes, "
-                                              "provenance, metrics)")
-    p.add_argument("path", help="tsbd model folder, .safetensors, .pt/.pth state dict or BackdoorBench "
-                                "attack_result.pt")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_inspect)
-
-    p = subparsers.add_parser("purify", help="defend a model file from elsewhere (BackdoorBench, state dict, "
-                                             "safetensors, your own architecture)",
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PURIFY_EPILOG)
-    p.add_argument("model", help="model file or folder (see below)")
-    p.add_argument("--clean-data", required=True, help="the defender's clean images (see below)")
-    p.add_argument("--labels", default=None, help="labels .npy for a .npy --clean-data")
-    p.add_argument("--clean-ratio", type=float, default=0.05,
-                   help="fraction of a named data set's training set used as clean data (default: 0.05, paper)")
-    p.add_argument("--test-data", default=None, help="clean test images for ACC (same forms as --clean-data; "
-                                                     "default: the clean data's test split, if it has one)")
-    p.add_argument("--test-labels", default=None, help="labels .npy for a .npy --test-data")
-    p.add_argument("--arch", default=None, help="registered model name or package.module:factory "
-                                                "(imported only because you name it; default: from the file)")
-    p.add_argument("--num-classes", type=int, default=None, help="class count (default: from the file)")
-    p.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="architecture option (repeatable)")
-    p.add_argument("--mean", default=None, help="normalization the model was trained with, e.g. 0.4914,0.4822,0.4465 "
-                                                "(default: BackdoorBench's for its data set, else the clean data "
-                                                "set's, else none)")
-    p.add_argument("--std", default=None, help="normalization std, e.g. 0.247,0.243,0.261")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="pixels per side the model was trained on (default: from the file; folders are resized to it)")
-    p.add_argument("--defense", default="tsbd", help="defense name (default: tsbd; see `tsbd list`)")
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="defense option (repeatable)")
-    p.add_argument("--config", default=None, help="TOML file with a [defense] table")
-    p.add_argument("--out", default=None, help="output model folder for the purified model")
-    p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
-    add_data_root(p)
-    add_runtime_args(p)
-    p.set_defaults(func=cmd_purify)
-
-
+# ------------------------------------------------------------------------------------------
+# commands (their imports are lazy: they keep `tsbd --help` fast and free of torch)
 def cmd_inspect(args) -> int:
     from tsbd.interop.inspect import describe_path
 
@@ -111,7 +76,6 @@ def _metrics(model, test, poisoned, runtime) -> dict[str, float]:
 
 def cmd_purify(args) -> int:
     from tsbd.artifacts import provenance, save_model
-    from tsbd.cli import _console, _json_value, _parse_opts, _print_metrics_table, _read_config_file, _runtime
     from tsbd.defenses import build_defense
     from tsbd.interop.architectures import NormalizedModel
     from tsbd.interop.checkpoints import load_model_file
@@ -119,13 +83,13 @@ def cmd_purify(args) -> int:
     from tsbd.interop.purify import purify
     from tsbd.metrics import der
 
-    file_cfg = _read_config_file(args.config)
-    opts = {**file_cfg.get("defense", {}), **_parse_opts(args.opt, "defense")}
+    file_cfg = common.read_config_file(args.config)
+    opts = {**file_cfg.get("defense", {}), **common.parse_opts(args.opt, "defense")}
     build_defense(args.defense, opts)  # unknown defense or option: fail before reading anything
-    arch_opts = {k: _json_value(v) for k, v in _parse_opts(args.model_opt, "model").items()}
+    arch_opts = common.parse_opts(args.model_opt, "model")
     mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
-    console = _console(args)
-    runtime = _runtime(args)
+    console = common.console(args)
+    runtime = common.runtime(args)
 
     imported = load_model_file(args.model, arch=args.arch, num_classes=args.num_classes, options=arch_opts,
                                mean=mean, std=std, device=runtime.device)
@@ -183,10 +147,58 @@ def cmd_purify(args) -> int:
                                      "info": result.info, "source": imported.describe(), "model": args.out},
                                     default=str) + "\n")
     else:
-        _print_metrics_table([("before", before), (args.defense, dict(after, time=result.timings.get("total")))],
+        common.print_metrics_table([("before", before), (args.defense, dict(after, time=result.timings.get("total")))],
                              console)
         if not before:
             console.print("no test data: pass --test-data to measure ACC (a BackdoorBench file's bd_test gives ASR)")
         if args.out:
             console.print(f"saved to {args.out}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------
+# parsers
+def configure_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="tsbd model folder, .safetensors, .pt/.pth state dict or BackdoorBench "
+                                "attack_result.pt")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_inspect)
+
+
+def configure_purify(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = PURIFY_EPILOG
+    p.add_argument("model", help="model file or folder (see below)")
+    p.add_argument("--clean-data", required=True, help="the defender's clean images (see below)")
+    p.add_argument("--labels", default=None, help="labels .npy for a .npy --clean-data")
+    p.add_argument("--clean-ratio", type=float, default=0.05,
+                   help="fraction of a named data set's training set used as clean data (default: 0.05, paper)")
+    p.add_argument("--test-data", default=None, help="clean test images for ACC (same forms as --clean-data; "
+                                                     "default: the clean data's test split, if it has one)")
+    p.add_argument("--test-labels", default=None, help="labels .npy for a .npy --test-data")
+    p.add_argument("--arch", default=None, help="registered model name or package.module:factory "
+                                                "(imported only because you name it; default: from the file)")
+    p.add_argument("--num-classes", type=int, default=None, help="class count (default: from the file)")
+    p.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="architecture option (repeatable)")
+    p.add_argument("--mean", default=None, help="normalization the model was trained with, e.g. 0.4914,0.4822,0.4465 "
+                                                "(default: BackdoorBench's for its data set, else the clean data "
+                                                "set's, else none)")
+    p.add_argument("--std", default=None, help="normalization std, e.g. 0.247,0.243,0.261")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixels per side the model was trained on (default: from the file; folders are resized to it)")
+    p.add_argument("--defense", default="tsbd", help="defense name (default: tsbd; see `tsbd list`)")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="defense option (repeatable)")
+    p.add_argument("--config", default=None, help="TOML file with a [defense] table")
+    p.add_argument("--out", default=None, help="output model folder for the purified model")
+    p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
+    common.add_data_root(p)
+    common.add_runtime_args(p)
+    p.set_defaults(func=cmd_purify)
+
+
+COMMANDS = [
+    common.Command("inspect", "what a model file or folder holds (architecture, classes, provenance, metrics)",
+                   configure_inspect),
+    common.Command("purify", "defend a model file from elsewhere (BackdoorBench, state dict, safetensors, your own "
+                             "architecture)", configure_purify),
+]

@@ -1,31 +1,20 @@
-"""``tsbd analyze NAME MODEL``: the paper's observations and sweeps on a saved attacked model.
-
-Each analysis rebuilds the model's dataset and attack from its ``meta.json`` (checking the data
-fingerprint), draws the defender's clean set as ``tsbd defend`` does, and writes into ``--out``:
-the numbers as CSV, a figure as PNG and SVG, ``result.json`` (with seed, config, versions and
-data fingerprint) and ``section.md``, a Markdown section for the docs or a report.
-
-Each analysis is registered (:mod:`tsbd.analysis.registry`) by the module that defines it.
-"""
+"""The paper's analyses that ``tsbd analyze`` runs on a saved attacked model: observation 1 (NWC of
+clean vs poison unlearning), observation 2 (gradient norms under clean unlearning, backdoored vs
+clean model) and the TSBD sweeps over the neuron ratio n and the weight ratio m. Each is registered
+with :func:`tsbd.analysis.registry.analysis` and writes its CSV and figures into the context's folder."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import time
-from pathlib import Path
-
 import torch
 
-from tsbd.analysis.registry import ANALYSES, AnalysisContext, analysis, pyplot, write_csv
-from tsbd.artifacts import provenance, save_figure, write_bytes_atomic, write_json_atomic
-from tsbd.config import to_dict
+from tsbd.analysis.observations import attacker_poison_set, gradient_norms_during_unlearning, nwc_comparison
+from tsbd.analysis.registry import AnalysisContext, analysis, pyplot, write_csv
+from tsbd.analysis.sweeps import largest_ratio_within_acc, ratio_sweep
+from tsbd.artifacts import save_figure
 from tsbd.errors import TsbdError
 
 DEFAULT_N = "0.01,0.05,0.1,0.15,0.2,0.3,0.5,0.7,0.9"  # paper Fig. 5: 1% to 90%
 DEFAULT_M = "0.4,0.5,0.6,0.7,0.8"  # paper Fig. 5: 40% to 80%
-# modules whose import registers more analyses
-MODULES = ("tsbd.analysis.neurons", "tsbd.analysis.ablations")
 
 
 # ------------------------------------------------------------------------------------------
@@ -33,8 +22,6 @@ MODULES = ("tsbd.analysis.neurons", "tsbd.analysis.ablations")
 def run_observation1(ctx: AnalysisContext) -> tuple[dict, str]:
     model, setup, clean, cfg, runtime, out = ctx.model, ctx.setup, ctx.clean, ctx.cfg, ctx.runtime, ctx.out
     seed, progress = ctx.seed, ctx.progress
-    from tsbd.analysis.observations import attacker_poison_set, nwc_comparison
-
     poisoned = attacker_poison_set(setup, len(clean), seed)
     comp = nwc_comparison(model, clean, poisoned, cfg, runtime, seed=seed, progress=progress)
     per_layer = comp.per_layer_correlation()
@@ -80,8 +67,6 @@ def run_observation1(ctx: AnalysisContext) -> tuple[dict, str]:
 def run_observation2(ctx: AnalysisContext) -> tuple[dict, str]:
     model, setup, clean, cfg, runtime, out = ctx.model, ctx.setup, ctx.clean, ctx.cfg, ctx.runtime, ctx.out
     seed, progress = ctx.seed, ctx.progress
-    from tsbd.analysis.observations import gradient_norms_during_unlearning
-
     clean_model, clean_meta = ctx.clean_reference_model()
     bd = gradient_norms_during_unlearning(model, clean, cfg.unlearn_lr, runtime, batch_size=cfg.batch_size,
                                           seed=seed, progress=progress)
@@ -139,8 +124,6 @@ def run_sweep_m(ctx: AnalysisContext) -> tuple[dict, str]:
 
 
 def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tuple[dict, str]:
-    from tsbd.analysis.sweeps import ratio_sweep
-
     model, setup, clean, cfg, runtime, out = ctx.model, ctx.setup, ctx.clean, ctx.cfg, ctx.runtime, ctx.out
     seed, progress, finetune = ctx.seed, ctx.progress, not ctx.args.no_finetune
     res = ratio_sweep(model, clean, cfg, runtime, ctx.evaluate, parameter=parameter, values=values,
@@ -183,8 +166,6 @@ def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tupl
            f"{best[parameter]:g} ({best[acc_key]:.2%} ACC, {best[key]:.2%} ASR). Choosing {short} by ASR needs "
            "poisoned data a defender does not have; the sweep shows how sensitive the result is."]
     if parameter == "neuron_ratio":
-        from tsbd.analysis.sweeps import largest_ratio_within_acc
-
         max_drop = ctx.args.max_acc_drop
         if max_drop is None or max_drop < 0:
             raise TsbdError(f"--max-acc-drop must be >= 0 (ACC points), got {max_drop}")
@@ -207,88 +188,3 @@ def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tupl
                "clean data."]
     md += ["", f"![sweep](sweep_{short}.png)"]
     return res, "\n".join(md)
-
-
-# ------------------------------------------------------------------------------------------
-def cmd_analyze(args) -> int:
-    from tsbd.artifacts import load_model
-    from tsbd.cli import _console, _parse_opts, _runtime
-    from tsbd.defenses import build_defense
-    from tsbd.pipeline import load_setup_from_meta
-
-    console = _console(args)
-    runtime = _runtime(args)
-    model, meta = load_model(args.model, runtime.device)
-    if meta.get("kind") not in (None, "attacked"):
-        console.print(f"[yellow]note[/]: {args.model} is a {meta.get('kind')} model; analyses expect an attacked one")
-    setup = load_setup_from_meta(meta, runtime, data_root=args.data_root, cache_dir=args.cache_dir,
-                                 progress=not args.quiet)
-    clean, clean_info = setup.clean_set(args.clean_ratio)
-    cfg = build_defense("tsbd", _parse_opts(args.opt, "TSBD")).config
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    progress = not args.quiet
-    ctx = AnalysisContext(model=model, setup=setup, clean=clean, cfg=cfg, runtime=runtime, out=out, seed=args.seed,
-                          progress=progress, meta=meta, args=args, cache_dir=args.cache_dir)
-    result, md = ANALYSES[args.name].run(ctx)
-    record = {"analysis": args.name, "model": str(args.model), "attack": meta.get("attack"),
-              "dataset": meta.get("dataset"), "clean": clean_info, "tsbd_config": to_dict(cfg), "seed": args.seed,
-              "runtime": runtime.describe(), "seconds": time.perf_counter() - t0, "provenance": provenance(),
-              "result": result}
-    write_json_atomic(out / "result.json", record)
-    command = " ".join(["tsbd analyze", args.name, str(args.model), f"--clean-ratio {args.clean_ratio:g}"]
-                       + [f"--opt {o}" for o in args.opt or []]
-                       + ([f"--values {args.values}"] if args.values else [])
-                       + (["--no-finetune"] if args.no_finetune else []) + _own_options(args)
-                       + [f"--seed {args.seed}", f"--out {args.out}"])
-    write_bytes_atomic(out / "section.md", (md + f"\n\nCommand: `{command}`\n").encode())
-    console.print(md)
-    console.print(f"\nwritten to {out}/ (CSV, PNG/SVG, result.json, section.md)")
-    return 0
-
-
-def _own_options(args) -> list[str]:
-    """The analysis's own options as they were given, for the recorded command."""
-    words = []
-    for flags, kw in ANALYSES[args.name].options:
-        dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
-        value = getattr(args, dest, None)
-        if value is None or value is False or value == kw.get("default"):
-            continue
-        for v in value if isinstance(value, list) else [value]:  # action="append" options repeat
-            words.append(flags[0] if v is True else f"{flags[0]} {v}")
-    return words
-
-
-def _load_modules() -> None:
-    for name in MODULES:
-        importlib.import_module(name)
-
-
-def register(subparsers, add_runtime_args, add_data_root) -> None:
-    _load_modules()
-    listing = "\n".join(f"  {a.name:<18} {a.help}" for a in ANALYSES.values())
-    p = subparsers.add_parser("analyze", help="the paper's observations and TSBD sweeps on a saved attacked model",
-                              description=f"{__doc__}\nanalyses:\n{listing}",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=list(ANALYSES), help="which analysis")
-    p.add_argument("model", help="attacked model folder (from `tsbd attack` or a `tsbd bench` attack cell)")
-    add_data_root(p)
-    p.add_argument("--clean-ratio", type=float, default=0.05, help="defender's clean fraction (default: 0.05, paper)")
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE",
-                   help="TSBD option (unlearning lr, threshold, ratios, fine-tuning; see `tsbd list`)")
-    p.add_argument("--values", default=None,
-                   help=f"sweep values, comma-separated (default: n {DEFAULT_N}; m {DEFAULT_M}, the paper's ranges); "
-                        "tac: the neuron ratios (default: as n)")
-    p.add_argument("--no-finetune", action="store_true", help="sweeps: evaluate after zero reinit only (fast)")
-    p.add_argument("--out", required=True, help="output folder (CSV, PNG/SVG, result.json, section.md)")
-    seen = {"--values", "--no-finetune", "--out", "--opt", "--clean-ratio"}
-    for a in ANALYSES.values():
-        for flags, kw in a.options:
-            if flags[0] in seen:
-                continue  # two analyses may share an option; declare it once
-            seen.add(flags[0])
-            p.add_argument(*flags, **{**kw, "help": f"{a.name}: {kw.get('help', '')}"})
-    add_runtime_args(p)
-    p.set_defaults(func=cmd_analyze)

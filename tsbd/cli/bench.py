@@ -1,4 +1,5 @@
-"""``tsbd bench GRID`` and ``tsbd report RESULTS_DIR`` (registered by :mod:`tsbd.cli`)."""
+"""``tsbd bench GRID``, ``tsbd report RESULTS_DIR`` and ``tsbd merge SOURCE... --into DEST``: run a
+benchmark grid into a resumable results store, report on it, merge stores run elsewhere."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import re
 from pathlib import Path
 
+from tsbd.cli import common
 from tsbd.errors import TsbdError
 
 log = logging.getLogger(__name__)
@@ -32,57 +34,8 @@ are kept failed unless --retry-failed. Several bench processes may share one res
 """
 
 
-def register(subparsers, add_runtime_args, add_data_root) -> None:
-    from tsbd.bench.executors import EXECUTORS
-    from tsbd.bench.grid import PRESETS
-
-    presets = "\n".join(f"  {name}: {spec['description']}" for name, spec in PRESETS.items())
-    p = subparsers.add_parser("bench", help="run a benchmark grid into a resumable results store",
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=BENCH_EPILOG.format(presets=presets))
-    p.add_argument("grid", help="TOML grid file or preset name (see below)")
-    p.add_argument("--results", default=None,
-                   help=f"results folder (default: {DEFAULT_RESULTS}/<grid name>)")
-    p.add_argument("--set", action="append", dest="set_values", metavar="KEY=VALUE",
-                   help="override a grid key, VALUE in TOML syntax (e.g. --set train.epochs=5 --set "
-                        "'attack=[\"badnets\"]'); repeatable")
-    p.add_argument("--executor", default="local", choices=EXECUTORS,
-                   help="local: one cell after another in this process; ray: cells as Ray tasks (default: local)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: start a local Ray instance); needs a results folder all "
-                        "nodes can reach")
-    p.add_argument("--cpus-per-cell", type=float, default=1, help="Ray: CPUs reserved per cell (default: 1)")
-    p.add_argument("--gpus-per-cell", type=float, default=None,
-                   help="Ray: GPUs reserved per cell (default: 1 when the device is CUDA, else 0)")
-    p.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
-    p.add_argument("--report", action="store_true", help="write the report into the results folder at the end")
-    add_data_root(p)
-    add_runtime_args(p)
-    p.set_defaults(func=cmd_bench, seed=None)
-    for action in p._actions:  # the runtime group's --seed: here it overrides the grid's seed axis
-        if action.dest == "seed":
-            action.help = "run only this seed (default: the grid's seed axis)"
-
-    p = subparsers.add_parser("report", help="tables and plots (Markdown + HTML) from a bench results folder")
-    p.add_argument("results", help="results folder of `tsbd bench`")
-    p.add_argument("--out", default=None, help="folder for report.md, report.html and plots/ (default: RESULTS)")
-    p.add_argument("--grid", default=None, help="only this grid's cells (default: every cell in the folder)")
-    p.add_argument("--no-plots", action="store_true", help="tables only")
-    p.set_defaults(func=cmd_report)
-
-    p = subparsers.add_parser("merge", help="merge bench results folders (e.g. slices run on a GPU machine) into one",
-                              description="Merge results stores into --into, cell by cell: a cell --into lacks is "
-                                          "added, one it has unfinished takes the source's result, one it has "
-                                          "done is kept. Grid memberships are united; artifact folders are "
-                                          "copied with their cells. One transaction per source.")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="results folder of `tsbd bench` or its results.sqlite")
-    p.add_argument("--into", required=True, help="results folder to merge into (created if missing)")
-    p.add_argument("--no-artifacts", action="store_true",
-                   help="merge the rows only (e.g. to send back a small results file from a device)")
-    p.set_defaults(func=cmd_merge)
-
-
+# ------------------------------------------------------------------------------------------
+# commands (their imports are lazy: they keep `tsbd --help` fast and free of torch)
 def cmd_bench(args) -> int:
     from rich.console import Console
 
@@ -171,3 +124,64 @@ def cmd_merge(args) -> int:
     for source in args.sources:
         print(merge_results(source, args.into, artifacts=not args.no_artifacts).line())
     return 0
+
+
+# ------------------------------------------------------------------------------------------
+# parsers
+def configure_bench(p: argparse.ArgumentParser) -> None:
+    from tsbd.bench.executors import EXECUTORS  # lazy: only `tsbd bench` needs the grids and executors
+    from tsbd.bench.grid import PRESETS
+
+    presets = "\n".join(f"  {name}: {spec['description']}" for name, spec in PRESETS.items())
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = BENCH_EPILOG.format(presets=presets)
+    p.add_argument("grid", help="TOML grid file or preset name (see below)")
+    p.add_argument("--results", default=None,
+                   help=f"results folder (default: {DEFAULT_RESULTS}/<grid name>)")
+    p.add_argument("--set", action="append", dest="set_values", metavar="KEY=VALUE",
+                   help="override a grid key, VALUE in TOML syntax (e.g. --set train.epochs=5 --set "
+                        "'attack=[\"badnets\"]'); repeatable")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: one cell after another in this process; ray: cells as Ray tasks (default: local)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: start a local Ray instance); needs a results folder all "
+                        "nodes can reach")
+    p.add_argument("--cpus-per-cell", type=float, default=1, help="Ray: CPUs reserved per cell (default: 1)")
+    p.add_argument("--gpus-per-cell", type=float, default=None,
+                   help="Ray: GPUs reserved per cell (default: 1 when the device is CUDA, else 0)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
+    p.add_argument("--report", action="store_true", help="write the report into the results folder at the end")
+    common.add_data_root(p)
+    common.add_runtime_args(p)
+    p.set_defaults(func=cmd_bench, seed=None)
+    for action in p._actions:  # the runtime group's --seed: here it overrides the grid's seed axis
+        if action.dest == "seed":
+            action.help = "run only this seed (default: the grid's seed axis)"
+
+
+def configure_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", help="results folder of `tsbd bench`")
+    p.add_argument("--out", default=None, help="folder for report.md, report.html and plots/ (default: RESULTS)")
+    p.add_argument("--grid", default=None, help="only this grid's cells (default: every cell in the folder)")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.set_defaults(func=cmd_report)
+
+
+def configure_merge(p: argparse.ArgumentParser) -> None:
+    p.description = ("Merge results stores into --into, cell by cell: a cell --into lacks is added, one it has "
+                     "unfinished takes the source's result, one it has done is kept. Grid memberships are united; "
+                     "artifact folders are copied with their cells. One transaction per source.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="results folder of `tsbd bench` or its results.sqlite")
+    p.add_argument("--into", required=True, help="results folder to merge into (created if missing)")
+    p.add_argument("--no-artifacts", action="store_true",
+                   help="merge the rows only (e.g. to send back a small results file from a device)")
+    p.set_defaults(func=cmd_merge)
+
+
+COMMANDS = [
+    common.Command("bench", "run a benchmark grid into a resumable results store", configure_bench),
+    common.Command("report", "tables and plots (Markdown + HTML) from a bench results folder", configure_report),
+    common.Command("merge", "merge bench results folders (e.g. slices run on a GPU machine) into one",
+                   configure_merge),
+]

@@ -1,0 +1,7 @@
+"""``python -m tsbd.cli``: the ``tsbd`` command."""
+
+import sys
+
+from tsbd.cli import main
+
+sys.exit(main())
