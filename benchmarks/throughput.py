@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from tsbd.artifacts import provenance, write_json_atomic
+from tsbd.config import parse_key_values
 from tsbd.data import load_dataset
 from tsbd.data.base import ImageSet
 from tsbd.models import build_model
@@ -184,7 +185,8 @@ def bench_backdoorbench(model, data, mean, std, runtime, batch_size, steps, warm
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=None, help="cifar10 location (default: the embedded demo data)")
-    ap.add_argument("--models", default="airbench")
+    ap.add_argument("--models", default="airbench",
+                    help="comma-separated NAME or NAME@KEY=VALUE (architecture options), e.g. preact_resnet18@width=16")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -204,9 +206,12 @@ def main() -> None:
     result = {"machine": rt.describe(), "matmul_peak_tflops": peak, "matmul_tflops_by_size": peaks,
               "args": vars(args), "provenance": provenance(), "models": {}}
     print(f"matmul peak at {rt.precision}: {peak:.2f} TFLOP/s on {rt.device}", flush=True)
-    for name in args.models.split(","):
+    for entry in args.models.split(","):
+        # NAME or NAME@KEY=VALUE[@KEY=VALUE...]: architecture options, e.g. preact_resnet18@width=16
+        name, *pairs = entry.split("@")
+        opts = parse_key_values(pairs, f"--models {entry}")
         torch.manual_seed(0)
-        make = lambda name=name: build_model(name, 10, mean=ds.mean, std=ds.std)  # noqa: E731
+        make = lambda name=name, opts=opts: build_model(name, 10, mean=ds.mean, std=ds.std, **opts)  # noqa: E731
         fwd_flops = model_flops_per_image(make())
         row = {"forward_gflops_per_image": fwd_flops / 1e9}
         row["bare"] = bench_bare(make(), rt, args.batch_size, args.steps, args.warmup)
@@ -224,8 +229,8 @@ def main() -> None:
             # training = forward + backward (about 3x the forward FLOPs)
             row[f"train_tflops_ours{suffix}"] = row[f"ours{suffix}"] * 3 * fwd_flops / 1e12
             row[f"fraction_of_matmul_peak{suffix}"] = row[f"train_tflops_ours{suffix}"] / peak
-        result["models"][name] = row
-        print(name, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        result["models"][entry] = row
+        print(entry, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         if args.out:
             write_json_atomic(args.out, result)
 

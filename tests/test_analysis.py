@@ -14,6 +14,8 @@ from tsbd.errors import TsbdError
 from tsbd.metrics import evaluate
 from tsbd.models.surgery import neuron_weight_change, prunable_units
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: seconds to minutes per test
+
 
 def test_pearson_hand_cases():
     a = torch.tensor([1.0, 2.0, 4.0, 8.0])

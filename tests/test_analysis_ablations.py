@@ -15,6 +15,8 @@ from tsbd.cli import main
 from tsbd.defenses.tsbd import TSBDConfig, zero_reinit
 from tsbd.models.surgery import prunable_units
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: seconds to minutes per test
+
 
 # ------------------------------------------------------------------------------------------
 # pure functions

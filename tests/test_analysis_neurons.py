@@ -30,6 +30,8 @@ from tsbd.models import build_model
 from tsbd.models.surgery import prunable_units
 from tsbd.train.engine import to_model_input
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: seconds to minutes per test
+
 
 @pytest.fixture(scope="module")
 def attacked_folder(tmp_path_factory, runtime):

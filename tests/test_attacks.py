@@ -7,6 +7,8 @@ from conftest import TINY_ARCH, TINY_ATTACKS
 from tsbd.attacks import ATTACKS, build_attack
 from tsbd.errors import TsbdError
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: seconds to minutes per test
+
 ALL = ATTACKS.names()
 
 

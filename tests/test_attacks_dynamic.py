@@ -19,6 +19,8 @@ from tsbd.models import build_model, init_from_data
 from tsbd.pipeline import AttackSetup, train_attacked_model, train_config
 from tsbd.train import fit
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: seconds to minutes per test
+
 TINY_NET = {"widths": [16, 32, 32]}
 EPOCHS = 8
 # G/M at 1/4 width, batch 32 so a few epochs give enough steps, mask lr drop after epoch 4;

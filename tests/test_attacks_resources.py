@@ -15,6 +15,8 @@ from tsbd.attacks import build_attack
 from tsbd.attacks.resources import load_or_generate, resource_fingerprint
 from tsbd.errors import TsbdError
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: seconds to minutes per test
+
 BB_TRIGGERS = SHARED_DATA / "backdoorbench-triggers"
 TINY_ARCH = {"arch": "airbench", "arch_kwargs": {"widths": [8, 16, 32]}}
 VICTIM_EPOCHS = 8

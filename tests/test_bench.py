@@ -159,6 +159,7 @@ def test_ctrl_c_hands_the_running_cell_back(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_cell_then_restart_finishes_every_cell_once(tmp_path):
     grid, results = write_grid(tmp_path, epochs=3), tmp_path / "results"
     cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), *RUNTIME]

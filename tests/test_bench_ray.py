@@ -18,6 +18,8 @@ from tsbd.bench.report import write_report  # noqa: E402
 from tsbd.bench.store import Store  # noqa: E402
 from tsbd.errors import TsbdError  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: seconds to minutes per test
+
 REPO = Path(__file__).resolve().parents[1]
 
 

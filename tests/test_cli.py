@@ -35,6 +35,7 @@ def test_attack_writes_artifact(attacked):
     assert not list(attacked.parent.glob("*.resume.pt"))  # resume checkpoint removed when done
 
 
+@pytest.mark.slow
 def test_eval_and_defend_json(attacked, tmp_path, capsys):
     code, out, _ = _run(capsys, "eval", str(attacked), "--json", "--precision", "fp32")
     assert code == 0
@@ -90,6 +91,7 @@ def test_defend_with_mismatched_checkpoint(attacked, tmp_path, capsys):
     assert code == 2 and "does not fit" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_demo_json_reports_its_setting(capsys, tmp_path):
     code = main(["demo", "--epochs", "1", "--opt", "finetune_epochs=1", "--opt", "unlearn_max_epochs=3",
                  "--precision", "fp32", "--json", "--quiet", "--out", str(tmp_path / "demo")])

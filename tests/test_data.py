@@ -545,6 +545,7 @@ def test_unwritable_cache_still_loads(tmp_path):
 # ---------------------------------------------------------------- the full archives
 
 
+@pytest.mark.slow
 def test_full_cifar10_archive(shared_data, tmp_path):
     ds = load_dataset("cifar10", root=shared_data, cache_dir=tmp_path / "cache")
     assert ds.source == str(shared_data / "cifar10.npz") and ds.classes == CIFAR10_CLASSES

@@ -26,6 +26,8 @@ from tsbd.metrics import accuracy, attack_success_rate
 from tsbd.models import build_model
 from tsbd.train import TrainConfig, fit, predict
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: seconds to minutes per test
+
 MINE = ["nc", "anp", "ibau", "rnp"]
 TINY = {  # seconds-scale settings for the contract tests
     "nc": {"nc_epoch": 1, "epochs": 1, "batch_size": 32},

@@ -15,6 +15,8 @@ from conftest import state_copy
 
 from tsbd.defenses import DEFENSES, build_defense
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: seconds to minutes per test
+
 TINY = {
     "tsbd": {"unlearn_lr": 1e-2, "unlearn_max_epochs": 5, "finetune_epochs": 1},
     "ft": {"epochs": 1},

@@ -14,6 +14,8 @@ from conftest import write_tiny_grid
 from tsbd.bench.merge import merge_results
 from tsbd.bench.store import Store
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: seconds to minutes per test
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -21,6 +21,8 @@ from conftest import write_tiny_grid
 from tsbd.artifacts import load_state
 from tsbd.cli import main
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: seconds to minutes per test
+
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME = ["--device", "cpu", "--precision", "fp32", "--threads", "1", "--quiet"]
 TSBD_FAST = ["--opt", "unlearn_lr=0.01", "--opt", "unlearn_max_epochs=2", "--opt", "finetune_epochs=1",

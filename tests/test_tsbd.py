@@ -129,6 +129,7 @@ def test_activeness_aware_step_matches_hand_computation(norm, runtime):
     assert model.a.item() != pytest.approx(a0 - lr * float(ga), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_clean_unlearning_stops_at_threshold(small, runtime):
     from tsbd.metrics import accuracy
     from tsbd.models import build_model

@@ -1,12 +1,5 @@
-"""``tsbd show-attack``: an attack's poisoned test images beside the clean ones, and the residual.
-
-For each attack: prepare its resources exactly as training would (cached, so a resource built by
-``tsbd attack`` or ``tsbd bench`` is reused), poison a seeded choice of non-target test images
-and draw three rows -- clean, poisoned, and the residual |poisoned - clean| stretched to the
-figure's range (its true scale is printed beside it) -- into ``OUT/NAME.png`` and ``.svg``.
-The residual statistics (mean L-inf, L2 and PSNR over every poisoned test image) are returned
-and printed, so the stealth of triggers can be compared across attacks.
-"""
+"""Drawing an attack's poisoned test images beside the clean ones, with the residual and its
+statistics (mean L-inf, L2, PSNR). The ``tsbd show-attack`` command (:mod:`tsbd.cli.show`) calls it."""
 
 from __future__ import annotations
 
