@@ -227,6 +227,7 @@ print(json.dumps({{"ran": ran, "done": summary.done}}))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_store_share_the_work_and_lose_no_row(tmp_path):
     results = tmp_path / "results"
     script = TWO_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent), results=str(results))

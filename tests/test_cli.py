@@ -25,6 +25,7 @@ def attacked(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_attack_writes_artifact(attacked):
     meta = json.loads((attacked / "meta.json").read_text())
     assert meta["attack"]["name"] == "badnets" and meta["attack"]["config"]["patch_size"] == 4
@@ -79,6 +80,7 @@ def test_bad_input_is_one_line(argv, needle, capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_defend_with_mismatched_checkpoint(attacked, tmp_path, capsys):
     import shutil
 

@@ -1,6 +1,7 @@
 """``Runtime(compile=True)``: fit trains a torch.compile'd module that shares the model's
 parameters, so the result is the eager result (up to fused-kernel rounding) under the same keys."""
 
+import pytest
 import torch
 
 from tsbd.models import build_model
@@ -18,6 +19,7 @@ def _train(small, compile_):
     return model, res
 
 
+@pytest.mark.slow
 def test_compiled_fit_matches_eager_and_keeps_the_state_dict(small):
     eager, r_eager = _train(small, False)
     compiled, r_comp = _train(small, True)

@@ -60,7 +60,8 @@ def test_registry_lists_the_three_architectures():
 
 
 @pytest.mark.parametrize("num_classes", [10, 43])
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vgg19_bn" else n
+                                  for n in MODELS.names()])
 def test_build_train_step_and_rebuild_from_spec(name, num_classes):
     model = build_model(name, num_classes, mean=CIFAR_MEAN, std=CIFAR_STD)
     x = torch.rand(2, 3, 32, 32)
@@ -95,7 +96,8 @@ def test_build_train_step_and_rebuild_from_spec(name, num_classes):
         torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vgg19_bn" else n
+                                  for n in MODELS.names()])
 def test_models_normalize_their_input_inside(name):
     model = build_model(name, 10, mean=CIFAR_MEAN, std=CIFAR_STD).eval()
     plain = build_model(name, 10).eval()  # mean 0, std 1: normalization is the identity
@@ -141,6 +143,7 @@ def test_preact_resnet18_width_option_scales_every_stage():
     assert model.arch_spec["width"] == 16
 
 
+@pytest.mark.slow
 def test_vgg19_bn_has_torchvision_layout_and_init():
     model = build_model("vgg19_bn", 43)
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
