@@ -46,7 +46,7 @@ def _authors_step(model, x, y, optimizer, r, alpha):
 
 def test_default_step_equals_the_authors_copy_based_step(runtime):
     torch.manual_seed(0)
-    ours, theirs = TinyNet().train(), None
+    ours = TinyNet().train()
     theirs = copy.deepcopy(ours)
     opt_a = torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9)
     opt_b = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9)

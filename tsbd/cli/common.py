@@ -91,6 +91,14 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=None, help="decoded-data cache (default: $TSBD_CACHE_DIR or ~/.cache/tsbd)")
 
 
+def add_defense_output_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    """--opt, --config, --out and --json, as `tsbd defend` and `tsbd purify` take them."""
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="defense option (repeatable)")
+    p.add_argument("--config", default=None, help="TOML file with a [defense] table")
+    p.add_argument("--out", default=None, help=out_help)
+    p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
+
+
 def add_data_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None,
                    help="folder with the dataset files (default: $TSBD_DATA_ROOT; `demo` needs none)")

@@ -187,10 +187,7 @@ def configure_purify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="pixels per side the model was trained on (default: from the file; folders are resized to it)")
     p.add_argument("--defense", default="tsbd", help="defense name (default: tsbd; see `tsbd list`)")
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="defense option (repeatable)")
-    p.add_argument("--config", default=None, help="TOML file with a [defense] table")
-    p.add_argument("--out", default=None, help="output model folder for the purified model")
-    p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
+    common.add_defense_output_args(p, "output model folder for the purified model")
     common.add_data_root(p)
     common.add_runtime_args(p)
     p.set_defaults(func=cmd_purify)

@@ -219,10 +219,7 @@ def configure_defend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defense", default="tsbd", help="defense name (default: tsbd)")
     p.add_argument("--clean-ratio", type=float, default=0.05,
                    help="fraction of the training set given to the defender as clean data (default: 0.05, paper)")
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="defense option (repeatable)")
-    p.add_argument("--config", default=None, help="TOML file with a [defense] table")
-    p.add_argument("--out", default=None, help="output folder for the purified model")
-    p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
+    common.add_defense_output_args(p, "output folder for the purified model")
     common.add_data_root(p)
     common.add_runtime_args(p)
     p.set_defaults(func=cmd_defend)
