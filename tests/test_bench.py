@@ -295,3 +295,85 @@ def test_opening_a_new_store_retries_a_locked_switch_to_wal(tmp_path, monkeypatc
     failures["left"] = 10**9  # a lock that never clears: the busy timeout still ends it
     with pytest.raises(TsbdError, match="database is locked"):
         Store(tmp_path / "other", busy_timeout_s=0.2)
+
+
+# ------------------------------------------------------------------------------------------
+class StampingRunner:
+    """A picklable runner (for worker processes): writes ``<cell>.json`` with its pid and start
+    time into ``log_dir``, then behaves like :func:`fake_runner`."""
+
+    def __init__(self, log_dir: Path, sleep_s: float):
+        self.log_dir, self.sleep_s = Path(log_dir), sleep_s
+
+    def __call__(self, cell, parent, ctx, cache):
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        (self.log_dir / f"{cell.id}.json").write_text(json.dumps({"pid": os.getpid(), "start": time.time()}))
+        return fake_runner(sleep_s=self.sleep_s)(cell, parent, ctx, cache)
+
+
+def test_attacks_first_claims_every_attack_cell_before_any_defense(tmp_path):
+    plan, ran = fake_plan(3, 2), []
+    with Store(tmp_path) as store:
+        run_grid(plan, store, CellContext(str(tmp_path)), runner=fake_runner(log=ran), attacks_first=True)
+    kinds = [plan.by_id[cid].kind for cid in ran]
+    assert kinds == ["attack"] * 3 + ["defense"] * 6
+
+
+@pytest.mark.slow
+def test_workers_share_one_store_run_every_cell_once_and_start_attacks_first(tmp_path):
+    from tsbd.bench.executors import run_workers
+
+    plan, log_dir = fake_plan(3, 2), tmp_path / "log"
+    with Store(tmp_path / "results") as store:
+        summary = run_workers(plan, store, CellContext(str(tmp_path / "results"), threads=2), 2,
+                              runner=StampingRunner(log_dir, sleep_s=0.4), poll_s=0.05)
+        assert summary.done == summary.total == 9 and summary.ran == 9 and summary.failed == 0
+        assert runs_by_cell(store) == {c.id: ["done"] for c in plan.cells}  # each cell ran once
+    stamps = {c.id: json.loads((log_dir / f"{c.id}.json").read_text()) for c in plan.cells}
+    assert len({s["pid"] for s in stamps.values()} - {os.getpid()}) == 2  # two worker processes did the work
+    attacks = [stamps[c.id]["start"] for c in plan.cells if c.kind == "attack"]
+    defenses = [stamps[c.id]["start"] for c in plan.cells if c.kind != "attack"]
+    assert max(attacks) <= min(defenses)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_and_hands_their_cells_back(tmp_path):
+    grid, results = write_grid(tmp_path, epochs=20), tmp_path / "results"
+    cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), "--workers", "2",
+           *RUNTIME]
+    proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    running: list = []
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None and len(running) < 2:
+            db = results / "results.sqlite"
+            if db.exists():
+                try:
+                    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+                        running = conn.execute("SELECT id FROM cells WHERE status = 'running'").fetchall()
+                except sqlite3.OperationalError:
+                    running = []
+            time.sleep(0.05)
+        assert len(running) == 2, proc.stderr.read().decode()[-2000:]  # both attack cells, one per worker
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    with Store(results) as store:
+        rows = store.cells("tiny")
+        assert not [r for r in rows if r["status"] == "running"]  # every claimed cell handed back
+        outcomes = runs_by_cell(store)
+        assert all(outcomes[cid] == ["interrupted"] for (cid,) in running)
+
+
+def test_workers_option_is_checked_before_any_work(tmp_path, capsys):
+    grid = write_grid(tmp_path)
+    assert main(["bench", str(grid), "--results", str(tmp_path / "r"), "--workers", "0", *RUNTIME]) == 2
+    assert "--workers 0: must be >= 1" in capsys.readouterr().err
+    assert main(["bench", str(grid), "--results", str(tmp_path / "r"), "--workers", "2", "--executor", "ray",
+                 *RUNTIME]) == 2
+    assert "--cpus-per-cell" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
+import os
+import signal
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from tsbd.bench.cells import CellContext, CellResult, DataCache, one_line_error, run_cell
 from tsbd.bench.grid import Cell, Plan
@@ -131,8 +135,12 @@ class _Scheduler:
 def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "local", retry_failed: bool = False,
              progress: bool = False, runner: CellRunner = run_cell, address: str | None = None,
              cpus_per_cell: float = 1, gpus_per_cell: float = 0, poll_s: float = 2.0,
-             heartbeat_s: float = 30.0) -> Summary:
-    """Run every cell of ``plan`` not yet done into ``store`` (registering the plan first)."""
+             heartbeat_s: float = 30.0, attacks_first: bool = False) -> Summary:
+    """Run every cell of ``plan`` not yet done into ``store`` (registering the plan first).
+
+    ``attacks_first`` (local executor): claim every attack cell before any defense cell, so that
+    when several processes share the store the last attacked model starts training as early as
+    possible and no process waits on it with nothing else to do."""
     if executor not in EXECUTORS:
         raise TsbdError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     store.register(plan)
@@ -143,7 +151,7 @@ def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "loc
     try:
         with Heartbeat(store, heartbeat_s):
             if executor == "local":
-                _run_local(plan, sched, ctx, bar, runner, poll_s)
+                _run_local(plan, sched, ctx, bar, runner, poll_s, attacks_first)
             else:
                 _run_ray(plan, sched, ctx, bar, runner, address, cpus_per_cell, gpus_per_cell, poll_s)
     finally:
@@ -153,9 +161,11 @@ def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "loc
 
 # ------------------------------------------------------------------------------------------
 def _run_local(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, runner: CellRunner,
-               poll_s: float) -> None:
+               poll_s: float, attacks_first: bool = False) -> None:
     cache = DataCache()
     todo = list(plan.cells)
+    if attacks_first:
+        todo.sort(key=lambda cell: cell.kind != "attack")  # stable: plan order within each kind
     while todo:
         waiting = []
         for cell in todo:
@@ -263,3 +273,85 @@ def _run_ray(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, ru
     finally:
         if started_here:
             ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------
+def _worker_main(plan: Plan, results_dir: str, ctx: CellContext, retry_failed: bool, poll_s: float,
+                 runner: CellRunner) -> None:
+    """One of ``run_workers``'s processes: the local executor on the shared store, attacks first."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with Store(results_dir) as store:
+            run_grid(plan, store, ctx, retry_failed=retry_failed, progress=False, poll_s=poll_s,
+                     runner=runner, attacks_first=True)
+    except KeyboardInterrupt:  # the running cell was handed back by run_grid; exit quietly
+        raise SystemExit(130) from None
+
+
+def _count(store: Store, plan: Plan) -> tuple[int, int, dict[str, str]]:
+    """(done, failed, {failed cell id: error}) over the plan's cells."""
+    done, failed, errors = 0, 0, {}
+    for cell in plan.cells:
+        row = store.state(cell.id)
+        if row["status"] == "done":
+            done += 1
+        elif row["status"] == "failed":
+            failed += 1
+            errors[cell.id] = row["error"] or ""
+    return done, failed, errors
+
+
+def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, retry_failed: bool = False,
+                progress: bool = False, runner: CellRunner = run_cell, poll_s: float = 2.0,
+                stop_timeout_s: float = 60.0) -> Summary:
+    """Run ``plan`` with ``workers`` processes on one store, each the local executor with
+    ``ctx.threads // workers`` threads (at least one) and attack cells claimed first.
+
+    The claim protocol keeps them from running a cell twice. Ctrl-C (SIGINT to the process group,
+    as a terminal sends it, or to this process alone) stops every worker; each hands its running
+    cell back, so a rerun resumes it (attack training from its last epoch checkpoint)."""
+    if workers < 1:
+        raise TsbdError(f"--workers {workers}: must be >= 1")
+    store.register(plan)
+    t0 = time.perf_counter()
+    cores = ctx.threads or len(os.sched_getaffinity(0))
+    worker_ctx = dataclasses.replace(ctx, threads=max(1, cores // workers), progress=False)
+    done0, _, failed0 = _count(store, plan)
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    procs = [spawn.Process(target=_worker_main, name=f"tsbd-bench-worker-{i}", daemon=False,
+                           args=(plan, str(Path(store.path).parent), worker_ctx, retry_failed, poll_s, runner))
+             for i in range(workers)]
+    bar = _Progress(plan, done0 + len(failed0), progress)
+    try:
+        for proc in procs:
+            proc.start()
+        shown = done0 + len(failed0)
+        while any(proc.is_alive() for proc in procs):
+            for proc in procs:
+                proc.join(timeout=poll_s / len(procs))
+            done, failed, _ = _count(store, plan)
+            if done + failed > shown:
+                bar.bar.update(done + failed - shown)
+                shown = done + failed
+            bar.show(f"{sum(p.is_alive() for p in procs)} workers")
+    except BaseException:
+        for proc in procs:  # a SIGINT sent to this process alone still reaches every worker
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + stop_timeout_s
+        for proc in procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()  # its cell stays claimed by a dead process: the next run redoes it
+                proc.join()
+        raise
+    finally:
+        bar.close()
+    done, failed, errors = _count(store, plan)
+    summary = Summary(total=len(plan.cells), done=done, failed=failed, ran=done - done0,
+                      errors=[(cid, err) for cid, err in errors.items() if cid not in failed0],
+                      seconds=time.perf_counter() - t0)
+    crashed = [p.name for p in procs if p.exitcode not in (0, None)]
+    if crashed:
+        log.warning("bench workers exited with an error: %s", ", ".join(crashed))
+    return summary

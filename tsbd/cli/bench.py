@@ -40,10 +40,14 @@ def cmd_bench(args) -> int:
     from rich.console import Console
 
     from tsbd.bench.cells import CellContext
-    from tsbd.bench.executors import run_grid
+    from tsbd.bench.executors import run_grid, run_workers
     from tsbd.bench.grid import load_grid, parse_set
     from tsbd.bench.store import Store
 
+    if args.workers < 1:
+        raise TsbdError(f"--workers {args.workers}: must be >= 1")
+    if args.workers > 1 and args.executor != "local":
+        raise TsbdError("--workers runs local processes; with --executor ray set --cpus-per-cell instead")
     console = Console(stderr=True)
     plan = load_grid(args.grid, overrides=parse_set(args.set_values), data_root=args.data_root,
                      cache_dir=args.cache_dir, seeds=None if args.seed is None else [args.seed])
@@ -76,9 +80,13 @@ def cmd_bench(args) -> int:
                           compile=args.compile, data_root=args.data_root, cache_dir=args.cache_dir,
                           progress=not args.quiet,
                           save_defended_models=bool(plan.spec.get("save_defended_models", True)))
-        summary = run_grid(plan, store, ctx, executor=args.executor, retry_failed=args.retry_failed,
-                           progress=not args.quiet, address=args.address, cpus_per_cell=args.cpus_per_cell,
-                           gpus_per_cell=gpus)
+        if args.workers > 1:
+            summary = run_workers(plan, store, ctx, args.workers, retry_failed=args.retry_failed,
+                                  progress=not args.quiet)
+        else:
+            summary = run_grid(plan, store, ctx, executor=args.executor, retry_failed=args.retry_failed,
+                               progress=not args.quiet, address=args.address, cpus_per_cell=args.cpus_per_cell,
+                               gpus_per_cell=gpus)
     finally:
         store.close()
     console.print(f"{summary.done}/{summary.total} cells done, {summary.failed} failed; this run: {summary.ran} "
@@ -143,6 +151,9 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
                         "'attack=[\"badnets\"]'); repeatable")
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="local: one cell after another in this process; ray: cells as Ray tasks (default: local)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local: run N processes on the results folder, each with threads/N CPU threads and the "
+                        "attack cells first, so none waits on the last attacked model (default: 1)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: start a local Ray instance); needs a results folder all "
                         "nodes can reach")
