@@ -315,3 +315,21 @@ def test_n_selected_on_test_data_is_a_labelled_column_never_ranked(tmp_path):
     assert v["der"] == pytest.approx(100 * der(0.85, 0.95, 0.84, 0.0))
     # better on every metric than the fixed-n column, yet never marked best: it saw the test set
     assert table.best(row, "asr") == set() and table.best(None, "der") == set()
+
+
+def test_no_defense_is_marked_best_where_every_defense_has_the_same_value(tmp_path):
+    from tsbd.bench.report import collect
+
+    a = _attack_cell("blended")
+    cells, metrics = [a], {a.id: {"acc": 0.85, "asr": 1.0}}
+    for name, acc in (("tsbd", 0.80), ("otherdef", 0.82)):  # neither removes the backdoor
+        config = _defaults("defense", "tsbd") if name == "tsbd" else {"batch_size": 256}
+        d = defense_cell(a, defense={"name": name, "config": config}, clean_ratio=0.05, seed=0)
+        cells.append(d)
+        metrics[d.id] = {"acc": acc, "asr": 1.0, "der": 0.5 - (0.85 - acc) / 2}
+    _fill_store(tmp_path, "ties", cells, metrics)
+    with Store(tmp_path, create=False) as store:
+        (table,) = collect(store, "ties")
+    row = table.rows[0].key
+    assert table.best(row, "asr") == set() and table.best(None, "asr") == set()
+    assert {c.defense for c in table.columns if c.key in table.best(row, "acc")} == {"otherdef"}

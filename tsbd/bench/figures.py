@@ -116,8 +116,8 @@ def acc_asr_panels(grid: TableGrid, title: str):
     for ax, row in zip(axes.flat, attacks):
         for g in groups:
             ours, paper = _point(grid, row, g, paper=False), _point(grid, row, g, paper=True)
-            if ours:
-                ax.scatter(*ours, s=44, zorder=3, label=g, **style[g])
+            if ours:  # a little transparent, the attacked model on top: two on one spot both show
+                ax.scatter(*ours, s=44, zorder=4 if g in reference else 3, alpha=0.8, label=g, **style[g])
                 ys.append(ours[1])
             if paper:
                 ax.scatter(*paper, s=44, zorder=2, facecolors="none", edgecolors=[style[g]["color"]],

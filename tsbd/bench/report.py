@@ -106,11 +106,12 @@ class ResultTable:
         return sum(vals) / len(vals) if vals else None
 
     def best(self, row: str | None, metric: str) -> set[str]:
-        """The defense columns with the best ``metric`` in a row (None: the average row)."""
+        """The defense columns with the best ``metric`` in a row (None: the average row); none where
+        every defense has the same value (e.g. all leave ASR at 100%): nothing stands out."""
         cols = [c for c in self.columns if c.defense != NO_DEFENSE and not c.selected_on_test]
         vals = {c.key: (self.average(c.key, metric) if row is None else self.value(row, c.key, metric)) for c in cols}
         vals = {k: v for k, v in vals.items() if v is not None}
-        if len(vals) < 2:
+        if len(vals) < 2 or max(vals.values()) - min(vals.values()) < 1e-9:
             return set()
         target = min(vals.values()) if metric == "asr" else max(vals.values())
         return {k for k, v in vals.items() if abs(v - target) < 1e-9}
