@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,9 +101,16 @@ def paper(cell: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def test_report_tables_match_the_database(results, tmp_path):
-    out = tmp_path / "report"
+@pytest.fixture(scope="module")
+def report(results, tmp_path_factory):
+    """`tsbd report` of the fixture store, with figures: the output folder."""
+    out = tmp_path_factory.mktemp("report")
     assert main(["report", str(results), "--out", str(out)]) == 0
+    return out
+
+
+def test_report_tables_match_the_database(report):
+    out = report
     md = (out / "report.md").read_text()
     rows = md_rows(md)
     header = rows["Attack"]
@@ -141,13 +153,71 @@ def test_report_tables_match_the_database(results, tmp_path):
     assert "Incomplete table" not in md  # every column has both attacks
 
     html = (out / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 2 and "<style>" in html
+    assert html.count('src="data:image/png;base64,') == 3 and "<style>" in html
     assert "<b>1.00</b>" in html and '<span class="paper">91.32</span>' in html
-    for name in ("acc-asr", "der"):
+    # the HTML table has the Markdown table's cells: one group header per defense column, a row per attack
+    assert html.count('<th class="group-start" colspan="3">') == 3 and 'colspan="2">No Defense</th>' in html
+    assert html.count('<td class="attack">') == 3 and '<tr class="average">' in html
+
+
+def test_report_figures_are_heatmaps_and_panels_readable_on_a_screen(report):
+    out = report
+    for kind in ("der-heatmap", "asr-heatmap", "acc-asr"):
         for ext in ("png", "svg"):
-            f = out / "plots" / f"t1-cifar10-airbench-{name}.{ext}"
-            assert f.is_file() and f.stat().st_size > 1000
-    assert (out / "plots" / "t1-cifar10-airbench-acc-asr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            f = out / "plots" / f"t1-cifar10-airbench-{kind}.{ext}"
+            assert f.is_file() and f.stat().st_size > 1000, f
+        width, height = png_size(out / "plots" / f"t1-cifar10-airbench-{kind}.png")
+        assert max(width, height) / min(width, height) <= 3, (kind, width, height)
+    assert not (out / "plots" / "t1-cifar10-airbench-der.png").exists()  # the old 72-bar strip
+    # the Markdown and the HTML show the same figure files, and every one exists
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    figures = set(re.findall(r"plots/[\w.-]+\.(?:png|svg)", md))
+    assert figures == set(re.findall(r"plots/[\w.-]+\.(?:png|svg)", html))
+    assert len(figures) == 6 and all((out / f).is_file() for f in figures)
+    assert md.count("![") == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="no `chromium` on PATH: the browser check needs Debian's chromium package")
+def test_the_html_report_in_a_headless_browser_loads_every_image_and_table(report, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    shot = tmp_path / "report.png"
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "report_browser_check.py"), str(report),
+                           "--screenshot", str(shot)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 images, 1 results tables, 6 linked files" in done.stdout
+    width, height = png_size(shot)
+    assert width == 1280 and height > 900
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attacks, defenses", [(1, 12), (12, 1)])
+def test_heatmaps_and_panels_keep_a_screen_aspect_for_any_table_shape(tmp_path, attacks, defenses):
+    from tsbd.artifacts import pyplot, save_figure
+    from tsbd.bench.figures import acc_asr_panels, heatmap
+    from tsbd.bench.layout import Entry, GridColumn, GridRow, TableGrid
+
+    cols = [GridColumn("No Defense", m, reference=True) for m in ("acc", "asr")]
+    cols += [GridColumn(f"Defense {j} (option={j})", m) for j in range(defenses) for m in ("acc", "asr", "der")]
+    rows = [GridRow(f"Attack {i}" if i < attacks else "Average",
+                    tuple(Entry(50.0 + (i * 7 + j * 3) % 50, 60.0 if i == 0 else None, j == 2)
+                          for j in range(len(cols))), average=i == attacks)
+            for i in range(attacks + 1)]
+    grid = TableGrid(tuple(cols), tuple(rows))
+    plt = pyplot()
+    for name, fig in (("heatmap", heatmap(grid, "der", "title")), ("panels", acc_asr_panels(grid, "title"))):
+        png = save_figure(fig, tmp_path / name, formats=("png",), dpi=40)["png"]  # the aspect does not need detail
+        plt.close(fig)
+        width, height = png_size(png)
+        assert max(width, height) / min(width, height) <= 3, (name, width, height)
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def test_report_of_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
@@ -245,3 +315,21 @@ def test_n_selected_on_test_data_is_a_labelled_column_never_ranked(tmp_path):
     assert v["der"] == pytest.approx(100 * der(0.85, 0.95, 0.84, 0.0))
     # better on every metric than the fixed-n column, yet never marked best: it saw the test set
     assert table.best(row, "asr") == set() and table.best(None, "der") == set()
+
+
+def test_no_defense_is_marked_best_where_every_defense_has_the_same_value(tmp_path):
+    from tsbd.bench.report import collect
+
+    a = _attack_cell("blended")
+    cells, metrics = [a], {a.id: {"acc": 0.85, "asr": 1.0}}
+    for name, acc in (("tsbd", 0.80), ("otherdef", 0.82)):  # neither removes the backdoor
+        config = _defaults("defense", "tsbd") if name == "tsbd" else {"batch_size": 256}
+        d = defense_cell(a, defense={"name": name, "config": config}, clean_ratio=0.05, seed=0)
+        cells.append(d)
+        metrics[d.id] = {"acc": acc, "asr": 1.0, "der": 0.5 - (0.85 - acc) / 2}
+    _fill_store(tmp_path, "ties", cells, metrics)
+    with Store(tmp_path, create=False) as store:
+        (table,) = collect(store, "ties")
+    row = table.rows[0].key
+    assert table.best(row, "asr") == set() and table.best(None, "asr") == set()
+    assert {c.defense for c in table.columns if c.key in table.best(row, "acc")} == {"otherdef"}

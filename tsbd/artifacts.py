@@ -171,6 +171,17 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed); imported on first use, as
+    matplotlib is slow to import and only the commands that draw need it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, stem: str | Path, formats: tuple[str, ...] = ("png", "svg"), dpi: int = 130) -> dict[str, Path]:
     """A matplotlib figure as ``stem.png`` / ``stem.svg`` (atomic; SVGs without a date, so reruns
     give identical files)."""

@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from tsbd.analysis.registry import AnalysisContext, analysis, fractions, pyplot, write_csv
-from tsbd.artifacts import save_figure
+from tsbd.analysis.registry import AnalysisContext, analysis, fractions, write_csv
+from tsbd.artifacts import pyplot, save_figure
 from tsbd.data.base import ImageSet
 from tsbd.defenses.tsbd import TSBD, TSBDConfig, activeness_aware_finetune, clean_unlearn, zero_reinit
 from tsbd.errors import TsbdError

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from tsbd.analysis.observations import pearson
-from tsbd.analysis.registry import AnalysisContext, analysis, fractions, pyplot, write_csv
-from tsbd.artifacts import save_figure
+from tsbd.analysis.registry import AnalysisContext, analysis, fractions, write_csv
+from tsbd.artifacts import pyplot, save_figure
 from tsbd.config import parse_key_values
 from tsbd.data.base import ImageSet
 from tsbd.data.poison import sample_indices

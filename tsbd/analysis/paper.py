@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 from tsbd.analysis.observations import attacker_poison_set, gradient_norms_during_unlearning, nwc_comparison
-from tsbd.analysis.registry import AnalysisContext, analysis, pyplot, write_csv
+from tsbd.analysis.registry import AnalysisContext, analysis, write_csv
 from tsbd.analysis.sweeps import largest_ratio_within_acc, ratio_sweep
-from tsbd.artifacts import save_figure
+from tsbd.artifacts import pyplot, save_figure
 from tsbd.errors import TsbdError
 
 DEFAULT_N = "0.01,0.05,0.1,0.15,0.2,0.3,0.5,0.7,0.9"  # paper Fig. 5: 1% to 90%

@@ -101,16 +101,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     write_bytes_atomic(path, buf.getvalue().encode())
 
 
-def pyplot():
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def parse_values(text: str, flag: str = "--values") -> list[float]:
     """Comma-separated numbers, with a one-line error naming the flag."""
     try:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tsbd.artifacts import save_figure
+from tsbd.artifacts import pyplot, save_figure
 from tsbd.errors import TsbdError
 
 
@@ -47,11 +47,7 @@ def show_attack(attack, dataset, runtime, *, out: str | Path, images: int = 8, s
                 arch: str = "airbench", arch_kwargs: dict | None = None, cache_dir: str | None = None,
                 progress: bool = False) -> dict[str, Any]:
     """Draw ``attack``'s poisoned examples on ``dataset``'s test split into ``out``/NAME.png/.svg."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if images < 1:
         raise TsbdError(f"--images must be at least 1, got {images}")
     attack.prepare(dataset, runtime=runtime, seed=seed, arch=arch, arch_kwargs=arch_kwargs or {},

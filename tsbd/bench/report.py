@@ -4,8 +4,12 @@ one standalone HTML page, with plots as PNG and SVG.
 One table per (dataset, model, training, poison ratio) found in the store: attacks as rows (seeds
 averaged), defenses as column groups ACC / ASR / DER with the attacked model itself as
 "No Defense", the best defense per row in bold, an average row. Where the paper has the same cell
-(see :mod:`tsbd.bench.paper`) its number stands beside ours. Plots per table: ACC against ASR for
-every defense, and DER per attack.
+(see :mod:`tsbd.bench.paper`) its number stands beside ours. Figures per table
+(:mod:`tsbd.bench.figures`): a DER and an ASR heatmap (attack x defense) and ACC against ASR as one
+panel per attack, the same files in both reports.
+
+One walk over a table (:func:`table_grid`) yields a neutral grid of cells
+(:mod:`tsbd.bench.layout`); the Markdown table, the HTML table and the figures are drawn from it.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tsbd.artifacts import save_figure
+from tsbd.artifacts import pyplot, save_figure
 from tsbd.attacks import ATTACKS
+from tsbd.bench.figures import acc_asr_panels, heatmap
 from tsbd.bench.grid import NO_DEFENSE, canonical_json
+from tsbd.bench.layout import Entry, GridColumn, GridRow, TableGrid
 from tsbd.bench.paper import (
     ATTACK_NAMES,
     DATASET_NAMES,
@@ -46,6 +52,10 @@ log = logging.getLogger(__name__)
 MD_NAME = "report.md"
 HTML_NAME = "report.html"
 PLOTS = "plots"
+# figure kind -> its caption, in the Markdown and the HTML report alike
+FIGURES = {"der-heatmap": "DER per attack and defense (%, higher is better; best per row boxed)",
+           "asr-heatmap": "ASR per attack and defense (%, lower is better; best per row boxed)",
+           "acc-asr": "ACC against ASR, one panel per attack (top left is best)"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -96,11 +106,12 @@ class ResultTable:
         return sum(vals) / len(vals) if vals else None
 
     def best(self, row: str | None, metric: str) -> set[str]:
-        """The defense columns with the best ``metric`` in a row (None: the average row)."""
+        """The defense columns with the best ``metric`` in a row (None: the average row); none where
+        every defense has the same value (e.g. all leave ASR at 100%): nothing stands out."""
         cols = [c for c in self.columns if c.defense != NO_DEFENSE and not c.selected_on_test]
         vals = {c.key: (self.average(c.key, metric) if row is None else self.value(row, c.key, metric)) for c in cols}
         vals = {k: v for k, v in vals.items() if v is not None}
-        if len(vals) < 2:
+        if len(vals) < 2 or max(vals.values()) - min(vals.values()) < 1e-9:
             return set()
         target = min(vals.values()) if metric == "asr" else max(vals.values())
         return {k for k, v in vals.items() if abs(v - target) < 1e-9}
@@ -360,6 +371,43 @@ def _settings_lines(t: ResultTable) -> list[str]:
     return lines
 
 
+def table_grid(t: ResultTable, metrics: tuple[str, ...] = METRICS) -> TableGrid:
+    """The one walk over a results table: every (defense column, metric) as a column, every attack
+    and then the average as a row, each cell with our value, the paper's and the best-defense mark."""
+    pairs = [(c, m) for c in t.columns for m in _metrics_of(c) if m in metrics]
+    columns = tuple(GridColumn(c.label, m, reference=c.defense == NO_DEFENSE) for c, m in pairs)
+    rows = []
+    for r in [*t.rows, None]:
+        row = None if r is None else r.key
+        entries = []
+        for c, m in pairs:
+            v = t.average(c.key, m) if row is None else t.value(row, c.key, m)
+            entries.append(Entry(v, _paper_value(t, row, c.key, m), v is not None and c.key in t.best(row, m)))
+        rows.append(GridRow("Average" if r is None else r.label, tuple(entries), average=r is None))
+    return TableGrid(columns, tuple(rows))
+
+
+def _markdown_table(grid: TableGrid) -> list[str]:
+    def cell(e: Entry) -> str:
+        text = f"**{_num(e.value)}**" if e.best else _num(e.value)
+        return text + (f" ({e.paper:.2f})" if e.paper is not None else "")
+
+    lines = ["| " + " | ".join(["Attack", *(f"{c.group} {c.metric.upper()}" for c in grid.columns)]) + " |",
+             "| " + " | ".join(["---", *("---:" for _ in grid.columns)]) + " |"]
+    for r in grid.rows:
+        label = f"**{r.label}**" if r.average else r.label
+        lines.append("| " + " | ".join([label, *(cell(e) for e in r.entries)]) + " |")
+    return lines
+
+
+def _figure_lines(t: ResultTable) -> list[str]:
+    out = []
+    for kind, files in t.plots.items():
+        out += ["", f"![{FIGURES[kind]}: {t.title}]({files['png'].as_posix()})", "",
+                f"*{FIGURES[kind]}* ([PNG]({files['png'].as_posix()}), [SVG]({files['svg'].as_posix()}))"]
+    return out
+
+
 def render_markdown(tables: list[ResultTable], summary: dict) -> str:
     out = ["# tsbd benchmark report", ""]
     out += _summary_lines(summary, md=True)
@@ -367,34 +415,10 @@ def render_markdown(tables: list[ResultTable], summary: dict) -> str:
         out += ["", f"## {t.title}", "",
                 "ACC, ASR and DER in %; ours first" + (", the paper's in parentheses" if t.paper else "")
                 + ". Best defense per row in bold.", ""]
-        header = ["Attack"]
-        align = ["---"]
-        for c in t.columns:
-            for m in _metrics_of(c):
-                header.append(f"{c.label} {m.upper()}")
-                align.append("---:")
-        out.append("| " + " | ".join(header) + " |")
-        out.append("| " + " | ".join(align) + " |")
-        for r in [*t.rows, None]:
-            cells = [r.label if r else "**Average**"]
-            for c in t.columns:
-                for m in _metrics_of(c):
-                    v = t.average(c.key, m) if r is None else t.value(r.key, c.key, m)
-                    text = _num(v)
-                    if v is not None and c.key in t.best(None if r is None else r.key, m):
-                        text = f"**{text}**"
-                    p = _paper_value(t, None if r is None else r.key, c.key, m)
-                    if p is not None:
-                        text += f" ({p:.2f})"
-                    cells.append(text)
-            out.append("| " + " | ".join(cells) + " |")
+        out += _markdown_table(table_grid(t))
         out += ["", _paper_note(t), ""]
         out += [f"- {line}" for line in _settings_lines(t)]
-        if t.plots:
-            out.append("")
-            for kind, files in t.plots.items():
-                out.append(f"![{kind} {t.title}]({files['png'].as_posix()}) "
-                           f"([SVG]({files['svg'].as_posix()}))")
+        out += _figure_lines(t)
     if summary.get("failures"):
         out += ["", "## Failed cells", "", "| cell | kind | what | error |", "|---|---|---|---|"]
         for f in summary["failures"]:
@@ -433,12 +457,51 @@ table.results td b { color: #0b5cad; }
 span.paper { display: block; color: #8a8f98; font-size: .74rem; }
 ul.settings { color: #444; font-size: .84rem; }
 p.note { color: #555; font-size: .84rem; max-width: 1100px; }
-.plots { display: flex; flex-wrap: wrap; gap: 1rem; }
-.plots figure { margin: 0; } .plots img { max-width: 640px; width: 100%; border: 1px solid #e5e7eb; }
-.plots figcaption { font-size: .8rem; color: #555; }
+.plots { display: flex; flex-wrap: wrap; gap: 1.2rem; align-items: flex-start; margin-top: 1rem; }
+.plots figure { margin: 0; max-width: 100%; }
+.plots img { display: block; max-width: 100%; height: auto; border: 1px solid #e5e7eb; }
+.plots figcaption { font-size: .8rem; color: #555; margin-top: .2rem; }
 table.failures { border-collapse: collapse; font-size: .84rem; }
 table.failures td, table.failures th { border: 1px solid #ddd; padding: .2rem .5rem; text-align: left; }
 """
+
+
+def _html_table(grid: TableGrid) -> str:
+    e = html.escape
+
+    def start(i: int) -> str:
+        return ' class="group-start"' if grid.starts_group(i) else ""
+
+    def cell(entry: Entry) -> str:
+        text = f"<b>{_num(entry.value)}</b>" if entry.best else _num(entry.value)
+        return text + (f"<span class=\"paper\">{entry.paper:.2f}</span>" if entry.paper is not None else "")
+
+    parts = ['<div class="wrap"><table class="results"><thead><tr><th class="attack" rowspan="2">Attack</th>']
+    parts += [f'<th class="group-start" colspan="{span}">{e(label)}</th>' for label, span in grid.groups()]
+    parts.append("</tr><tr>")
+    parts += [f"<th{start(i)}>{c.metric.upper()} {'&darr;' if c.metric == 'asr' else '&uarr;'}</th>"
+              for i, c in enumerate(grid.columns)]
+    parts.append("</tr></thead><tbody>")
+    for r in grid.rows:
+        parts.append('<tr class="average">' if r.average else "<tr>")
+        parts.append(f'<td class="attack">{e(r.label)}</td>')
+        parts += [f"<td{start(i)}>{cell(entry)}</td>" for i, entry in enumerate(r.entries)]
+        parts.append("</tr>")
+    parts.append("</tbody></table></div>")
+    return "".join(parts)
+
+
+def _html_figures(t: ResultTable, out_dir: Path) -> str:
+    e = html.escape
+    parts = ['<div class="plots">']
+    for kind, files in t.plots.items():
+        data = base64.b64encode((out_dir / files["png"]).read_bytes()).decode()
+        png, svg = e(files["png"].as_posix()), e(files["svg"].as_posix())
+        parts.append(f'<figure><img alt="{e(FIGURES[kind])}: {e(t.title)}" src="data:image/png;base64,{data}">'
+                     f'<figcaption>{e(FIGURES[kind])} (<a href="{png}">PNG</a>, <a href="{svg}">SVG</a>)'
+                     "</figcaption></figure>")
+    parts.append("</div>")
+    return "".join(parts)
 
 
 def render_html(tables: list[ResultTable], summary: dict, out_dir: Path) -> str:
@@ -454,44 +517,11 @@ def render_html(tables: list[ResultTable], summary: dict, out_dir: Path) -> str:
         parts.append(f"<h2 id=\"{e(t.slug)}\">{e(t.title)}</h2>")
         parts.append("<p class=\"meta\">ACC, ASR and DER in %; ours on top"
                      + (", the paper's below in grey" if t.paper else "") + ". Best defense per row in bold.</p>")
-        parts.append('<div class="wrap"><table class="results"><thead><tr>'
-                     '<th class="attack" rowspan="2">Attack</th>')
-        for c in t.columns:
-            parts.append(f"<th class=\"group-start\" colspan=\"{len(_metrics_of(c))}\">{e(c.label)}</th>")
-        parts.append("</tr><tr>")
-        for c in t.columns:
-            for i, m in enumerate(_metrics_of(c)):
-                arrow = "&darr;" if m == "asr" else "&uarr;"
-                start = ' class="group-start"' if i == 0 else ""
-                parts.append(f"<th{start}>{m.upper()} {arrow}</th>")
-        parts.append("</tr></thead><tbody>")
-        for r in [*t.rows, None]:
-            parts.append("<tr class=\"average\">" if r is None else "<tr>")
-            parts.append(f"<td class=\"attack\">{e(r.label) if r else 'Average'}</td>")
-            for c in t.columns:
-                for i, m in enumerate(_metrics_of(c)):
-                    v = t.average(c.key, m) if r is None else t.value(r.key, c.key, m)
-                    text = _num(v)
-                    if v is not None and c.key in t.best(None if r is None else r.key, m):
-                        text = f"<b>{text}</b>"
-                    p = _paper_value(t, None if r is None else r.key, c.key, m)
-                    if p is not None:
-                        text += f"<span class=\"paper\">{p:.2f}</span>"
-                    start = ' class="group-start"' if i == 0 else ""
-                    parts.append(f"<td{start}>{text}</td>")
-            parts.append("</tr>")
-        parts.append("</tbody></table></div>")
+        parts.append(_html_table(table_grid(t)))
         parts.append(f"<p class=\"note\">{e(_paper_note(t))}</p>")
         parts.append("<ul class=\"settings\">" + "".join(f"<li>{e(s)}</li>" for s in _settings_lines(t)) + "</ul>")
         if t.plots:
-            parts.append("<div class=\"plots\">")
-            for kind, files in t.plots.items():
-                data = base64.b64encode((out_dir / files["png"]).read_bytes()).decode()
-                caption = "ACC against ASR per defense" if kind == "acc-asr" else "DER per attack"
-                parts.append(f"<figure><img alt=\"{e(caption)}\" src=\"data:image/png;base64,{data}\">"
-                             f"<figcaption>{e(caption)} (<a href=\"{e(files['svg'].as_posix())}\">SVG</a>)"
-                             "</figcaption></figure>")
-            parts.append("</div>")
+            parts.append(_html_figures(t, out_dir))
     if summary.get("failures"):
         parts.append("<h2>Failed cells</h2><table class=\"failures\"><tr><th>cell</th><th>kind</th><th>what</th>"
                      "<th>error</th></tr>")
@@ -506,64 +536,18 @@ def render_html(tables: list[ResultTable], summary: dict, out_dir: Path) -> str:
 # ------------------------------------------------------------------------------------------
 # plots
 def _plot(t: ResultTable, out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = pyplot()
     folder = out_dir / PLOTS
     folder.mkdir(parents=True, exist_ok=True)
-    colors = plt.get_cmap("tab10").colors
-    markers = "osD^vP*Xh<>"
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for i, c in enumerate(t.columns):
-        color = colors[i % len(colors)]
-        pts = [(t.value(r.key, c.key, "asr"), t.value(r.key, c.key, "acc")) for r in t.rows]
-        pts = [p for p in pts if None not in p]
-        if pts:
-            ax.scatter(*zip(*pts), s=46, color=color, marker=markers[i % len(markers)], label=c.label, zorder=3)
-        paper = [(_paper_value(t, r.key, c.key, "asr"), _paper_value(t, r.key, c.key, "acc")) for r in t.rows]
-        paper = [p for p in paper if None not in p]
-        if paper:
-            ax.scatter(*zip(*paper), s=46, facecolors="none", edgecolors=[color], marker=markers[i % len(markers)],
-                       zorder=2, label=f"{c.label} (paper)")
-    ax.set_xlabel("ASR (%)  lower is better")
-    ax.set_ylabel("ACC (%)  higher is better")
-    ax.set_xlim(-3, 103)
-    ax.grid(alpha=0.3)
-    ax.set_title(t.title, fontsize=9)
-    ax.legend(fontsize=7, loc="best", frameon=False)
-    fig.tight_layout()
-    t.plots["acc-asr"] = _save(fig, folder, f"{t.slug}-acc-asr")
-    plt.close(fig)
-
-    defenses = [c for c in t.columns if c.defense != NO_DEFENSE]
-    if defenses:
-        fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(t.rows) * max(1, len(defenses)) / 2 + 2), 4.2))
-        width = 0.8 / len(defenses)
-        xs = range(len(t.rows))
-        for j, c in enumerate(defenses):
-            color = colors[(t.columns.index(c)) % len(colors)]
-            offs = [x - 0.4 + width * (j + 0.5) for x in xs]
-            vals = [t.value(r.key, c.key, "der") for r in t.rows]
-            ax.bar([o for o, v in zip(offs, vals) if v is not None], [v for v in vals if v is not None], width,
-                   color=color, label=c.label)
-            paper = [_paper_value(t, r.key, c.key, "der") for r in t.rows]
-            if any(p is not None for p in paper):
-                ax.scatter([o for o, p in zip(offs, paper) if p is not None], [p for p in paper if p is not None],
-                           marker="_", s=160, color="black", zorder=3,
-                           label="paper" if j == 0 or "paper" not in ax.get_legend_handles_labels()[1] else None)
-        ax.axhline(50, color="#888", lw=0.8, ls="--")
-        ax.set_xticks(list(xs), [r.label for r in t.rows], rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("DER (%)  higher is better")
-        ax.set_ylim(0, 105)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_title(t.title, fontsize=9)
-        ax.legend(fontsize=7, frameon=False, ncol=min(5, len(defenses) + 1), loc="upper center",
-                  bbox_to_anchor=(0.5, -0.2))
-        fig.tight_layout()
-        t.plots["der"] = _save(fig, folder, f"{t.slug}-der")
+    grid = table_grid(t)
+    figures = {}
+    if any(c.metric == "der" for c in grid.columns):
+        figures["der-heatmap"] = lambda: heatmap(grid, "der", t.title)
+    figures["asr-heatmap"] = lambda: heatmap(grid, "asr", t.title)
+    figures["acc-asr"] = lambda: acc_asr_panels(grid, t.title)
+    for kind, draw in figures.items():
+        fig = draw()
+        t.plots[kind] = _save(fig, folder, f"{t.slug}-{kind}")
         plt.close(fig)
 
 
