@@ -65,6 +65,7 @@ BAD = [
     ("attack's unknown train option", {"attack_opts": {"badnets": {"train": {"bogus": 1}}}}),
     ("clean ratio out of range", {"clean_ratio": 1.5}),
     ("unknown defense option", {"defense_opts": {"tsbd": {"bogus": 1}}}),
+    ("per-defense clean ratio out of range", {"defense_opts": {"tsbd": {"clean_ratio": 0.0}}}),
     ("unknown dataset option", {"dataset_opts": {"demo": {"size": 3}}}),
     ("unknown model option", {"model_opts": {"airbench": {"depth": 3}}}),
     ("unknown attack option", {"attack_opts": {"badnets": {"bogus": 1}}}),

@@ -482,13 +482,18 @@ def _attacks(spec: dict, data_root: str | None) -> list[_Attack]:
     return out
 
 
+def _clean_ratios(values: list, where: str) -> list[float]:
+    ratios = [float(c) for c in values]
+    for c in ratios:
+        if not 0 < c <= 1:
+            raise TsbdError(f"{where}clean_ratio must be in (0, 1], got {c}")
+    return ratios
+
+
 def _defenses(spec: dict) -> list[_Defense]:
     """Each defense x [defense_opts] variant x clean ratio (the defense's own ``clean_ratio`` or the grid's),
     in that order; No Defense is the attack cell itself."""
-    clean_ratios = [float(c) for c in _axis(spec, "clean_ratio")]
-    for c in clean_ratios:
-        if not 0 < c <= 1:
-            raise TsbdError(f"clean_ratio must be in (0, 1], got {c}")
+    clean_ratios = _clean_ratios(_axis(spec, "clean_ratio"), "")
     common, per = _split_opts(spec.get("defense_opts", {}))
     out = []
     for name in (str(d).lower() for d in _axis(spec, "defense")):
@@ -496,7 +501,7 @@ def _defenses(spec: dict) -> list[_Defense]:
             continue
         opts = {**common, **per.get(name, {})}
         own_clean = opts.pop("clean_ratio", None)
-        ratios = clean_ratios if own_clean is None else [float(c) for c in _as_list(own_clean)]
+        ratios = clean_ratios if own_clean is None else _clean_ratios(_as_list(own_clean), f"[defense_opts.{name}]: ")
         seq = _config_sequence_fields(DEFENSES.get(name).config_class)
         for variant in _expand(opts, seq, f"[defense_opts.{name}]"):
             config = to_dict(build_defense(name, variant).config)
