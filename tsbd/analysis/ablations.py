@@ -24,13 +24,27 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from tsbd.analysis.registry import AnalysisContext, analysis, fractions, write_csv
+from tsbd.analysis.registry import (
+    AnalysisContext,
+    Measurement,
+    cli_option,
+    fractions,
+    register,
+    values_option,
+    write_csv,
+)
 from tsbd.artifacts import pyplot, save_figure
+from tsbd.attacks import build_attack
+from tsbd.bench.paper import ATTACK_NAMES, load_tables
 from tsbd.data.base import ImageSet
+from tsbd.defenses import DEFENSES, build_defense
 from tsbd.defenses.tsbd import TSBD, TSBDConfig, activeness_aware_finetune, clean_unlearn, zero_reinit
 from tsbd.errors import TsbdError
-from tsbd.metrics import der
+from tsbd.metrics import der, evaluate
+from tsbd.models import spec_options
 from tsbd.models.surgery import subweight_change
+from tsbd.pipeline import cached_attacked_model, setup_attack
+from tsbd.train.engine import TrainConfig
 from tsbd.train.runtime import Runtime
 
 Evaluate = Callable[[nn.Module], dict]
@@ -125,8 +139,6 @@ def paper_cell(table: str, attack: str, *, defense: str = "tsbd", clean_ratio: f
     """The paper's ACC / ASR / DER (fractions) for ``attack`` in ``table`` of
     ``tsbd/bench/data/paper_tables.json``, at the ``defense`` column with this clean ratio and these
     defense options; None where the paper prints none."""
-    from tsbd.bench.paper import load_tables
-
     tab = next((t for t in load_tables()["tables"] if t["id"] == table), None)
     row = (tab or {}).get("rows", {}).get(attack)
     if row is None:
@@ -140,16 +152,107 @@ def paper_cell(table: str, attack: str, *, defense: str = "tsbd", clean_ratio: f
 
 
 # ------------------------------------------------------------------------------------------
-# input checks and output helpers
-def _threshold(ctx: AnalysisContext) -> tuple[float, float]:
-    thr, step = ctx.args.asr_threshold, ctx.args.refine_step
-    if not 0 <= thr < 1:
-        raise TsbdError(f"--asr-threshold must be a fraction in [0, 1), got {thr:g} (paper: 0.0005 = 0.05%)")
+# options
+def _asr_threshold_option() -> float:
+    return cli_option(0.0005, "ASR at or below which the backdoor counts as removed (default: 0.0005 = the paper's "
+                              "0.05%%)", "paper Table 3", type=float)
+
+
+def _refine_step_option() -> float:
+    return cli_option(0.01, f"n resolution of the search: the coarse --values grid (default {DEFAULT_GRID}) is refined "
+                            "at this step inside its first bracket (default: 0.01)", type=float)
+
+
+def _check_threshold(threshold: float, step: float) -> None:
+    if not 0 <= threshold < 1:
+        raise TsbdError(f"--asr-threshold must be a fraction in [0, 1), got {threshold:g} (paper: 0.0005 = 0.05%)")
     if not 0 < step < 1:
         raise TsbdError(f"--refine-step must be in (0, 1), got {step:g} (default 0.01 = 1% of the neurons)")
-    return thr, step
 
 
+def _at_n(text: str) -> float | str:
+    """``--at-n``: 'auto' or a number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise TsbdError(f"--at-n must be 'auto' or a fraction in (0, 1], got {text!r}") from None
+
+
+def _defense_names(text: str) -> tuple[str, ...]:
+    return tuple(d.strip().lower() for d in text.split(",") if d.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class ReinitVariantsOptions:
+    values: tuple[float, ...] = values_option(DEFAULT_GRID, "the coarse n grid of the search")
+    asr_threshold: float = _asr_threshold_option()
+    refine_step: float = _refine_step_option()
+
+    def __post_init__(self):
+        _check_threshold(self.asr_threshold, self.refine_step)
+        fractions(list(self.values))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneVariantsOptions:
+    at_n: float | str | None = cli_option(
+        None, "n of the reinit that is fine-tuned: a fraction, or 'auto' = the smallest n with ASR <= --asr-threshold "
+              "after reinit (the paper's Table 4 fine-tunes Table 3's V3 model); default: the config's neuron_ratio "
+              "(0.15)", "paper Table 4", parse=_at_n)
+    values: tuple[float, ...] = values_option(DEFAULT_GRID, "the coarse n grid of the search (at_n 'auto')")
+    asr_threshold: float = _asr_threshold_option()
+    refine_step: float = _refine_step_option()
+
+    def __post_init__(self):
+        if self.at_n is not None and self.at_n != "auto":
+            fractions([self.at_n], "--at-n", "n")
+        _check_threshold(self.asr_threshold, self.refine_step)
+        fractions(list(self.values))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepCleanRatioOptions:
+    values: tuple[float, ...] = values_option(DEFAULT_CLEAN, "clean-data ratios", "paper Table 7")
+
+    def __post_init__(self):
+        fractions(list(self.values))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepFinetuneLROptions:
+    values: tuple[float, ...] = values_option(DEFAULT_LR, "fine-tuning learning rates", "paper Table 8")
+
+    def __post_init__(self):
+        if any(v <= 0 for v in self.values):
+            raise TsbdError(f"--values: learning rates must be > 0, got {min(self.values):g}; e.g. 0.1,0.01,0.001")
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanModelOptions:
+    defenses: tuple[str, ...] = cli_option(
+        _defense_names(DEFAULT_DEFENSES), f"comma-separated defenses (default: {DEFAULT_DEFENSES}); --opt sets TSBD's "
+                                          "options, the others run with their defaults", "paper Fig. 11 (a subset)",
+        parse=_defense_names)
+
+    def __post_init__(self):
+        if not self.defenses:
+            raise TsbdError(f"--defenses is empty; name one or more defenses, e.g. {DEFAULT_DEFENSES}")
+        for name in self.defenses:
+            DEFENSES.get(name)  # unknown names fail here, in one line, before the clean model is trained
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPoisonRatioOptions:
+    values: tuple[float, ...] = values_option(DEFAULT_POISON, "poison ratios", "paper App. H / Fig. 10")
+
+    def __post_init__(self):
+        fractions(list(self.values))
+
+
+# ------------------------------------------------------------------------------------------
+# output helpers
 def percent(ratio: float) -> str:
     return f"{100 * ratio:g}%"
 
@@ -170,8 +273,6 @@ def paper_table(groups: list[tuple[str, tuple[str, ...]]], rows: list[tuple[str,
 
 
 def _attack_label(ctx: AnalysisContext) -> str:
-    from tsbd.bench.paper import ATTACK_NAMES
-
     return ATTACK_NAMES.get(ctx.setup.attack.name, ctx.setup.attack.name)
 
 
@@ -202,10 +303,10 @@ def _plot(out, stem: str, title: str, xlabel: str, xs: list, series: dict, *, lo
     plt.close(fig)
 
 
-def _plot_tsbd_sweep(ctx: AnalysisContext, stem: str, what: str, values: list[float], rows: list[dict],
+def _plot_tsbd_sweep(ctx: AnalysisContext, out, stem: str, what: str, values: Sequence[float], rows: list[dict],
                      before: dict) -> None:
     """ACC / ASR after TSBD over ``values`` of ``what`` (log x), the no-defense levels as lines."""
-    _plot(ctx.out, stem, f"{ctx.setup.attack.name}: TSBD over the {what}", what, values,
+    _plot(out, stem, f"{ctx.setup.attack.name}: TSBD over the {what}", what, list(values),
           {"ACC after TSBD": [r["acc"] for r in rows], "ASR after TSBD": [r["asr"] for r in rows]}, logx=True,
           hlines={"ACC no defense": before["acc"], "ASR no defense": before["asr"]})
 
@@ -215,27 +316,22 @@ def _tsbd(ctx: AnalysisContext, model: nn.Module, clean: ImageSet) -> nn.Module:
     return TSBD(ctx.cfg).purify(model, clean, runtime=ctx.runtime, seed=ctx.seed, progress=ctx.progress).model
 
 
-THRESHOLD_OPTIONS = [
-    (("--asr-threshold",), {"type": float, "default": 0.0005,
-                            "help": "ASR at or below which the backdoor counts as removed (default: 0.0005 = the "
-                                    "paper's 0.05%%)"}),
-    (("--refine-step",), {"type": float, "default": 0.01,
-                          "help": f"n resolution of the search: the coarse --values grid (default {DEFAULT_GRID}) "
-                                  "is refined at this step inside its first bracket (default: 0.01)"}),
-]
-
-
 # ------------------------------------------------------------------------------------------
-@analysis("reinit-variants", "Table 3: V1/V2/V3 zero reinit at the smallest n with ASR <= threshold (no FT)",
-          options=THRESHOLD_OPTIONS)
-def run_reinit_variants(ctx: AnalysisContext) -> tuple[dict, str]:
-    cfg, out = ctx.cfg, ctx.out
-    threshold, step = _threshold(ctx)
-    grid = fractions(ctx.values(DEFAULT_GRID))
+def measure_reinit_variants(ctx: AnalysisContext, options: ReinitVariantsOptions) -> Measurement:
+    cfg, grid = ctx.cfg, list(options.values)
     change, unlearn_info = unlearned_change(ctx.model, ctx.clean, cfg, ctx.runtime, seed=ctx.seed,
                                             progress=ctx.progress)
     found = {s: first_ratio_below(reinit_evaluator(ctx.model, change, cfg.weight_ratio, s, ctx.evaluate), grid,
-                                  threshold, step) for s in SCHEMES}
+                                  options.asr_threshold, options.refine_step) for s in SCHEMES}
+    result = {"unlearn": unlearn_info, "threshold": options.asr_threshold, "refine_step": options.refine_step,
+              "grid": grid, "schemes": {s: {"n": f["n"], "metrics": f["metrics"], "evaluations": len(f["points"])}
+                                        for s, f in found.items()}}
+    return Measurement(result, {"found": found})
+
+
+def render_reinit_variants(ctx: AnalysisContext, options: ReinitVariantsOptions, measured: Measurement, out) -> str:
+    cfg, found, result = ctx.cfg, measured.records["found"], measured.result
+    threshold, step, grid, unlearn_info = (result[k] for k in ("threshold", "refine_step", "grid", "unlearn"))
     points = [{"scheme": s, **p} for s, f in found.items() for p in f["points"]]
     write_csv(out / "reinit_points.csv", points)
     summary = [{"scheme": s, "n": f["n"], **{k: (f["metrics"] or {}).get(k) for k in ("acc", "asr", "ra")},
@@ -281,45 +377,22 @@ def run_reinit_variants(ctx: AnalysisContext) -> tuple[dict, str]:
              + "".join(f"; {s.upper()} does not reach the threshold" for s in SCHEMES if s not in reached) + "."
              if best else "Here no scheme reached the threshold on the grid; extend --values."),
           "", "![reinit variants](reinit_variants.png)"]
-    result = {"unlearn": unlearn_info, "threshold": threshold, "refine_step": step, "grid": grid,
-              "schemes": {s: {"n": f["n"], "metrics": f["metrics"], "evaluations": len(f["points"])}
-                          for s, f in found.items()}}
-    return result, "\n".join(md)
+    return "\n".join(md)
 
 
-def _at_n(text: str | None, cfg: TSBDConfig) -> float | str:
-    if text is None:
-        return cfg.neuron_ratio
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return fractions([float(text)], "--at-n", "n")[0]
-    except ValueError:
-        raise TsbdError(f"--at-n must be 'auto' or a fraction in (0, 1], got {text!r}") from None
-
-
-@analysis("finetune-variants", "Table 4: No-FT / Vanilla-FT / Aa-FT from one zero-reinitialized model",
-          options=[(("--at-n",), {"default": None,
-                                  "help": "n of the reinit that is fine-tuned: a fraction, or 'auto' = the smallest "
-                                          "n with ASR <= --asr-threshold after reinit (the paper's Table 4 fine-tunes "
-                                          "Table 3's V3 model); default: the config's neuron_ratio (0.15)"}),
-                   *THRESHOLD_OPTIONS])
-def run_finetune_variants(ctx: AnalysisContext) -> tuple[dict, str]:
-    cfg, out = ctx.cfg, ctx.out
-    at = _at_n(ctx.args.at_n, cfg)
-    if at == "auto":
-        threshold, step = _threshold(ctx)
-        grid = fractions(ctx.values(DEFAULT_GRID))
+def measure_finetune_variants(ctx: AnalysisContext, options: FinetuneVariantsOptions) -> Measurement:
+    cfg = ctx.cfg
     before = ctx.evaluate(ctx.model)
     change, unlearn_info = unlearned_change(ctx.model, ctx.clean, cfg, ctx.runtime, seed=ctx.seed,
                                             progress=ctx.progress)
     search = None
-    if at == "auto":
+    if options.at_n == "auto":
+        grid = list(options.values)
         search = first_ratio_below(reinit_evaluator(ctx.model, change, cfg.weight_ratio, cfg.reinit_scheme,
-                                                    ctx.evaluate), grid, threshold, step)
+                                                    ctx.evaluate), grid, options.asr_threshold, options.refine_step)
         n = search["n"] if search["n"] is not None else max(grid)
     else:
-        n = at
+        n = cfg.neuron_ratio if options.at_n is None else options.at_n
     reinit, reinit_info = zero_reinit(ctx.model, change, n, cfg.weight_ratio, cfg.reinit_scheme)
     rows = []
     for label, mode in FINETUNE_VARIANTS.items():
@@ -328,6 +401,17 @@ def run_finetune_variants(ctx: AnalysisContext) -> tuple[dict, str]:
                                         seed=ctx.seed, progress=ctx.progress)
         rows.append({"variant": label, "finetune_mode": mode, **with_der(before, ctx.evaluate(model)),
                      "epochs": ft_info["epochs"], "seconds": time.perf_counter() - t0})
+    rule = "config" if options.at_n is None else str(options.at_n)
+    result = {"before": before, "unlearn": unlearn_info, "at_n": n, "at_n_rule": rule, "reinit": reinit_info,
+              "search": search and {k: search[k] for k in ("n", "metrics")}, "rows": rows}
+    return Measurement(result)
+
+
+def render_finetune_variants(ctx: AnalysisContext, options: FinetuneVariantsOptions, measured: Measurement,
+                             out) -> str:
+    cfg, result = ctx.cfg, measured.result
+    before, rows, n, search = result["before"], result["rows"], result["at_n"], result["search"]
+    unlearn_info, reinit_info = result["unlearn"], result["reinit"]
     write_csv(out / "finetune_variants.csv", rows)
     labels = list(FINETUNE_VARIANTS)
     _plot(out, "finetune_variants", f"{ctx.setup.attack.name}: fine-tuning schemes after zero reinit at n = {n:g}",
@@ -340,9 +424,9 @@ def run_finetune_variants(ctx: AnalysisContext) -> tuple[dict, str]:
         table.append((f"{_attack_label(ctx)} ({PAPER_SETTING})", paper))
     by = {r["variant"]: r for r in rows}
     how = ("n = 'auto': the smallest n with ASR <= "
-           f"{ctx.args.asr_threshold:.2%} after reinit" + ("" if search["n"] is not None else
-                                                            ", not reached, so the largest grid value")
-           if search else f"n = {n:g}" + (" (the config's neuron_ratio)" if ctx.args.at_n is None else ""))
+           f"{options.asr_threshold:.2%} after reinit" + ("" if search["n"] is not None else
+                                                         ", not reached, so the largest grid value")
+           if search else f"n = {n:g}" + (" (the config's neuron_ratio)" if options.at_n is None else ""))
     md = [f"### Fine-tuning schemes ({_attack_label(ctx)})", "",
           f"Clean unlearning once ({unlearn_info['epochs']} epochs), zero reinit ({cfg.reinit_scheme.upper()}, m = "
           f"{cfg.weight_ratio:g}) at {how}: {reinit_info['neurons_selected']} neurons. Each variant fine-tunes a "
@@ -355,26 +439,28 @@ def run_finetune_variants(ctx: AnalysisContext) -> tuple[dict, str]:
           f"{100 * (by['Vanilla-FT']['acc'] - by['No-FT']['acc']):+.2f} points (Vanilla-FT); ASR after Aa-FT "
           f"{by['Aa-FT']['asr']:.2%} against {by['Vanilla-FT']['asr']:.2%} after Vanilla-FT.", "",
           "![fine-tuning variants](finetune_variants.png)"]
-    result = {"before": before, "unlearn": unlearn_info, "at_n": n, "at_n_rule": ctx.args.at_n or "config",
-              "reinit": reinit_info, "search": search and {k: search[k] for k in ("n", "metrics")}, "rows": rows}
-    return result, "\n".join(md)
+    return "\n".join(md)
 
 
 # ------------------------------------------------------------------------------------------
-@analysis("sweep-clean-ratio", f"Table 7: TSBD with clean-data ratios --values (default {DEFAULT_CLEAN})")
-def run_sweep_clean_ratio(ctx: AnalysisContext) -> tuple[dict, str]:
-    values = fractions(ctx.values(DEFAULT_CLEAN))
+def measure_sweep_clean_ratio(ctx: AnalysisContext, options: SweepCleanRatioOptions) -> Measurement:
     before = ctx.evaluate(ctx.model)
     rows = []
-    for ratio in values:
+    for ratio in options.values:
         t0 = time.perf_counter()
         # one seeded permutation of the unpoisoned images, cut at each size: smaller sets are inside larger ones
         clean, info = ctx.setup.clean_set(ratio)
         rows.append({"clean_ratio": ratio, "clean_images": info["count"],
                      **with_der(before, ctx.evaluate(_tsbd(ctx, ctx.model, clean))),
                      "seconds": time.perf_counter() - t0})
-    write_csv(ctx.out / "sweep_clean_ratio.csv", rows)
-    _plot_tsbd_sweep(ctx, "sweep_clean_ratio", "clean-data ratio", values, rows, before)
+    return Measurement({"before": before, "rows": rows})
+
+
+def render_sweep_clean_ratio(ctx: AnalysisContext, options: SweepCleanRatioOptions, measured: Measurement,
+                             out) -> str:
+    values, before, rows = options.values, measured.result["before"], measured.result["rows"]
+    write_csv(out / "sweep_clean_ratio.csv", rows)
+    _plot_tsbd_sweep(ctx, out, "sweep_clean_ratio", "clean-data ratio", values, rows, before)
     attack = ctx.setup.attack.name
     groups = [("No Defense", ("acc", "asr"))] + [(percent(r), ("acc", "asr", "der")) for r in values]
     table = [(f"{_attack_label(ctx)} (ours)", [before] + rows)]
@@ -390,28 +476,31 @@ def run_sweep_clean_ratio(ctx: AnalysisContext) -> tuple[dict, str]:
           "The paper finds more clean data always gives more ACC (92.18 > 91.70 > 89.63 > 86.42% on average from "
           f"10% to 0.5%) with ASR under 10% throughout. Here ACC from the largest to the smallest set: {accs}; "
           f"ASR at most {max(r['asr'] for r in rows):.2%}.", "", "![clean ratio](sweep_clean_ratio.png)"]
-    return {"before": before, "rows": rows}, "\n".join(md)
+    return "\n".join(md)
 
 
-@analysis("sweep-ft-lr", f"Table 8: TSBD with fine-tuning learning rates --values (default {DEFAULT_LR})")
-def run_sweep_ft_lr(ctx: AnalysisContext) -> tuple[dict, str]:
+def measure_sweep_ft_lr(ctx: AnalysisContext, options: SweepFinetuneLROptions) -> Measurement:
     cfg = ctx.cfg
-    values = ctx.values(DEFAULT_LR)
-    if any(v <= 0 for v in values):
-        raise TsbdError(f"--values: learning rates must be > 0, got {min(values):g}; e.g. 0.1,0.01,0.001")
     before = ctx.evaluate(ctx.model)
     change, unlearn_info = unlearned_change(ctx.model, ctx.clean, cfg, ctx.runtime, seed=ctx.seed,
                                             progress=ctx.progress)
     reinit, reinit_info = zero_reinit(ctx.model, change, cfg.neuron_ratio, cfg.weight_ratio, cfg.reinit_scheme)
     after_reinit = ctx.evaluate(reinit)
     rows = []
-    for lr in values:
+    for lr in options.values:
         t0 = time.perf_counter()
         model, _ = finetuned_copy(reinit, ctx.clean, dataclasses.replace(cfg, finetune_lr=lr), ctx.runtime,
                                   seed=ctx.seed, progress=ctx.progress)
         rows.append({"finetune_lr": lr, **with_der(before, ctx.evaluate(model)), "seconds": time.perf_counter() - t0})
-    write_csv(ctx.out / "sweep_ft_lr.csv", rows)
-    _plot_tsbd_sweep(ctx, "sweep_ft_lr", "fine-tuning learning rate", values, rows, before)
+    return Measurement({"before": before, "unlearn": unlearn_info, "reinit": reinit_info,
+                        "after_reinit": after_reinit, "rows": rows})
+
+
+def render_sweep_ft_lr(ctx: AnalysisContext, options: SweepFinetuneLROptions, measured: Measurement, out) -> str:
+    cfg, values, result = ctx.cfg, options.values, measured.result
+    before, rows, after_reinit = result["before"], result["rows"], result["after_reinit"]
+    write_csv(out / "sweep_ft_lr.csv", rows)
+    _plot_tsbd_sweep(ctx, out, "sweep_ft_lr", "fine-tuning learning rate", values, rows, before)
     attack = ctx.setup.attack.name
     groups = [("No Defense", ("acc", "asr"))] + [(f"lr {lr:g}", ("acc", "asr", "der")) for lr in values]
     table = [(f"{_attack_label(ctx)} (ours)", [before] + rows)]
@@ -421,42 +510,35 @@ def run_sweep_ft_lr(ctx: AnalysisContext) -> tuple[dict, str]:
         table.append((f"{_attack_label(ctx)} ({PAPER_SETTING})", paper))
     best = max(rows, key=lambda r: r["der"])
     md = [f"### TSBD over the fine-tuning learning rate ({_attack_label(ctx)})", "",
-          f"Clean unlearning ({unlearn_info['epochs']} epochs) and zero reinit (n = {cfg.neuron_ratio:g}, m = "
+          f"Clean unlearning ({result['unlearn']['epochs']} epochs) and zero reinit (n = {cfg.neuron_ratio:g}, m = "
           f"{cfg.weight_ratio:g}) once -- after it ACC {after_reinit['acc']:.2%}, ASR {after_reinit['asr']:.2%} -- "
           f"then {cfg.finetune_mode} fine-tuning ({cfg.finetune_epochs} epochs) of a copy at each lr.", "",
           *paper_table(groups, table), "",
           "The paper finds its default 0.01 best on DER: 0.1 costs about 12 points of ACC, while 0.001 and 0.0001 "
           f"leave ASR high on strong attacks (Blended, LF). Here the best DER ({best['der']:.2%}) is at lr "
           f"{best['finetune_lr']:g}.", "", "![fine-tuning lr](sweep_ft_lr.png)"]
-    return {"before": before, "unlearn": unlearn_info, "reinit": reinit_info, "after_reinit": after_reinit,
-            "rows": rows}, "\n".join(md)
+    return "\n".join(md)
 
 
 # ------------------------------------------------------------------------------------------
-@analysis("clean-model", "App. K / Fig. 11: defenses on a clean model of the same architecture (ACC, trigger ASR)",
-          options=[(("--defenses",), {"default": DEFAULT_DEFENSES,
-                                      "help": f"comma-separated defenses (default: {DEFAULT_DEFENSES}); --opt sets "
-                                              "TSBD's options, the others run with their defaults"})])
-def run_clean_model(ctx: AnalysisContext) -> tuple[dict, str]:
-    from tsbd.defenses import DEFENSES, build_defense
-
-    names = [d.strip().lower() for d in ctx.args.defenses.split(",") if d.strip()]
-    if not names:
-        raise TsbdError(f"--defenses is empty; name one or more defenses, e.g. {DEFAULT_DEFENSES}")
-    for name in names:
-        DEFENSES.get(name)  # unknown names fail here, in one line, before the clean model is trained
-    arch = ctx.meta.get("arch", {})
+def measure_clean_model(ctx: AnalysisContext, options: CleanModelOptions) -> Measurement:
     clean_model, clean_meta = ctx.clean_reference_model()
     before = ctx.evaluate(clean_model)
     rows = []
-    for name in names:
+    for name in options.defenses:
         defense = TSBD(ctx.cfg) if name == "tsbd" else build_defense(name)
         res = defense.purify(clean_model, ctx.clean, runtime=ctx.runtime, seed=ctx.seed, progress=ctx.progress)
         after = ctx.evaluate(res.model)
         rows.append({"defense": name, **{f"{k}_before": v for k, v in before.items()}, **after,
                      "seconds": res.timings.get("total")})
-    write_csv(ctx.out / "clean_model.csv", rows)
-    _plot(ctx.out, "clean_model", f"defenses on a clean {arch['name']} ({ctx.setup.attack.name} trigger)", "defense",
+    return Measurement({"before": before, "clean_model_metrics": clean_meta.get("metrics"), "rows": rows})
+
+
+def render_clean_model(ctx: AnalysisContext, options: CleanModelOptions, measured: Measurement, out) -> str:
+    names, before, rows = list(options.defenses), measured.result["before"], measured.result["rows"]
+    arch = ctx.meta.get("arch", {})
+    write_csv(out / "clean_model.csv", rows)
+    _plot(out, "clean_model", f"defenses on a clean {arch['name']} ({ctx.setup.attack.name} trigger)", "defense",
           names, {"ACC": [r["acc"] for r in rows], "trigger ASR": [r["asr"] for r in rows]}, bars=True,
           hlines={"ACC before": before["acc"], "trigger ASR before": before["asr"]})
     md = [f"### Defenses on a clean model ({ctx.setup.dataset.name}, {arch['name']})", "",
@@ -469,19 +551,10 @@ def run_clean_model(ctx: AnalysisContext) -> tuple[dict, str]:
           "ImageNet hurts it). Here ACC changes by " + ", ".join(f"{r['defense']} {r['acc'] - before['acc']:+.2%}"
                                                                  for r in rows) + ".",
           "", "![clean model](clean_model.png)"]
-    return {"before": before, "clean_model_metrics": clean_meta.get("metrics"), "rows": rows}, "\n".join(md)
+    return "\n".join(md)
 
 
-@analysis("sweep-poison-ratio", f"App. H / Fig. 10: TSBD on the model retrained (cached) at poison ratios --values "
-          f"(default {DEFAULT_POISON})")
-def run_sweep_poison_ratio(ctx: AnalysisContext) -> tuple[dict, str]:
-    from tsbd.attacks import build_attack
-    from tsbd.metrics import evaluate
-    from tsbd.models import spec_options
-    from tsbd.pipeline import cached_attacked_model, setup_attack
-    from tsbd.train.engine import TrainConfig
-
-    values = fractions(ctx.values(DEFAULT_POISON))
+def measure_sweep_poison_ratio(ctx: AnalysisContext, options: SweepPoisonRatioOptions) -> Measurement:
     meta, runtime = ctx.meta, ctx.runtime
     attack_meta, arch = meta.get("attack") or {}, meta.get("arch", {})
     if not meta.get("train") or not attack_meta.get("name"):
@@ -489,7 +562,7 @@ def run_sweep_poison_ratio(ctx: AnalysisContext) -> tuple[dict, str]:
     own = float(attack_meta.get("config", {}).get("poison_ratio", math.nan))
     train_cfg = TrainConfig(**meta["train"])
     rows = []
-    for ratio in values:
+    for ratio in options.values:
         t0 = time.perf_counter()
         if math.isclose(ratio, own):
             model, setup, source = ctx.model, ctx.setup, "given model"
@@ -507,19 +580,26 @@ def run_sweep_poison_ratio(ctx: AnalysisContext) -> tuple[dict, str]:
             return evaluate(m, setup.dataset.test, setup.poisoned_test, runtime)
 
         before = on_setup(model)
-        after = with_der(before, on_setup(_tsbd(ctx, model, setup.clean_set(ctx.args.clean_ratio)[0])))
+        after = with_der(before, on_setup(_tsbd(ctx, model, setup.clean_set(ctx.clean_ratio)[0])))
         count = "per batch" if setup.attack.poisons_per_batch else len(setup.poisoned_train.poison_index)
         rows.append({"poison_ratio": ratio, "model": source, "poisoned_images": count,
                      **{f"{k}_before": v for k, v in before.items()}, **after, "model_seconds": t_model,
                      "seconds": time.perf_counter() - t0})
-    write_csv(ctx.out / "sweep_poison_ratio.csv", rows)
-    labels = [percent(r) for r in values]
-    _plot(ctx.out, "sweep_poison_ratio", f"{ctx.setup.attack.name}: TSBD over the poison ratio", "poison ratio",
+    return Measurement({"rows": rows, "trained": sum(r["model"] == "trained" for r in rows),
+                        "cache_hits": sum(r["model"] == "cache" for r in rows)})
+
+
+def render_sweep_poison_ratio(ctx: AnalysisContext, options: SweepPoisonRatioOptions, measured: Measurement,
+                              out) -> str:
+    rows = measured.result["rows"]
+    write_csv(out / "sweep_poison_ratio.csv", rows)
+    labels = [percent(r) for r in options.values]
+    _plot(out, "sweep_poison_ratio", f"{ctx.setup.attack.name}: TSBD over the poison ratio", "poison ratio",
           labels, {"ACC no defense": [r["acc_before"] for r in rows], "ASR no defense": [r["asr_before"] for r in rows],
                    "ACC TSBD": [r["acc"] for r in rows], "ASR TSBD": [r["asr"] for r in rows]}, bars=True)
     md = [f"### TSBD over the poison ratio ({_attack_label(ctx)})", "",
           "The attacked model retrained at each poison ratio with everything else as recorded in its meta.json "
-          f"(cached under the cache folder's attacked_models/), then TSBD with {ctx.args.clean_ratio:g} clean data.",
+          f"(cached under the cache folder's attacked_models/), then TSBD with {ctx.clean_ratio:g} clean data.",
           "", "| poison ratio | No Defense ACC | No Defense ASR | TSBD ACC | TSBD ASR | TSBD DER | model |",
           "|---|---|---|---|---|---|---|"]
     md += [f"| {lab} | {r['acc_before']:.2%} | {r['asr_before']:.2%} | {r['acc']:.2%} | {r['asr']:.2%} | "
@@ -528,6 +608,18 @@ def run_sweep_poison_ratio(ctx: AnalysisContext) -> tuple[dict, str]:
            "where the unlearning weight changes of backdoor neurons stand out less. Here ASR after TSBD is "
            + ", ".join(f"{r['asr']:.2%} at {lab}" for lab, r in zip(labels, rows)) + ".",
            "", "![poison ratio](sweep_poison_ratio.png)"]
-    result = {"rows": rows, "trained": sum(r["model"] == "trained" for r in rows),
-              "cache_hits": sum(r["model"] == "cache" for r in rows)}
-    return result, "\n".join(md)
+    return "\n".join(md)
+
+
+register("reinit-variants", "Table 3: V1/V2/V3 zero reinit at the smallest n with ASR <= threshold (no FT)",
+         ReinitVariantsOptions, measure_reinit_variants, render_reinit_variants)
+register("finetune-variants", "Table 4: No-FT / Vanilla-FT / Aa-FT from one zero-reinitialized model",
+         FinetuneVariantsOptions, measure_finetune_variants, render_finetune_variants)
+register("sweep-clean-ratio", f"Table 7: TSBD with clean-data ratios --values (default {DEFAULT_CLEAN})",
+         SweepCleanRatioOptions, measure_sweep_clean_ratio, render_sweep_clean_ratio)
+register("sweep-ft-lr", f"Table 8: TSBD with fine-tuning learning rates --values (default {DEFAULT_LR})",
+         SweepFinetuneLROptions, measure_sweep_ft_lr, render_sweep_ft_lr)
+register("clean-model", "App. K / Fig. 11: defenses on a clean model of the same architecture (ACC, trigger ASR)",
+         CleanModelOptions, measure_clean_model, render_clean_model)
+register("sweep-poison-ratio", f"App. H / Fig. 10: TSBD on the model retrained (cached) at poison ratios --values "
+         f"(default {DEFAULT_POISON})", SweepPoisonRatioOptions, measure_sweep_poison_ratio, render_sweep_poison_ratio)

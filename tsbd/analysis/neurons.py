@@ -26,6 +26,7 @@ model's own activation (airbench uses GELU), so every architecture follows one d
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +35,15 @@ import torch
 from torch import nn
 
 from tsbd.analysis.observations import pearson
-from tsbd.analysis.registry import AnalysisContext, analysis, fractions, write_csv
+from tsbd.analysis.registry import (
+    AnalysisContext,
+    Measurement,
+    cli_option,
+    fractions,
+    register,
+    values_option,
+    write_csv,
+)
 from tsbd.artifacts import pyplot, save_figure
 from tsbd.config import parse_key_values
 from tsbd.data.base import ImageSet
@@ -279,21 +288,55 @@ def parse_defense_opts(pairs: Sequence[str] | None, allowed: Sequence[str]) -> d
 
 
 # ------------------------------------------------------------------------------------------
-IMAGES = (("--images",), {"type": int, "default": 1000,
-                          "help": "(also tac) clean test images (non-target) and their poisoned versions to "
-                                  "average over (default: 1000)"})
-DEFENSE_OPT = (("--defense-opt",), {"action": "append", "metavar": "DEFENSE.KEY=VALUE", "dest": "defense_opt",
-                                    "help": "(also fp-nwc) config of a compared defense (repeatable), e.g. "
-                                            "anp.nb_iter=200, fp.epochs=20; see `tsbd list`"})
+def _images_option() -> int:
+    return cli_option(1000, "(also tac) clean test images (non-target) and their poisoned versions to average over "
+                            "(default: 1000)", type=int)
 
 
-@analysis("activations", "clean / poison activation per neuron: clean, backdoored and clean-unlearning models (Fig. 3)",
-          options=[(("--layer",), {"default": None, "help": "prunable conv whose neurons to read (default: the last)"}),
-                   IMAGES])
-def run_activations(ctx: AnalysisContext) -> tuple[dict, str]:
-    model, setup, cfg, runtime, out = ctx.model, ctx.setup, ctx.cfg, ctx.runtime, ctx.out
-    layer = resolve_layer(model, ctx.args.layer)
-    clean_x, poison_x = paired_test_images(setup, ctx.args.images, ctx.seed)
+def _defense_opts_option(allowed: tuple[str, ...]) -> dict | None:
+    return cli_option(None, "(also fp-nwc) config of a compared defense (repeatable), e.g. anp.nb_iter=200, "
+                            "fp.epochs=20; see `tsbd list`", flag="--defense-opt", dest="defense_opt",
+                      parse=lambda pairs: parse_defense_opts(pairs, allowed), action="append",
+                      metavar="DEFENSE.KEY=VALUE")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationsOptions:
+    layer: str | None = cli_option(None, "prunable conv whose neurons to read (default: the last)",
+                                   "paper Fig. 3: the last convolutional layer")
+    images: int = _images_option()
+
+
+@dataclasses.dataclass(frozen=True)
+class TACOptions:
+    values: tuple[float, ...] = values_option(DEFAULT_RATIOS, "neuron ratios", "paper Fig. 4")
+    images: int = _images_option()
+    metrics: tuple[str, ...] = cli_option(
+        METRICS, f"rankings to leave out, comma-separated, from {','.join(METRICS)} (e.g. anp,rnp: the slow ones)",
+        "paper Fig. 4", flag="--skip", dest="skip", parse=lambda text: tuple(m for m in METRICS
+                                                                           if m not in parse_skip(text)))
+    defense_opts: dict | None = _defense_opts_option(("clp", "anp", "rnp"))  # defense -> config overrides
+
+    def __post_init__(self):
+        fractions(list(self.values), "--values", "neuron ratio")
+        unknown = set(self.metrics) - set(METRICS)
+        if unknown:
+            raise TsbdError(f"unknown ranking metric {sorted(unknown)[0]!r}; choose from {', '.join(METRICS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FPNWCOptions:
+    defense_opts: dict | None = _defense_opts_option(("fp",))  # {"fp": FP config overrides}
+
+    def __post_init__(self):
+        if "order" in (self.defense_opts or {}).get("fp", {}):
+            raise TsbdError("fp-nwc runs both orders; drop --defense-opt fp.order")
+
+
+def measure_activations(ctx: AnalysisContext, options: ActivationsOptions) -> Measurement:
+    model, cfg, runtime = ctx.model, ctx.cfg, ctx.runtime
+    layer = resolve_layer(model, options.layer)
+    clean_x, poison_x = paired_test_images(ctx.setup, options.images, ctx.seed)
     both = torch.cat([clean_x, poison_x])
 
     def acts(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,8 +351,6 @@ def run_activations(ctx: AnalysisContext) -> tuple[dict, str]:
         on_epoch=lambda epoch, m, acc: per_model.__setitem__(f"unlearn_epoch_{epoch}", acts(m)))
     nwc = neuron_weight_change(model, unlearned)[layer]
     del unlearned
-    write_csv(out / "activations.csv", [{"model": key, "neuron": k, "clean_act": float(c[k]), "poison_act": float(p[k])}
-                                         for key, (c, p) in per_model.items() for k in range(len(c))])
 
     c_bd, p_bd = per_model["backdoored"]
     epochs = [key for key in per_model if key.startswith("unlearn_epoch_")]
@@ -339,10 +380,19 @@ def run_activations(ctx: AnalysisContext) -> tuple[dict, str]:
     result["claim_A1"] = bool(result["mean_abs_delta_poison"] > result["mean_abs_delta_clean"]
                               and result["pearson_nwc_abs_delta_poison"] > 0)
     result["claim_A2"] = bool(peak["clean"] < peak["backdoored"])
+    return Measurement(result, {"per_model": per_model, "nwc": nwc, "d_clean": d_clean, "d_poison": d_poison})
+
+
+def render_activations(ctx: AnalysisContext, options: ActivationsOptions, measured: Measurement, out) -> str:
+    result, records = measured.result, measured.records
+    per_model, nwc, d_clean, d_poison = (records[k] for k in ("per_model", "nwc", "d_clean", "d_poison"))
+    layer, peak, images, epochs = result["layer"], result["max_activation"], result["images"], result["unlearn_epochs"]
+    write_csv(out / "activations.csv", [{"model": key, "neuron": k, "clean_act": float(c[k]), "poison_act": float(p[k])}
+                                         for key, (c, p) in per_model.items() for k in range(len(c))])
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    order = torch.argsort(p_bd, descending=True, stable=True)
+    order = torch.argsort(per_model["backdoored"][1], descending=True, stable=True)
     xs = range(len(order))
     top = 1.05 * max(peak.values()) if max(peak.values()) > 0 else 1.0
     for ax, key, title in zip(axes[:2], ("clean", "backdoored"), ("(a) clean model", "(b) backdoored model")):
@@ -355,7 +405,7 @@ def run_activations(ctx: AnalysisContext) -> tuple[dict, str]:
         ax.legend(fontsize=7, frameon=False)
     axes[0].set_ylabel(f"mean ReLU activation, {layer}")
     ax = axes[2]
-    ep = list(range(len(epochs) + 1))
+    ep = list(range(epochs + 1))
     ax.plot(ep, [0.0] + [float(d.abs().mean()) for d in d_clean], "o-", color="C0", ms=3, label="mean |Δ clean act|")
     ax.plot(ep, [0.0] + [float(d.abs().mean()) for d in d_poison], "s-", color="C3", ms=3, label="mean |Δ poison act|")
     for i, k in enumerate(torch.topk(nwc, min(3, len(nwc))).indices.tolist()):
@@ -367,20 +417,20 @@ def run_activations(ctx: AnalysisContext) -> tuple[dict, str]:
     ax.set_title(f"(c) clean unlearning: Pearson(NWC, |Δ poison|) = {result['pearson_nwc_abs_delta_poison']:.3f}",
                  fontsize=9)
     ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"{setup.attack.name}: activations of {layer} on {len(clean_x)} test images", fontsize=9)
+    fig.suptitle(f"{ctx.setup.attack.name}: activations of {layer} on {images} test images", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out / "activations")
     plt.close(fig)
 
     holds = {True: "holds", False: "does not hold"}
-    md = [f"### Neuron activations ({setup.attack.name}, layer {layer})", "",
-          f"Mean ReLU activation of each of the {len(nwc)} neurons on {len(clean_x)} non-target test images (clean) "
+    md = [f"### Neuron activations ({ctx.setup.attack.name}, layer {layer})", "",
+          f"Mean ReLU activation of each of the {len(nwc)} neurons on {images} non-target test images (clean) "
           f"and the same images with the trigger (poison).", "",
           "| model | max activation | mean clean act | mean poison act |", "|---|---|---|---|"]
     md += [f"| {key} | {peak[key]:.4f} | {result['mean_activation'][key]['clean']:.4f} | "
            f"{result['mean_activation'][key]['poison']:.4f} |" for key in ("clean", "backdoored")]
-    accs = unlearn_info["clean_acc_per_epoch"] or [nan]
-    md += ["", f"Clean unlearning ran {len(epochs)} epochs (clean acc {accs[-1]:.3f} at the end). Mean |Δ| from "
+    accs = result["clean_unlearning"]["clean_acc_per_epoch"] or [float("nan")]
+    md += ["", f"Clean unlearning ran {epochs} epochs (clean acc {accs[-1]:.3f} at the end). Mean |Δ| from "
            f"the backdoored model: clean activation {result['mean_abs_delta_clean']:.4f}, "
            f"poison activation {result['mean_abs_delta_poison']:.4f} (signed mean Δ poison "
            f"{result['mean_delta_poison']:+.4f}). Pearson of the neurons' NWC with |Δ poison act| "
@@ -391,28 +441,34 @@ def run_activations(ctx: AnalysisContext) -> tuple[dict, str]:
            f"(paper: yes): **{holds[result['claim_A1']]}** here.",
            f"- [A2] the clean model is less active (paper: max 0.5676 vs 1.7053): max {peak['clean']:.4f} vs "
            f"{peak['backdoored']:.4f}, **{holds[result['claim_A2']]}** here.", "", "![activations](activations.png)"]
-    return result, "\n".join(md)
+    return "\n".join(md)
 
 
-@analysis("tac", "coverage of TAC's top neurons by NWC, FP, CLP, ANP and RNP rankings over neuron ratios (Fig. 4)",
-          options=[IMAGES, (("--skip",), {"default": None,
-                                          "help": f"rankings to leave out, comma-separated, from {','.join(METRICS)} "
-                                                  "(e.g. anp,rnp: the slow ones)"}),
-                   DEFENSE_OPT])
-def run_tac(ctx: AnalysisContext) -> tuple[dict, str]:
-    model, setup, runtime, out = ctx.model, ctx.setup, ctx.runtime, ctx.out
-    ratios = fractions(ctx.values(DEFAULT_RATIOS), "--values", "neuron ratio")
-    metrics = [m for m in METRICS if m not in parse_skip(ctx.args.skip)]
-    opts = parse_defense_opts(ctx.args.defense_opt, ("clp", "anp", "rnp"))
-    clean_x, poison_x = paired_test_images(setup, ctx.args.images, ctx.seed)
-    tac = trigger_activated_change(model, clean_x, poison_x, runtime)
-    raw, info = ranking_scores(model, ctx.clean, ctx.cfg, runtime, metrics=metrics, defense_opts=opts, seed=ctx.seed,
-                               progress=ctx.progress)
+def measure_tac(ctx: AnalysisContext, options: TACOptions) -> Measurement:
+    ratios, metrics = list(options.values), [m for m in METRICS if m in options.metrics]
+    clean_x, poison_x = paired_test_images(ctx.setup, options.images, ctx.seed)
+    tac = trigger_activated_change(ctx.model, clean_x, poison_x, ctx.runtime)
+    raw, info = ranking_scores(ctx.model, ctx.clean, ctx.cfg, ctx.runtime, metrics=metrics,
+                               defense_opts=options.defense_opts, seed=ctx.seed, progress=ctx.progress)
     truth = selection_scores("tac", tac)
     chosen = {m: selection_scores(m, raw[m]) for m in metrics}
     total = sum(len(v) for v in tac.values())
     cov = {m: {r: coverage(chosen[m], truth, r) for r in ratios} for m in metrics}
     cov["random"] = {r: max(1, round(r * total)) / total for r in ratios}  # E|A & B| / k = k / N
+    others = [m for m in metrics if m != "nwc"]
+    not_best = {r: max(others, key=lambda m: cov[m][r]) for r in ratios
+                if "nwc" in cov and others and max(cov[m][r] for m in others) > cov["nwc"][r]}
+    result = {"coverage": {m: {f"{r:g}": v for r, v in c.items()} for m, c in cov.items()}, "neurons": total,
+              "layers": len(tac), "images": len(clean_x), "metrics": metrics,
+              "nwc_best_everywhere": ("nwc" in metrics and not not_best) if others else None,
+              "nwc_not_best_at": {f"{r:g}": m for r, m in not_best.items()}, "info": info}
+    return Measurement(result, {"tac": tac, "scores": raw, "coverage": cov, "ratios": ratios, "not_best": not_best})
+
+
+def render_tac(ctx: AnalysisContext, options: TACOptions, measured: Measurement, out) -> str:
+    result, records = measured.result, measured.records
+    tac, raw, cov, ratios, not_best = (records[k] for k in ("tac", "scores", "coverage", "ratios", "not_best"))
+    metrics, total, images = result["metrics"], result["neurons"], result["images"]
     write_csv(out / "tac.csv", [{"ratio": r, "metric": m, "coverage": cov[m][r]} for r in ratios for m in cov])
     write_csv(out / "tac_scores.csv", [
         {"layer": name, "neuron": k, "tac": float(tac[name][k]),
@@ -428,21 +484,15 @@ def run_tac(ctx: AnalysisContext) -> tuple[dict, str]:
     ax.set_xlabel("neuron ratio")
     ax.set_ylabel("coverage of TAC's top neurons")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"{setup.attack.name}: {total} neurons, TAC on {len(clean_x)} image pairs", fontsize=9)
+    ax.set_title(f"{ctx.setup.attack.name}: {total} neurons, TAC on {images} image pairs", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     save_figure(fig, out / "tac")
     plt.close(fig)
 
     others = [m for m in metrics if m != "nwc"]
-    not_best = {r: max(others, key=lambda m: cov[m][r]) for r in ratios
-                if "nwc" in cov and others and max(cov[m][r] for m in others) > cov["nwc"][r]}
-    result = {"coverage": {m: {f"{r:g}": v for r, v in c.items()} for m, c in cov.items()}, "neurons": total,
-              "layers": len(tac), "images": len(clean_x), "metrics": metrics,
-              "nwc_best_everywhere": ("nwc" in metrics and not not_best) if others else None,
-              "nwc_not_best_at": {f"{r:g}": m for r, m in not_best.items()}, "info": info}
-    md = [f"### Coverage of TAC by neuron rankings ({setup.attack.name})", "",
-          f"TAC per neuron on {len(clean_x)} test images and their poisoned versions, over {total} neurons in "
+    md = [f"### Coverage of TAC by neuron rankings ({ctx.setup.attack.name})", "",
+          f"TAC per neuron on {images} test images and their poisoned versions, over {total} neurons in "
           f"{len(tac)} layers; coverage = share of the top-k by TAC that a metric's top-k also selects.", "",
           "| ratio | " + " | ".join(m.upper() for m in metrics) + " | random |",
           "|---" * (len(metrics) + 2) + "|"]
@@ -459,15 +509,12 @@ def run_tac(ctx: AnalysisContext) -> tuple[dict, str]:
     md += ["", "FP ranks each layer's least active neurons first (in equal fractions per layer), CLP by its "
            "per-layer UCLC z-score, ANP/RNP by lowest mask, NWC and TAC globally; neurons a method cannot score "
            "(a conv feeding no BN of its own, for CLP/ANP/RNP) come last.", "", "![tac](tac.png)"]
-    return result, "\n".join(md)
+    return "\n".join(md)
 
 
-@analysis("fp-nwc", "Fine-Pruning with its activation order and with the NWC order (App. F)", options=[DEFENSE_OPT])
-def run_fp_nwc(ctx: AnalysisContext) -> tuple[dict, str]:
-    model, setup, cfg, out = ctx.model, ctx.setup, ctx.cfg, ctx.out
-    fp_opts = parse_defense_opts(ctx.args.defense_opt, ("fp",)).get("fp", {})
-    if "order" in fp_opts:
-        raise TsbdError("fp-nwc runs both orders; drop --defense-opt fp.order")
+def measure_fp_nwc(ctx: AnalysisContext, options: FPNWCOptions) -> Measurement:
+    model, cfg = ctx.model, ctx.cfg
+    fp_opts = (options.defense_opts or {}).get("fp", {})
     before = ctx.evaluate(model)
     rows = [{"order": "none", "acc": before["acc"], "asr": before.get("asr"), "ra": before.get("ra"),
              "channels_pruned": 0, "seconds": 0.0}]
@@ -483,6 +530,15 @@ def run_fp_nwc(ctx: AnalysisContext) -> tuple[dict, str]:
                      "channels_pruned": res.info["pruned"], "seconds": res.timings["total"]})
         infos[order] = {"config": res.config, "pruned_channels": res.info["pruned_channels"],
                         "channels": res.info["channels"], "unlearn": res.info.get("unlearn")}
+    act, nwc = rows[1], rows[2]
+    overlap = len(set(infos["activation"]["pruned_channels"]) & set(infos["nwc"]["pruned_channels"]))
+    return Measurement({"rows": rows, "runs": infos, "pruned_overlap": overlap,
+                        "nwc_lower_asr": (nwc["asr"] < act["asr"]) if act["asr"] is not None else None})
+
+
+def render_fp_nwc(ctx: AnalysisContext, options: FPNWCOptions, measured: Measurement, out) -> str:
+    result = measured.result
+    rows, overlap = result["rows"], result["pruned_overlap"]
     write_csv(out / "fp_nwc.csv", rows)
 
     plt = pyplot()
@@ -494,21 +550,18 @@ def run_fp_nwc(ctx: AnalysisContext) -> tuple[dict, str]:
                label=labels[row["order"]])
     ax.set_xticks(range(3), [k.upper() for k in keys])
     ax.set_ylabel("%")
-    ax.set_title(f"{setup.attack.name}: Fine-Pruning order", fontsize=9)
+    ax.set_title(f"{ctx.setup.attack.name}: Fine-Pruning order", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     save_figure(fig, out / "fp_nwc")
     plt.close(fig)
 
     act, nwc = rows[1], rows[2]
-    overlap = len(set(infos["activation"]["pruned_channels"]) & set(infos["nwc"]["pruned_channels"]))
-    result = {"rows": rows, "runs": infos, "pruned_overlap": overlap,
-              "nwc_lower_asr": (nwc["asr"] < act["asr"]) if act["asr"] is not None else None}
     pct = lambda v: "n/a" if v is None else f"{v:.2%}"  # noqa: E731
-    md = [f"### Fine-Pruning with NWC order ({setup.attack.name})", "",
+    md = [f"### Fine-Pruning with NWC order ({ctx.setup.attack.name})", "",
           "FP prunes the last layer's channels in steps while held-out clean accuracy stays within its budget, "
           "then fine-tunes; only the order differs: least clean activation first (FP) or largest NWC of TSBD's "
-          f"clean unlearning first (lr {cfg.unlearn_lr:g}).", "",
+          f"clean unlearning first (lr {ctx.cfg.unlearn_lr:g}).", "",
           "| order | ACC | ASR | RA | channels pruned | seconds |", "|---|---|---|---|---|---|"]
     md += [f"| {r['order']} | {pct(r['acc'])} | {pct(r['asr'])} | {pct(r['ra'])} | {r['channels_pruned']} | "
            f"{r['seconds']:.1f} |" for r in rows]
@@ -517,4 +570,12 @@ def run_fp_nwc(ctx: AnalysisContext) -> tuple[dict, str]:
                f"({pct(act['asr'])} -> {pct(nwc['asr'])}; ACC {pct(act['acc'])} -> {pct(nwc['acc'])}); the two runs "
                f"prune {overlap} channels in common."]
     md += ["", "![fp-nwc](fp_nwc.png)"]
-    return result, "\n".join(md)
+    return "\n".join(md)
+
+
+register("activations", "clean / poison activation per neuron: clean, backdoored and clean-unlearning models (Fig. 3)",
+         ActivationsOptions, measure_activations, render_activations)
+register("tac", "coverage of TAC's top neurons by NWC, FP, CLP, ANP and RNP rankings over neuron ratios (Fig. 4)",
+         TACOptions, measure_tac, render_tac)
+register("fp-nwc", "Fine-Pruning with its activation order and with the NWC order (App. F)", FPNWCOptions,
+         measure_fp_nwc, render_fp_nwc)

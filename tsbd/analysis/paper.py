@@ -1,14 +1,25 @@
 """The paper's analyses that ``tsbd analyze`` runs on a saved attacked model: observation 1 (NWC of
 clean vs poison unlearning), observation 2 (gradient norms under clean unlearning, backdoored vs
-clean model) and the TSBD sweeps over the neuron ratio n and the weight ratio m. Each is registered
-with :func:`tsbd.analysis.registry.analysis` and writes its CSV and figures into the context's folder."""
+clean model) and the TSBD sweeps over the neuron ratio n and the weight ratio m. Each is a
+``measure_*`` function returning the numbers and a ``render_*`` function writing its CSV, figure and
+Markdown, registered with :func:`tsbd.analysis.registry.register`."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from tsbd.analysis.observations import attacker_poison_set, gradient_norms_during_unlearning, nwc_comparison
-from tsbd.analysis.registry import AnalysisContext, analysis, write_csv
+from tsbd.analysis.registry import (
+    AnalysisContext,
+    Measurement,
+    NoOptions,
+    cli_option,
+    register,
+    values_option,
+    write_csv,
+)
 from tsbd.analysis.sweeps import largest_ratio_within_acc, ratio_sweep
 from tsbd.artifacts import pyplot, save_figure
 from tsbd.errors import TsbdError
@@ -17,26 +28,58 @@ DEFAULT_N = "0.01,0.05,0.1,0.15,0.2,0.3,0.5,0.7,0.9"  # paper Fig. 5: 1% to 90%
 DEFAULT_M = "0.4,0.5,0.6,0.7,0.8"  # paper Fig. 5: 40% to 80%
 
 
+def _finetune_option() -> bool:
+    return cli_option(True, "fine-tune after the zero reinit; --no-finetune evaluates after the reinit only (fast)",
+                      "paper Fig. 5", flag="--no-finetune", dest="no_finetune", parse=lambda given: not given,
+                      action="store_true")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepNOptions:
+    values: tuple[float, ...] = values_option(DEFAULT_N, "neuron ratios n", "paper Fig. 5")
+    finetune: bool = _finetune_option()
+    max_acc_drop: float = cli_option(2.0, "the suggested n is the largest whose ACC after TSBD stays within this "
+                                          "many points of the backdoored model's (default: 2)", type=float)
+
+    def __post_init__(self):
+        if self.max_acc_drop is None or self.max_acc_drop < 0:
+            raise TsbdError(f"--max-acc-drop must be >= 0 (ACC points), got {self.max_acc_drop}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepMOptions:
+    values: tuple[float, ...] = values_option(DEFAULT_M, "weight ratios m", "paper Fig. 5")
+    finetune: bool = _finetune_option()
+
+
 # ------------------------------------------------------------------------------------------
-@analysis("observation1", "NWC of clean vs poison unlearning: Pearson correlation per layer and overall")
-def run_observation1(ctx: AnalysisContext) -> tuple[dict, str]:
-    model, setup, clean, cfg, runtime, out = ctx.model, ctx.setup, ctx.clean, ctx.cfg, ctx.runtime, ctx.out
-    seed, progress = ctx.seed, ctx.progress
-    poisoned = attacker_poison_set(setup, len(clean), seed)
-    comp = nwc_comparison(model, clean, poisoned, cfg, runtime, seed=seed, progress=progress)
+def measure_observation1(ctx: AnalysisContext, options: NoOptions) -> Measurement:
+    cfg = ctx.cfg
+    poisoned = attacker_poison_set(ctx.setup, len(ctx.clean), ctx.seed)
+    comp = nwc_comparison(ctx.model, ctx.clean, poisoned, cfg, ctx.runtime, seed=ctx.seed, progress=ctx.progress)
     per_layer = comp.per_layer_correlation()
     overall = comp.overall_correlation()
-    overlap = comp.top_overlap(cfg.neuron_ratio)
+    result = {"pearson_overall": overall, "pearson_per_layer": per_layer,
+              f"top_{cfg.neuron_ratio:g}_overlap": comp.top_overlap(cfg.neuron_ratio),
+              "clean_unlearning": comp.clean_info, "poison_unlearning": comp.poison_info,
+              "poison_images": len(poisoned)}
+    return Measurement(result, {"comparison": comp})
+
+
+def render_observation1(ctx: AnalysisContext, options: NoOptions, measured: Measurement, out) -> str:
+    comp, result, cfg = measured.records["comparison"], measured.result, ctx.cfg
+    per_layer, overall = result["pearson_per_layer"], result["pearson_overall"]
+    overlap, poisoned = result[f"top_{cfg.neuron_ratio:g}_overlap"], result["poison_images"]
     write_csv(out / "nwc.csv", comp.rows())
     write_csv(out / "correlation.csv", [{"layer": k, "pearson": v} for k, v in per_layer.items()]
-               + [{"layer": "all", "pearson": overall}])
+              + [{"layer": "all", "pearson": overall}])
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for name in comp.clean:
         ax1.scatter(comp.clean[name].numpy(), comp.poison[name].numpy(), s=6, alpha=0.6, label=name)
     ax1.set_xlabel("NWC, clean unlearning")
     ax1.set_ylabel("NWC, poison unlearning")
-    ax1.set_title(f"{setup.attack.name}: Pearson {overall:.3f} over all neurons", fontsize=9)
+    ax1.set_title(f"{ctx.setup.attack.name}: Pearson {overall:.3f} over all neurons", fontsize=9)
     ax1.legend(fontsize=6, frameon=False, markerscale=2)
     names = list(per_layer)
     ax2.bar(range(len(names)), [per_layer[n] for n in names])
@@ -47,12 +90,9 @@ def run_observation1(ctx: AnalysisContext) -> tuple[dict, str]:
     fig.tight_layout()
     save_figure(fig, out / "observation1")
     plt.close(fig)
-    result = {"pearson_overall": overall, "pearson_per_layer": per_layer,
-              f"top_{cfg.neuron_ratio:g}_overlap": overlap, "clean_unlearning": comp.clean_info,
-              "poison_unlearning": comp.poison_info, "poison_images": len(poisoned)}
-    md = [f"### Observation 1 ({setup.attack.name})", "",
+    md = [f"### Observation 1 ({ctx.setup.attack.name})", "",
           f"Clean unlearning stopped after {comp.clean_info['epochs']} epochs (clean acc "
-          f"{comp.clean_info['clean_acc_per_epoch'][-1]:.3f}); poison unlearning on {len(poisoned)} poisoned "
+          f"{comp.clean_info['clean_acc_per_epoch'][-1]:.3f}); poison unlearning on {poisoned} poisoned "
           f"training images after {comp.poison_info['epochs']} epochs (ASR on them "
           f"{comp.poison_info['clean_acc_per_epoch'][-1]:.3f}).", "",
           f"Pearson correlation of the two NWC vectors over all {sum(len(v) for v in comp.clean.values())} neurons: "
@@ -60,22 +100,31 @@ def run_observation1(ctx: AnalysisContext) -> tuple[dict, str]:
           f"top {cfg.neuron_ratio:.0%} by poison NWC.", "", "| layer | Pearson |", "|---|---|"]
     md += [f"| {k} | {v:.3f} |" for k, v in per_layer.items()]
     md += ["", "![observation 1](observation1.png)"]
-    return result, "\n".join(md)
+    return "\n".join(md)
 
 
-@analysis("observation2", "gradient norm per neuron in one epoch of clean unlearning, backdoored vs clean model")
-def run_observation2(ctx: AnalysisContext) -> tuple[dict, str]:
-    model, setup, clean, cfg, runtime, out = ctx.model, ctx.setup, ctx.clean, ctx.cfg, ctx.runtime, ctx.out
-    seed, progress = ctx.seed, ctx.progress
+def measure_observation2(ctx: AnalysisContext, options: NoOptions) -> Measurement:
+    cfg = ctx.cfg
     clean_model, clean_meta = ctx.clean_reference_model()
-    bd = gradient_norms_during_unlearning(model, clean, cfg.unlearn_lr, runtime, batch_size=cfg.batch_size,
-                                          seed=seed, progress=progress)
-    cl = gradient_norms_during_unlearning(clean_model, clean, cfg.unlearn_lr, runtime, batch_size=cfg.batch_size,
-                                          seed=seed, progress=progress)
+    bd = gradient_norms_during_unlearning(ctx.model, ctx.clean, cfg.unlearn_lr, ctx.runtime,
+                                          batch_size=cfg.batch_size, seed=ctx.seed, progress=ctx.progress)
+    cl = gradient_norms_during_unlearning(clean_model, ctx.clean, cfg.unlearn_lr, ctx.runtime,
+                                          batch_size=cfg.batch_size, seed=ctx.seed, progress=ctx.progress)
+    per_layer = {n: {"backdoored": float(bd[n].mean()), "clean": float(cl[n].mean())} for n in bd}
+    all_bd, all_cl = torch.cat(list(bd.values())), torch.cat(list(cl.values()))
+    higher = sum(v["backdoored"] > v["clean"] for v in per_layer.values())
+    result = {"mean_backdoored": float(all_bd.mean()), "mean_clean": float(all_cl.mean()),
+              "ratio": float(all_bd.mean() / all_cl.mean()), "layers_higher_in_backdoored": higher,
+              "layers": len(per_layer), "per_layer": per_layer, "clean_model_metrics": clean_meta.get("metrics")}
+    return Measurement(result, {"backdoored": bd, "clean": cl})
+
+
+def render_observation2(ctx: AnalysisContext, options: NoOptions, measured: Measurement, out) -> str:
+    bd, cl, result = measured.records["backdoored"], measured.records["clean"], measured.result
+    per_layer, ratio = result["per_layer"], result["ratio"]
     rows = [{"layer": n, "neuron": k, "grad_norm_backdoored": float(bd[n][k]), "grad_norm_clean": float(cl[n][k])}
             for n in bd for k in range(len(bd[n]))]
     write_csv(out / "grad_norms.csv", rows)
-    per_layer = {n: {"backdoored": float(bd[n].mean()), "clean": float(cl[n].mean())} for n in bd}
     all_bd, all_cl = torch.cat(list(bd.values())), torch.cat(list(cl.values()))
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -89,46 +138,47 @@ def run_observation2(ctx: AnalysisContext) -> tuple[dict, str]:
     ax2.hist([all_bd.numpy(), all_cl.numpy()], bins=40, label=["backdoored", "clean"], alpha=0.7)
     ax2.set_xlabel("gradient norm per neuron (one epoch of clean unlearning)")
     ax2.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"{setup.attack.name}: backdoored / clean mean = {float(all_bd.mean() / all_cl.mean()):.2f}",
-                 fontsize=9)
+    fig.suptitle(f"{ctx.setup.attack.name}: backdoored / clean mean = {ratio:.2f}", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out / "observation2")
     plt.close(fig)
-    ratio = float(all_bd.mean() / all_cl.mean())
-    higher = sum(per_layer[n]["backdoored"] > per_layer[n]["clean"] for n in names)
-    result = {"mean_backdoored": float(all_bd.mean()), "mean_clean": float(all_cl.mean()), "ratio": ratio,
-              "layers_higher_in_backdoored": higher, "layers": len(names), "per_layer": per_layer,
-              "clean_model_metrics": clean_meta.get("metrics")}
-    md = [f"### Observation 2 ({setup.attack.name})", "",
-          f"Mean gradient norm per neuron over one epoch of clean unlearning (lr {cfg.unlearn_lr:g}): backdoored "
-          f"{float(all_bd.mean()):.4g}, clean model {float(all_cl.mean()):.4g} (ratio **{ratio:.2f}**); higher in the "
-          f"backdoored model in {higher} of {len(names)} layers. Clean model: ACC "
-          f"{clean_meta.get('metrics', {}).get('acc', float('nan')):.2%}.", "",
+    clean_metrics = result["clean_model_metrics"] or {}
+    md = [f"### Observation 2 ({ctx.setup.attack.name})", "",
+          f"Mean gradient norm per neuron over one epoch of clean unlearning (lr {ctx.cfg.unlearn_lr:g}): backdoored "
+          f"{result['mean_backdoored']:.4g}, clean model {result['mean_clean']:.4g} (ratio **{ratio:.2f}**); higher in "
+          f"the backdoored model in {result['layers_higher_in_backdoored']} of {len(names)} layers. Clean model: ACC "
+          f"{clean_metrics.get('acc', float('nan')):.2%}.", "",
           "| layer | backdoored | clean |", "|---|---|---|"]
     md += [f"| {n} | {v['backdoored']:.4g} | {v['clean']:.4g} |" for n, v in per_layer.items()]
     md += ["", "![observation 2](observation2.png)"]
-    return result, "\n".join(md)
+    return "\n".join(md)
 
 
-@analysis("sweep-n", "TSBD over neuron ratios n (after reinit and after fine-tuning)",
-          options=[(("--max-acc-drop",), {"type": float, "default": 2.0,
-                                          "help": "the suggested n is the largest whose ACC after TSBD stays within "
-                                                  "this many points of the backdoored model's (default: 2)"})])
-def run_sweep_n(ctx: AnalysisContext) -> tuple[dict, str]:
-    return run_sweep(ctx, "neuron_ratio", ctx.values(DEFAULT_N))
+def measure_sweep(ctx: AnalysisContext, parameter: str, values, finetune: bool) -> Measurement:
+    """TSBD over ``parameter`` (``neuron_ratio`` or ``weight_ratio``) at ``values`` (:func:`ratio_sweep`)."""
+    return Measurement(ratio_sweep(ctx.model, ctx.clean, ctx.cfg, ctx.runtime, ctx.evaluate, parameter=parameter,
+                                   values=list(values), finetune=finetune, seed=ctx.seed, progress=ctx.progress))
 
 
-@analysis("sweep-m", "TSBD over weight ratios m")
-def run_sweep_m(ctx: AnalysisContext) -> tuple[dict, str]:
-    return run_sweep(ctx, "weight_ratio", ctx.values(DEFAULT_M))
+def measure_sweep_n(ctx: AnalysisContext, options: SweepNOptions) -> Measurement:
+    """The n sweep, and the n a defender would pick: the largest whose ACC stays within
+    ``options.max_acc_drop`` points of the backdoored model's."""
+    res = measure_sweep(ctx, "neuron_ratio", options.values, options.finetune).result
+    acc_before = ctx.evaluate(ctx.model)["acc"]
+    pick = largest_ratio_within_acc(res["rows"], acc_before, options.max_acc_drop / 100,
+                                    acc_key="acc" if options.finetune else "reinit_acc")
+    res["suggestion"] = {"max_acc_drop": options.max_acc_drop, "acc_before": acc_before,
+                         "neuron_ratio": pick and pick["neuron_ratio"]}
+    return Measurement(res, {"pick": pick})
 
 
-def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tuple[dict, str]:
-    model, setup, clean, cfg, runtime, out = ctx.model, ctx.setup, ctx.clean, ctx.cfg, ctx.runtime, ctx.out
-    seed, progress, finetune = ctx.seed, ctx.progress, not ctx.args.no_finetune
-    res = ratio_sweep(model, clean, cfg, runtime, ctx.evaluate, parameter=parameter, values=values,
-                      finetune=finetune, seed=seed, progress=progress)
-    rows = res["rows"]
+def measure_sweep_m(ctx: AnalysisContext, options: SweepMOptions) -> Measurement:
+    return measure_sweep(ctx, "weight_ratio", options.values, options.finetune)
+
+
+def render_sweep(ctx: AnalysisContext, options: SweepNOptions | SweepMOptions, measured: Measurement, out) -> str:
+    res, finetune = measured.result, options.finetune
+    parameter, rows = res["parameter"], res["rows"]
     short = "n" if parameter == "neuron_ratio" else "m"
     write_csv(out / f"sweep_{short}.csv", rows)
     plt = pyplot()
@@ -142,7 +192,7 @@ def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tupl
     ax.axvline(res["default"] * 100, color="grey", lw=0.8, ls=":", label=f"paper default {res['default']:.0%}")
     ax.set_xlabel(f"{parameter.replace('_', ' ')} {short} (%)")
     ax.set_ylabel("%")
-    ax.set_title(f"{setup.attack.name}: TSBD over {short}", fontsize=9)
+    ax.set_title(f"{ctx.setup.attack.name}: TSBD over {short}", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     save_figure(fig, out / f"sweep_{short}")
@@ -150,7 +200,7 @@ def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tupl
     key = "asr" if finetune else "reinit_asr"
     acc_key = "acc" if finetune else "reinit_acc"
     best = min(rows, key=lambda r: (r[key], -r[acc_key]))
-    md = [f"### TSBD over {parameter.replace('_', ' ')} ({setup.attack.name})", "",
+    md = [f"### TSBD over {parameter.replace('_', ' ')} ({ctx.setup.attack.name})", "",
           f"Clean unlearning once ({res['unlearn']['epochs']} epochs), then for each {short}: zero reinit "
           + ("and activeness-aware fine-tuning." if finetune else "only (no fine-tuning)."), "",
           f"| {short} | neurons | subweights zeroed | ACC after reinit | ASR after reinit |"
@@ -165,15 +215,10 @@ def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tupl
     md += ["", f"Paper default {short} = {res['default']:g}; on this model the lowest ASR comes at {short} = "
            f"{best[parameter]:g} ({best[acc_key]:.2%} ACC, {best[key]:.2%} ASR). Choosing {short} by ASR needs "
            "poisoned data a defender does not have; the sweep shows how sensitive the result is."]
-    if parameter == "neuron_ratio":
-        max_drop = ctx.args.max_acc_drop
-        if max_drop is None or max_drop < 0:
-            raise TsbdError(f"--max-acc-drop must be >= 0 (ACC points), got {max_drop}")
-        acc_before = ctx.evaluate(model)["acc"]
-        pick = largest_ratio_within_acc(rows, acc_before, max_drop / 100, acc_key=acc_key)
+    if "suggestion" in res:
+        max_drop, acc_before = res["suggestion"]["max_acc_drop"], res["suggestion"]["acc_before"]
+        pick = measured.records["pick"]
         at_default = next((r for r in rows if abs(r[parameter] - res["default"]) < 1e-9), None)
-        res["suggestion"] = {"max_acc_drop": max_drop, "acc_before": acc_before,
-                             "neuron_ratio": pick and pick[parameter]}
         md += ["", "**Choosing n for your model.** ACC / ASR after TSBD by n: "
                + ", ".join(f"{r[parameter]:g}: {r[acc_key]:.2%} / {r[key]:.2%}" for r in rows) + ". "
                + (f"The paper's default n = {res['default']:g} gives {at_default[acc_key]:.2%} ACC and "
@@ -187,4 +232,13 @@ def run_sweep(ctx: AnalysisContext, parameter: str, values: list[float]) -> tupl
                + " ACC here is measured on the test set as a stand-in for a held-out split of the defender's "
                "clean data."]
     md += ["", f"![sweep](sweep_{short}.png)"]
-    return res, "\n".join(md)
+    return "\n".join(md)
+
+
+register("observation1", "NWC of clean vs poison unlearning: Pearson correlation per layer and overall", NoOptions,
+         measure_observation1, render_observation1)
+register("observation2", "gradient norm per neuron in one epoch of clean unlearning, backdoored vs clean model",
+         NoOptions, measure_observation2, render_observation2)
+register("sweep-n", "TSBD over neuron ratios n (after reinit and after fine-tuning)", SweepNOptions, measure_sweep_n,
+         render_sweep)
+register("sweep-m", "TSBD over weight ratios m", SweepMOptions, measure_sweep_m, render_sweep)

@@ -1,16 +1,20 @@
-"""What every ``tsbd analyze`` subcommand shares: the context it runs in, the registry of
-analyses by name, and the writers for its CSV and figures.
+"""What every ``tsbd analyze`` subcommand shares: the context it measures in, its options, the
+registry of analyses by name, and the writers for its CSV and figures.
 
-An analysis is a function ``run(ctx) -> (result, markdown)`` registered with
-:func:`analysis`; it writes its CSV / figures into ``ctx.out`` and returns the numbers for
-``result.json`` and the Markdown for ``section.md`` (the CLI writes both, with provenance and the
-exact command). Options an analysis needs beyond the shared ones are declared with it and added
-to ``tsbd analyze``'s parser.
+An analysis is two functions and an options class, registered with :func:`register`:
+
+* ``measure(ctx, options) -> Measurement`` computes: it returns the numbers for ``result.json``
+  and the per-item records its files are drawn from, and writes nothing;
+* ``render(ctx, options, measurement, out) -> markdown`` writes the CSV and figures into ``out``
+  and returns the Markdown for ``section.md`` (the CLI writes it and ``result.json``, with
+  provenance and the exact command);
+* ``options`` is a frozen dataclass whose fields, with their defaults, are the analysis's own
+  settings. ``tsbd analyze`` builds it once from its flags (:func:`cli_option` says which flag sets
+  a field and how its text is read); from Python, construct it directly.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -28,29 +32,24 @@ from tsbd.train.engine import TrainConfig
 
 @dataclasses.dataclass
 class AnalysisContext:
-    """Everything an analysis gets: the attacked model and its rebuilt setup (dataset, attack,
-    poisoned test set), the defender's clean set, TSBD's config (with ``--opt`` applied), the
-    runtime, the output folder and the parsed command line (``args``) for its own options."""
+    """What every analysis measures on: the attacked model, its meta.json and rebuilt setup (dataset,
+    attack, poisoned test set), the defender's clean set (``clean_ratio`` of the training set, drawn
+    with :meth:`tsbd.pipeline.AttackSetup.clean_set`), TSBD's config and the runtime."""
 
     model: Any
     setup: Any
     clean: Any
     cfg: Any
     runtime: Any
-    out: Path
-    seed: int
-    progress: bool
     meta: dict
-    args: argparse.Namespace
+    seed: int = 0
+    progress: bool = False
+    clean_ratio: float = 0.05  # the fraction ``clean`` was drawn with (paper Sec. 3.1)
     cache_dir: str | None = None
 
     def evaluate(self, model) -> dict:
         """ACC / ASR / RA of ``model`` on the full clean and poisoned test sets."""
         return evaluate(model, self.setup.dataset.test, self.setup.poisoned_test, self.runtime)
-
-    def values(self, default: str) -> list[float]:
-        """--values, or ``default`` when it is not given (an empty --values is an error, not the default)."""
-        return parse_values(default if self.args.values is None else self.args.values)
 
     def clean_reference_model(self) -> tuple[Any, dict]:
         """(model, meta): a clean model of the attacked model's architecture and training recipe on
@@ -62,33 +61,56 @@ class AnalysisContext:
                                      progress=self.progress)
 
 
-Runner = Callable[[AnalysisContext], "tuple[dict, str]"]
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """What an analysis measured: ``result``, the numbers recorded in result.json, and ``records``,
+    the per-item rows and arrays its CSV files and figures are drawn from."""
+
+    result: dict
+    records: dict = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of an analysis that has none of its own."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Analysis:
     name: str
-    run: Runner
-    help: str
-    options: list[tuple[tuple[str, ...], dict]] = dataclasses.field(default_factory=list)
-    command_options: tuple[str, ...] = ()  # dest names echoed into section.md's command line
+    help: str  # one line, listed by ``tsbd analyze --help``
+    options: type  # the frozen dataclass of its options
+    measure: Callable[[AnalysisContext, Any], Measurement]
+    render: Callable[[AnalysisContext, Any, Measurement, Path], str]
+
+    def run(self, ctx: AnalysisContext, options: Any, out: Path) -> tuple[dict, str]:
+        """Measure, then render into ``out``: (result, markdown)."""
+        measured = self.measure(ctx, options)
+        return measured.result, self.render(ctx, options, measured, Path(out))
 
 
 ANALYSES: dict[str, Analysis] = {}
 
 
-def analysis(name: str, help: str, options: list[tuple[tuple[str, ...], dict]] | None = None):
-    """Register ``run`` as ``tsbd analyze NAME``. ``options``: extra argparse options, as
-    ``(flags, kwargs)`` pairs; their values reach ``run`` as ``ctx.args.<dest>`` and are written
-    into the recorded command."""
+def register(name: str, help: str, options: type, measure: Callable, render: Callable) -> Analysis:
+    """Register an analysis as ``tsbd analyze NAME`` (see the module docstring)."""
+    ANALYSES[name] = Analysis(name, help, options, measure, render)
+    return ANALYSES[name]
 
-    def wrap(run: Runner) -> Runner:
-        opts = list(options or [])
-        dests = tuple(kw.get("dest") or flags[0].lstrip("-").replace("-", "_") for flags, kw in opts)
-        ANALYSES[name] = Analysis(name, run, help, opts, dests)
-        return run
 
-    return wrap
+def cli_option(default: Any, help: str, source: str = "tsbd", *, flag: str | None = None, dest: str | None = None,
+               parse: Callable[[Any], Any] | None = None, **argparse_kw: Any) -> Any:
+    """A field of an analysis's options that ``tsbd analyze`` sets from ``flag`` (default
+    ``--FIELD-NAME``): argparse reads it (with ``argparse_kw``) into ``dest`` (default the field's
+    name), ``parse`` turns that into the field's value (default: as read); a flag not given leaves
+    ``default``. ``help`` and ``source`` as in :func:`tsbd.config.option`."""
+    cli = {"flag": flag, "dest": dest, "parse": parse, "argparse": argparse_kw}
+    return dataclasses.field(default=default, metadata={"help": help, "source": source, "cli": cli})
+
+
+def values_option(default: str, help: str, source: str = "tsbd") -> Any:
+    """The ``--values`` field: comma-separated numbers (``default`` in that form), held as a tuple."""
+    return cli_option(tuple(parse_values(default)), help, source, parse=lambda text: tuple(parse_values(text)))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -296,9 +296,12 @@ def parse_set(pairs: Iterable[str] | None) -> dict[str, Any]:
     return parse_key_values(pairs, "--set", dash_to_underscore=False, example="train.epochs=5")
 
 
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
 def _axis(spec: dict, key: str) -> list:
-    value = spec.get(key, DEFAULTS[key])
-    values = value if isinstance(value, list) else [value]
+    values = _as_list(spec.get(key, DEFAULTS[key]))
     if not values:
         raise TsbdError(f"grid axis {key!r} is an empty list; give at least one value")
     return values
@@ -376,111 +379,173 @@ def check_names(spec: dict) -> None:
         raise TsbdError(f"grid {spec.get('name', '?')}: " + "; ".join(problems))
 
 
+# ------------------------------------------------------------------------------------------
+# expansion: a resolver per axis group, then one product of their variants
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    config: dict  # an attack cell's ``dataset``: name, options, limits, fingerprint (and hflip when False)
+    num_classes: int  # for the attacks' targets
+
+
+@dataclasses.dataclass(frozen=True)
+class _Architecture:
+    model: dict  # an attack cell's ``model``: name and resolved options
+    preset: str  # the attack-training preset (tsbd.train.presets.TRAIN_PRESETS)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Attack:
+    config: dict  # an attack cell's ``attack``: name and resolved config
+    target: int
+    train: dict  # the attack's own training overrides ([attack_opts.NAME.train]), applied on top of [train]
+    files: dict  # {option: sha256} of the options that name files under the data root
+
+
+@dataclasses.dataclass(frozen=True)
+class _Defense:
+    name: str
+    config: dict  # resolved defense config
+    clean_ratio: float
+
+
+def _datasets(spec: dict, loader, data_root: str | None, cache_dir: str | None) -> list[_Data]:
+    """Each dataset x limit_train x limit_test x [dataset_opts.NAME] variant, in that order; each distinct
+    one loaded once, for its fingerprint and class count."""
+    loaded: dict[str, _Data] = {}
+    out = []
+    for name, limit_train, limit_test in itertools.product(_axis(spec, "dataset"), _axis(spec, "limit_train"),
+                                                           _axis(spec, "limit_test")):
+        name = str(name).lower()
+        factory = DATASETS.get(name)
+        defaults, seq = _factory_options(factory)
+        for opts in _expand(spec.get("dataset_opts", {}).get(name, {}), seq, f"[dataset_opts.{name}]"):
+            unknown = sorted(set(opts) - set(defaults) - set(inspect.signature(factory).parameters))
+            if unknown:
+                raise TsbdError(f"dataset {name!r} has no option {unknown[0]!r}; valid: "
+                                f"{', '.join(defaults) or 'none'}")
+            ds_spec = {"name": name, "options": _jsonable(opts), "limit_train": int(limit_train),
+                       "limit_test": int(limit_test)}
+            key = canonical_json(ds_spec)
+            if key not in loaded:
+                ds = loader(ds_spec, data_root=data_root, cache_dir=cache_dir)
+                config = {**ds_spec, "fingerprint": ds.fingerprint}
+                if not ds.train.hflip:  # trained without flips since BackdoorBench's per-dataset transforms:
+                    config["hflip"] = False  # a new cell (flipped data sets keep their ids)
+                loaded[key] = _Data(config, ds.num_classes)
+            out.append(loaded[key])
+    return out
+
+
+def _architectures(spec: dict) -> list[_Architecture]:
+    """Each model x training preset x [model_opts.NAME] variant, in that order (the cells' order)."""
+    out = []
+    for name, preset in itertools.product(_axis(spec, "model"), _axis(spec, "preset")):
+        name = str(name).lower()
+        defaults, seq = _factory_options(MODELS.get(name))
+        for opts in _expand(spec.get("model_opts", {}).get(name, {}), seq, f"[model_opts.{name}]"):
+            unknown = sorted(set(opts) - set(defaults))
+            if unknown:
+                raise TsbdError(f"model {name!r} has no option {unknown[0]!r}; its options are: "
+                                f"{', '.join(defaults) or 'none'}")
+            out.append(_Architecture({"name": name, "options": _jsonable({**defaults, **opts})}, str(preset)))
+    return out
+
+
+def _attack_trainings(per_attack: dict[str, dict]) -> dict[str, list[dict]]:
+    """Each attack's own training variants ([attack_opts.NAME.train]), for every attack the table names."""
+    train_seq = _config_sequence_fields(TrainConfig)
+    out = {}
+    for name, opts in per_attack.items():
+        own = opts.get("train", {})
+        if not isinstance(own, dict):
+            raise TsbdError(f"[attack_opts.{name}]: 'train' must be a table of training options, "
+                            f"e.g. [attack_opts.{name}.train] epochs = 60")
+        out[name] = _expand(own, train_seq, f"[attack_opts.{name}.train]")
+    return out
+
+
+def _attacks(spec: dict, data_root: str | None) -> list[_Attack]:
+    """Each attack x poison ratio x own training variant x [attack_opts] variant, in that order; the
+    options are the poison ratio, then those for every attack, then the attack's own."""
+    common, per = _split_opts(spec.get("attack_opts", {}))
+    trainings = _attack_trainings(per)
+    out = []
+    for name, ratio in itertools.product(_axis(spec, "attack"), _axis(spec, "poison_ratio")):
+        name = str(name).lower()
+        own = {k: v for k, v in per.get(name, {}).items() if k != "train"}
+        where = f"[attack_opts.{name}]"
+        variants = _expand({"poison_ratio": ratio, **common, **own},
+                           _config_sequence_fields(ATTACKS.get(name).config_class), where)
+        for train, opts in itertools.product(trainings.get(name, [{}]), variants):
+            attack = build_attack(name, opts)
+            out.append(_Attack(attack.describe(), attack.config.target, train, data_files(opts, data_root, where)))
+    return out
+
+
+def _clean_ratios(values: list, where: str) -> list[float]:
+    ratios = [float(c) for c in values]
+    for c in ratios:
+        if not 0 < c <= 1:
+            raise TsbdError(f"{where}clean_ratio must be in (0, 1], got {c}")
+    return ratios
+
+
+def _defenses(spec: dict) -> list[_Defense]:
+    """Each defense x [defense_opts] variant x clean ratio (the defense's own ``clean_ratio`` or the grid's),
+    in that order; No Defense is the attack cell itself."""
+    clean_ratios = _clean_ratios(_axis(spec, "clean_ratio"), "")
+    common, per = _split_opts(spec.get("defense_opts", {}))
+    out = []
+    for name in (str(d).lower() for d in _axis(spec, "defense")):
+        if name == NO_DEFENSE:
+            continue
+        opts = {**common, **per.get(name, {})}
+        own_clean = opts.pop("clean_ratio", None)
+        ratios = clean_ratios if own_clean is None else _clean_ratios(_as_list(own_clean), f"[defense_opts.{name}]: ")
+        seq = _config_sequence_fields(DEFENSES.get(name).config_class)
+        for variant in _expand(opts, seq, f"[defense_opts.{name}]"):
+            config = to_dict(build_defense(name, variant).config)
+            out.extend(_Defense(name, config, ratio) for ratio in ratios)
+    return out
+
+
+def _check_targets(datasets: list[_Data], attacks: list[_Attack]) -> None:
+    for data, attack in itertools.product(datasets, attacks):
+        if not 0 <= attack.target < data.num_classes:
+            raise TsbdError(f"attack target {attack.target} is outside the {data.num_classes} classes of "
+                            f"{data.config['name']}")
+
+
 def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = None, seeds: list[int] | None = None,
            dataset_loader=None) -> Plan:
     """Resolve every config of ``spec`` and expand it into cells (attack cells each followed by
     their defense cells). Datasets are loaded once here, for their fingerprints."""
     check_names(spec)
     name = str(spec.get("name", "grid"))
-    loader = dataset_loader or load_bench_dataset
     versions = relevant_versions()
     seeds = seeds if seeds is not None else [int(s) for s in _axis(spec, "seed")]
-    attack_common, attack_per = _split_opts(spec.get("attack_opts", {}))
-    defense_common, defense_per = _split_opts(spec.get("defense_opts", {}))
-    train_seq = _config_sequence_fields(TrainConfig)
-    train_variants = _expand(spec.get("train", {}), train_seq, "[train]")
-    # one attack's own training overrides ([attack_opts.NAME.train]), applied on top of [train]
-    attack_train: dict[str, list[dict]] = {}
-    for att, own in list(attack_per.items()):
-        own = dict(own)
-        own_train = own.pop("train", {})
-        if not isinstance(own_train, dict):
-            raise TsbdError(f"[attack_opts.{att}]: 'train' must be a table of training options, "
-                            f"e.g. [attack_opts.{att}.train] epochs = 60")
-        attack_per[att] = own
-        attack_train[att] = _expand(own_train, train_seq, f"[attack_opts.{att}.train]")
-    defenses = [str(d).lower() for d in _axis(spec, "defense")]
-    clean_ratios = [float(c) for c in _axis(spec, "clean_ratio")]
-    for c in clean_ratios:
-        if not 0 < c <= 1:
-            raise TsbdError(f"clean_ratio must be in (0, 1], got {c}")
-
-    # defense variants (name, resolved config, clean ratios), resolved once for every attacked model
-    defense_variants: list[tuple[str, dict, list[float]]] = []
-    for d in defenses:
-        if d == NO_DEFENSE:
-            continue
-        opts = {**defense_common, **defense_per.get(d, {})}
-        own_clean = opts.pop("clean_ratio", None)
-        if own_clean is None:
-            ratios = clean_ratios
-        else:
-            ratios = [float(c) for c in (own_clean if isinstance(own_clean, list) else [own_clean])]
-        cls = DEFENSES.get(d)
-        for variant in _expand(opts, _config_sequence_fields(cls.config_class), f"[defense_opts.{d}]"):
-            config = to_dict(build_defense(d, variant).config)
-            defense_variants.append((d, config, ratios))
+    trainings = _expand(spec.get("train", {}), _config_sequence_fields(TrainConfig), "[train]")
+    defenses = _defenses(spec)
+    datasets = _datasets(spec, dataset_loader or load_bench_dataset, data_root, cache_dir)
+    architectures = _architectures(spec)
+    attacks = _attacks(spec, data_root)
+    _check_targets(datasets, attacks)
 
     cells: list[Cell] = []
     seen: set[str] = set()
-    datasets: dict[tuple, dict] = {}
-    data_axes = itertools.product(_axis(spec, "dataset"), _axis(spec, "limit_train"), _axis(spec, "limit_test"))
-    for ds_name, lt, lte in data_axes:
-        ds_name = str(ds_name).lower()
-        ds_factory = DATASETS.get(ds_name)
-        ds_defaults, ds_seq = _factory_options(ds_factory)
-        ds_opts_raw = spec.get("dataset_opts", {}).get(ds_name, {})
-        for ds_opts in _expand(ds_opts_raw, ds_seq, f"[dataset_opts.{ds_name}]"):
-            unknown = sorted(set(ds_opts) - set(ds_defaults) - set(inspect.signature(ds_factory).parameters))
-            if unknown:
-                raise TsbdError(f"dataset {ds_name!r} has no option {unknown[0]!r}; valid: "
-                                f"{', '.join(ds_defaults) or 'none'}")
-            ds_spec = {"name": ds_name, "options": _jsonable(ds_opts), "limit_train": int(lt), "limit_test": int(lte)}
-            key = canonical_json(ds_spec)
-            if key not in datasets:
-                ds = loader(ds_spec, data_root=data_root, cache_dir=cache_dir)
-                datasets[key] = {**ds_spec, "fingerprint": ds.fingerprint, "_num_classes": ds.num_classes}
-                if not ds.train.hflip:  # trained without flips since BackdoorBench's per-dataset transforms:
-                    datasets[key]["hflip"] = False  # a new cell (flipped data sets keep their ids)
-            ds_cfg = {k: v for k, v in datasets[key].items() if not k.startswith("_")}
-            for model_name, preset in itertools.product(_axis(spec, "model"), _axis(spec, "preset")):
-                model_name = str(model_name).lower()
-                m_defaults, m_seq = _factory_options(MODELS.get(model_name))
-                for m_opts in _expand(spec.get("model_opts", {}).get(model_name, {}), m_seq,
-                                      f"[model_opts.{model_name}]"):
-                    unknown = sorted(set(m_opts) - set(m_defaults))
-                    if unknown:
-                        raise TsbdError(f"model {model_name!r} has no option {unknown[0]!r}; its options are: "
-                                        f"{', '.join(m_defaults) or 'none'}")
-                    model_cfg = {"name": model_name, "options": _jsonable({**m_defaults, **m_opts})}
-                    for t_opts, att, ratio in itertools.product(train_variants, _axis(spec, "attack"),
-                                                                _axis(spec, "poison_ratio")):
-                        att = str(att).lower()
-                        opts = {"poison_ratio": ratio, **attack_common, **attack_per.get(att, {})}
-                        cls = ATTACKS.get(att)
-                        for tv, a_opts in itertools.product(
-                                attack_train.get(att, [{}]),
-                                _expand(opts, _config_sequence_fields(cls.config_class), f"[attack_opts.{att}]")):
-                            train_cfg = to_dict(train_config(str(preset), {**t_opts, **tv}))
-                            attack = build_attack(att, a_opts)
-                            if not 0 <= attack.config.target < datasets[key]["_num_classes"]:
-                                raise TsbdError(f"attack target {attack.config.target} is outside the "
-                                                f"{datasets[key]['_num_classes']} classes of {ds_name}")
-                            files = data_files(a_opts, data_root, f"[attack_opts.{att}]")
-                            for seed in seeds:
-                                a = attack_cell(dataset=ds_cfg, model=model_cfg, attack=attack.describe(),
-                                                train=train_cfg, seed=seed, versions=versions, files=files)
-                                if a.id in seen:
-                                    continue
-                                seen.add(a.id)
-                                cells.append(a)
-                                for d, d_cfg, ratios in defense_variants:
-                                    for clean_ratio in ratios:
-                                        dc = defense_cell(a, defense={"name": d, "config": d_cfg},
-                                                          clean_ratio=clean_ratio, seed=seed)
-                                        if dc.id not in seen:
-                                            seen.add(dc.id)
-                                            cells.append(dc)
+    for data, arch, train, attack, seed in itertools.product(datasets, architectures, trainings, attacks, seeds):
+        a = attack_cell(dataset=data.config, model=arch.model, attack=attack.config,
+                        train=to_dict(train_config(arch.preset, {**train, **attack.train})), seed=seed,
+                        versions=versions, files=attack.files)
+        if a.id in seen:  # the same attacked model reached through another axis value
+            continue
+        seen.add(a.id)
+        cells.append(a)
+        for d in defenses:
+            dc = defense_cell(a, defense={"name": d.name, "config": d.config}, clean_ratio=d.clean_ratio, seed=seed)
+            if dc.id not in seen:
+                seen.add(dc.id)
+                cells.append(dc)
     # the training config must round-trip (it is rebuilt from JSON in the worker)
     for c in cells:
         if c.kind == "attack":

@@ -11,10 +11,13 @@ Each analysis is registered (:mod:`tsbd.analysis.registry`) by the module that d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
 from tsbd.cli import common
+
+SHARED_FLAGS = ("--values", "--no-finetune")  # declared once here for every analysis that reads them
 
 
 # ------------------------------------------------------------------------------------------
@@ -27,8 +30,30 @@ def analyses() -> dict:
     from tsbd.analysis.registry import ANALYSES
 
     order = [paper.__name__, neurons.__name__, ablations.__name__]
-    return dict(sorted(ANALYSES.items(), key=lambda kv: order.index(kv[1].run.__module__)
-                       if kv[1].run.__module__ in order else len(order)))
+    return dict(sorted(ANALYSES.items(), key=lambda kv: order.index(kv[1].measure.__module__)
+                       if kv[1].measure.__module__ in order else len(order)))
+
+
+def option_flags(analysis) -> list[tuple[dataclasses.Field, str, str]]:
+    """(field, flag, argparse dest) of each field of the analysis's options that a flag sets."""
+    out = []
+    for f in dataclasses.fields(analysis.options):
+        cli = f.metadata.get("cli")
+        if cli is not None:
+            out.append((f, cli["flag"] or "--" + f.name.replace("_", "-"), cli["dest"] or f.name))
+    return out
+
+
+def build_options(analysis, args):
+    """The analysis's options from the parsed command line: each flag given, read by its field's
+    ``parse``; the fields whose flags were not given keep their defaults."""
+    given = {}
+    for f, _, dest in option_flags(analysis):
+        raw = getattr(args, dest, None)
+        if raw is not None:
+            parse = f.metadata["cli"]["parse"]
+            given[f.name] = parse(raw) if parse else raw
+    return analysis.options(**given)
 
 
 def cmd_analyze(args) -> int:
@@ -39,6 +64,8 @@ def cmd_analyze(args) -> int:
     from tsbd.pipeline import load_setup_from_meta
 
     console = common.console(args)
+    analysis = analyses()[args.name]
+    options = build_options(analysis, args)
     runtime = common.runtime(args)
     model, meta = load_model(args.model, runtime.device)
     if meta.get("kind") not in (None, "attacked"):
@@ -50,10 +77,9 @@ def cmd_analyze(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    progress = not args.quiet
-    ctx = AnalysisContext(model=model, setup=setup, clean=clean, cfg=cfg, runtime=runtime, out=out, seed=args.seed,
-                          progress=progress, meta=meta, args=args, cache_dir=args.cache_dir)
-    result, md = analyses()[args.name].run(ctx)
+    ctx = AnalysisContext(model=model, setup=setup, clean=clean, cfg=cfg, runtime=runtime, meta=meta, seed=args.seed,
+                          progress=not args.quiet, clean_ratio=args.clean_ratio, cache_dir=args.cache_dir)
+    result, md = analysis.run(ctx, options, out)
     record = {"analysis": args.name, "model": str(args.model), "attack": meta.get("attack"),
               "dataset": meta.get("dataset"), "clean": clean_info, "tsbd_config": to_dict(cfg), "seed": args.seed,
               "runtime": runtime.describe(), "seconds": time.perf_counter() - t0, "provenance": provenance(),
@@ -62,7 +88,7 @@ def cmd_analyze(args) -> int:
     command = " ".join(["tsbd analyze", args.name, str(args.model), f"--clean-ratio {args.clean_ratio:g}"]
                        + [f"--opt {o}" for o in args.opt or []]
                        + ([f"--values {args.values}"] if args.values else [])
-                       + (["--no-finetune"] if args.no_finetune else []) + _own_options(args)
+                       + (["--no-finetune"] if args.no_finetune else []) + _own_options(analysis, args)
                        + [f"--seed {args.seed}", f"--out {args.out}"])
     write_bytes_atomic(out / "section.md", (md + f"\n\nCommand: `{command}`\n").encode())
     console.print(md)
@@ -70,16 +96,15 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def _own_options(args) -> list[str]:
-    """The analysis's own options as they were given, for the recorded command."""
+def _own_options(analysis, args) -> list[str]:
+    """The analysis's own options as they were given (unless at their defaults), for the recorded command."""
     words = []
-    for flags, kw in analyses()[args.name].options:
-        dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
+    for f, flag, dest in option_flags(analysis):
         value = getattr(args, dest, None)
-        if value is None or value is False or value == kw.get("default"):
+        if flag in SHARED_FLAGS or value is None or value is False or value == f.default:
             continue
         for v in value if isinstance(value, list) else [value]:  # action="append" options repeat
-            words.append(flags[0] if v is True else f"{flags[0]} {v}")
+            words.append(flag if v is True else f"{flag} {v}")
     return words
 
 
@@ -103,13 +128,14 @@ def configure_analyze(p: argparse.ArgumentParser) -> None:
                         "tac: the neuron ratios (default: as n)")
     p.add_argument("--no-finetune", action="store_true", help="sweeps: evaluate after zero reinit only (fast)")
     p.add_argument("--out", required=True, help="output folder (CSV, PNG/SVG, result.json, section.md)")
-    seen = {"--values", "--no-finetune", "--out", "--opt", "--clean-ratio"}
+    seen = {*SHARED_FLAGS, "--out", "--opt", "--clean-ratio"}
     for a in found.values():
-        for flags, kw in a.options:
-            if flags[0] in seen:
+        for f, flag, dest in option_flags(a):
+            if flag in seen:
                 continue  # two analyses may share an option; declare it once
-            seen.add(flags[0])
-            p.add_argument(*flags, **{**kw, "help": f"{a.name}: {kw.get('help', '')}"})
+            seen.add(flag)
+            p.add_argument(flag, dest=dest, default=None, help=f"{a.name}: {f.metadata['help']}",
+                           **f.metadata["cli"]["argparse"])
     common.add_runtime_args(p)
     p.set_defaults(func=cmd_analyze)
 
