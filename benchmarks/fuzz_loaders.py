@@ -171,9 +171,11 @@ def _zip_members(data: bytes) -> list[tuple[zipfile.ZipInfo, bytes]]:
 
 def _zip(members: list[tuple[zipfile.ZipInfo, bytes]], compress: int) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=compress) as zf:
+    with zipfile.ZipFile(buf, "w") as zf:
         for info, payload in members:
-            zf.writestr(info.filename, payload)
+            entry = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))  # not the clock: reproducible
+            entry.compress_type = compress
+            zf.writestr(entry, payload)
     return buf.getvalue()
 
 
@@ -326,6 +328,31 @@ def mutate_png_size(rng: random.Random, data: bytes, others: list[bytes], canary
     return data[:8] + struct.pack(">I", 13) + ihdr + struct.pack(">I", binascii.crc32(ihdr)) + data[33:]
 
 
+def _one_storage(state: dict) -> dict:
+    """``state`` as float32 views of one storage (a legacy file then names one storage)."""
+    flat = torch.cat([v.detach().float().flatten() for v in state.values()])
+    out, at = {}, 0
+    for k, v in state.items():
+        out[k] = flat[at:at + v.numel()].view(v.shape)
+        at += v.numel()
+    return out
+
+
+def _stable_storage_keys(data: bytes) -> bytes:
+    """A legacy torch.save file with its storage keys (memory addresses, different in every process)
+    renamed 0, 1, ... at the same length, so that an input index means the same bytes in every run
+    (with one storage, whose place in the file does not depend on the address)."""
+    stream = io.BytesIO(data)
+    for _ in range(4):  # magic number, protocol, system info, the object
+        for _op in pickletools.genops(stream):
+            pass
+    keys = [arg for op, arg, _ in pickletools.genops(stream) if isinstance(arg, str)]  # the storage keys
+    head, tail = data[:stream.tell()], data[stream.tell():]
+    for i, key in enumerate(keys):
+        head = head.replace(key.encode(), str(i).zfill(len(key)).encode())
+    return head + tail
+
+
 # ------------------------------------------------------------------------------------------
 # targets: seeds, how an input is put on disk, and the loader it is fed to
 @dataclasses.dataclass
@@ -360,10 +387,12 @@ def _encoded(fmt: str, seed: int) -> bytes:
 class Fuzzer:
     """The seeds (built once in ``work``) and the deterministic inputs derived from them."""
 
-    def __init__(self, work: Path, seed: int = 0):
+    def __init__(self, work: Path, seed: int = 0, canary: Path | None = None):
         self.work = Path(work)
         self.seed = seed
-        self.canary = self.work / "CANARY-code-ran"
+        # a fixed path (not in ``work``): it is written into the hostile seeds, which must be the
+        # same bytes in every run for an index to mean the same input
+        self.canary = Path(canary or Path(tempfile.gettempdir()) / "tsbd-fuzz-canary")
         self.scratch = self.work / "scratch"
         self.scratch.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
@@ -372,7 +401,8 @@ class Fuzzer:
         bb_net = build_model("preact_resnet18", 10, width=4).eval()
         self.model_folder = self.work / "model"
         if not self.model_folder.exists():
-            save_model(self.model_folder, net, {"kind": "attacked", "dataset": {"name": "demo"}})
+            save_model(self.model_folder, net, {"kind": "attacked", "dataset": {"name": "demo"},
+                                                "provenance": {"created": "fixed, for reproducible inputs"}})
         meta_seed = (self.model_folder / META).read_bytes()
         self.targets = {t.name: t for t in self._targets(state, bb_net, meta_seed)}
 
@@ -384,25 +414,24 @@ class Fuzzer:
         def torch_bytes(obj, legacy=False) -> bytes:
             buf = io.BytesIO()
             torch.save(obj, buf, _use_new_zipfile_serialization=not legacy)
-            return buf.getvalue()
+            return _stable_storage_keys(buf.getvalue()) if legacy else buf.getvalue()
 
         hostile = [_System(canary), _Exec(canary), _Open(canary)]
         state_seeds = [torch_bytes(state), torch_bytes({"state_dict": state, "epoch": 3}),
                        torch_bytes({f"module.{k}": v for k, v in state.items()}),
                        torch_bytes({**state, "extra": hostile[0]}), torch_bytes([hostile[1]])]
-        legacy_seeds = [torch_bytes(state, legacy=True), torch_bytes({**state, "x": hostile[2]}, legacy=True)]
+        shared = _one_storage(state)  # legacy files name storages by memory address: one storage, one name
+        legacy_seeds = [torch_bytes(shared, legacy=True), torch_bytes({**shared, "x": hostile[2]}, legacy=True)]
         pickle_seeds = [pickle.dumps({"a": hostile[i % 3], "n": [1, 2.5]}, protocol=p) for i, p in enumerate((0, 2, 4))]
         pickle_seeds.append(pickle.dumps({"w": [1.0, 2.0]}, protocol=2))
-        bb_path = self.work / "attack_result.pt"
-        if not bb_path.exists():
-            from tsbd.data.poison import PoisonedTest
-            from tsbd.interop import save_backdoorbench
-
-            x = torch.from_numpy(np.stack([_image(seed=i) for i in range(4)])).permute(0, 3, 1, 2)
-            save_backdoorbench(bb_path, bb_net, model_name="preactresnet18", num_classes=10, clean_data="cifar10",
-                               img_size=[32, 32, 3], poisoned_test=PoisonedTest(x, torch.zeros(4).long(),
-                                                                                 torch.arange(4)))
-        bb_seeds = [bb_path.read_bytes()]
+        # BackdoorBench's attack_result.pt (v1 layout, as tsbd.interop.save_backdoorbench writes it)
+        bd_x = torch.from_numpy(np.stack([_image(seed=i) for i in range(4)])).permute(0, 3, 1, 2).float()
+        bb_seeds = [torch_bytes({"model_name": "preactresnet18", "num_classes": 10,
+                                 "model": {f"module.{k}": v.contiguous() for k, v in bb_net.state_dict().items()},
+                                 "data_path": "./data/cifar10", "img_size": [32, 32, 3], "clean_data": "cifar10",
+                                 "bd_train": None, "bd_test": {"x": bd_x, "y": torch.zeros(4).long(),
+                                                               "original_targets": torch.arange(4),
+                                                               "original_index": np.arange(4)}})]
         x = np.stack([_image(seed=i) for i in range(12)])
         y = np.arange(12) % 3
         npz_seeds = []
@@ -522,7 +551,7 @@ def is_failure(outcome: str) -> bool:
 # ------------------------------------------------------------------------------------------
 # the benchmark: inputs in a worker process, a hang killed and counted
 def _worker(work: str, seed: int, time_limit: float) -> None:
-    fuzzer = Fuzzer(Path(work), seed)
+    fuzzer = Fuzzer(Path(work), seed)  # the same seeds and canary as the parent's
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     for line in sys.stdin:

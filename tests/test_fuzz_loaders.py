@@ -34,7 +34,8 @@ def fuzz():
 
 @pytest.fixture(scope="module")
 def fuzzer(fuzz, tmp_path_factory):
-    return fuzz.Fuzzer(tmp_path_factory.mktemp("fuzz"), seed=0)
+    work = tmp_path_factory.mktemp("fuzz")
+    return fuzz.Fuzzer(work, seed=0, canary=work / "CANARY")  # this run's own canary
 
 
 def test_the_canary_catches_code_that_runs(fuzzer):
@@ -69,7 +70,8 @@ def test_mutated_inputs_through_the_cli_are_one_line(fuzzer, capsys):
         seeds = len(fuzzer.targets[target].seeds)
         index = next(i for i in range(seeds, seeds + 50) if fuzzer.run(target, i)["outcome"] == "error")
         path, _ = fuzzer.place(target, index)
-        code = main(["inspect", str(path)])
+        # inspect describes a folder without building its model; eval builds it
+        code = main(["eval" if target == "meta_json" else "inspect", str(path)])
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("tsbd: error:"), (target, index, lines)
 
@@ -100,6 +102,7 @@ def _npy_header(header: str) -> bytes:
     ("meta_nested", "is corrupt (RecursionError)"),
     ("meta_no_arch", "has no architecture record ('arch')"),
     ("meta_version", "has the format version 'x', not a number"),
+    ("meta_huge_arch", "does not fit this architecture"),  # checked before a 38 GB model is allocated
     ("npz_not_zip", "is corrupt or not a .npz file (BadZipFile"),
     ("npz_bad_header", "is corrupt or not a .npz file"),
     ("npz_huge_shape", "declares an array too large to load"),
@@ -120,6 +123,8 @@ def test_findings_of_the_fuzz_are_one_line_errors(tmp_path, fuzzer, case, needle
             text = '{"format": "tsbd-model", "arch": ' + "[" * 100_000 + "]" * 100_000 + "}"
         elif case == "meta_no_arch":
             text = json.dumps({k: v for k, v in meta.items() if k != "arch"})
+        elif case == "meta_huge_arch":
+            text = json.dumps({**meta, "arch": {**meta["arch"], "widths": [8, 16, 2**20]}})
         else:
             text = json.dumps({**meta, "format_version": "x"})
         (folder / "meta.json").write_text(text)

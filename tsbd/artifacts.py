@@ -240,35 +240,57 @@ def recorded_dataset(meta: dict[str, Any]) -> dict[str, Any]:
     return ds if isinstance(ds, dict) else {}
 
 
-def load_state(file: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, with corrupt files reported in one line."""
+def _read_safetensors(file: str | Path, read):
+    """``read(file)`` with a corrupt or truncated safetensors file reported in one line."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     try:
-        return load_file(str(file))
+        return read(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         msg = str(err).splitlines()[0] if str(err) else err.__class__.__name__
         raise TsbdError(f"{file} is corrupt or truncated ({msg}); re-create or re-download it") from None
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """Load ``state`` into ``model`` strictly, with mismatches and non-finite weights as one-line errors."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+def load_state(file: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, with corrupt files reported in one line."""
+    from safetensors.torch import load_file
+
+    return _read_safetensors(file, load_file)
+
+
+def state_shapes(file: str | Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file declares, read from its header alone."""
+    from safetensors import safe_open
+
+    def read(name: str) -> dict[str, tuple[int, ...]]:
+        with safe_open(name, framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 -- not a dict
+
+    return _read_safetensors(file, read)
+
+
+def check_fits(own: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], source: str) -> None:
+    """One line when the tensor names and shapes ``given`` are not exactly those a model has (``own``)."""
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    shape = [k for k in own if k in given and tuple(own[k]) != tuple(given[k])]
     if missing or unexpected or shape:
         parts = []
         if shape:
             k = shape[0]
-            parts.append(f"{len(shape)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+            parts.append(f"{len(shape)} shape mismatches (e.g. {k}: {tuple(given[k])} vs {tuple(own[k])})")
         if missing:
             parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise TsbdError(f"{source} does not fit this architecture: {'; '.join(parts)}; "
                         "check the architecture and class count")
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Load ``state`` into ``model`` strictly, with mismatches and non-finite weights as one-line errors."""
+    check_fits({k: tuple(v.shape) for k, v in model.state_dict().items()},
+               {k: tuple(v.shape) for k, v in state.items()}, source)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise TsbdError(f"{source} has NaN or infinite weights in {len(bad)} tensors (e.g. {bad[0]}); "
@@ -278,13 +300,26 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model stored in folder ``path``; returns (model in eval mode, meta)."""
+    """Rebuild the model stored in folder ``path``; returns (model in eval mode, meta).
+
+    The architecture meta.json describes is first built on the ``meta`` device (no memory) and
+    checked against the shapes the weights file declares, so a damaged description cannot make
+    tsbd allocate a model far larger than the weights."""
     from tsbd.models import model_from_spec
 
     path = Path(path)
     meta = read_meta(path)
+    weights = path / WEIGHTS
+    try:
+        with torch.device("meta"):
+            skeleton = model_from_spec(meta["arch"])
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as err:
+        why = str(err).splitlines()[0][:200] if str(err) else err.__class__.__name__
+        raise TsbdError(f"{path / META} describes an architecture tsbd cannot build ({why}); "
+                        "re-create the model") from None
+    check_fits({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, state_shapes(weights), str(weights))
     model = model_from_spec(meta["arch"])
-    load_into(model, load_state(path / WEIGHTS), str(path / WEIGHTS))
+    load_into(model, load_state(weights), str(weights))
     return model.to(device).eval(), meta
 
 
