@@ -79,7 +79,7 @@ def cmd_purify(args) -> int:
     from tsbd.defenses import build_defense
     from tsbd.interop.architectures import NormalizedModel
     from tsbd.interop.checkpoints import load_model_file
-    from tsbd.interop.images import check_images, load_images
+    from tsbd.interop.images import check_images, check_labels, load_images
     from tsbd.interop.purify import purify
     from tsbd.metrics import der
 
@@ -115,9 +115,7 @@ def cmd_purify(args) -> int:
         check_images(poisoned, shape, "BackdoorBench's poisoned test images")
     n_cls = imported.num_classes
     for what, data in (("clean", clean.images), ("test", test)):
-        if data is not None and len(data) and int(data.y.max()) >= n_cls:
-            raise TsbdError(f"{what} labels go up to {int(data.y.max())} but the model has {n_cls} classes; "
-                            "use data with the model's classes (or the matching --num-classes)")
+        check_labels(data, n_cls, what, " (or the matching --num-classes)")
     console.print(f"[bold]purify[/] {imported.path} ({imported.format}, {imported.arch}, {n_cls} classes, "
                   f"normalization: {imported.stats_source}) with {args.defense} on {len(clean.images)} clean images; "
                   f"{runtime.precision} on {runtime.device}")

@@ -134,7 +134,7 @@ def cmd_eval(args) -> int:
 def _test_images(args, meta: dict):
     """`tsbd eval --test-data`: clean test images from a folder or an array file, checked against the model."""
     from tsbd.artifacts import recorded_dataset
-    from tsbd.interop.images import check_images, load_images
+    from tsbd.interop.images import check_images, check_labels, load_images
 
     if args.attack or args.dataset:
         raise TsbdError("--test-data measures ACC only; for ASR pass --dataset NAME and --attack NAME instead")
@@ -143,10 +143,7 @@ def _test_images(args, meta: dict):
                          seed=args.seed, data_root=args.data_root, cache_dir=args.cache_dir)
     test = loaded.test if loaded.dataset is not None else loaded.images  # a data set name: its test split
     check_images(test, shape, "test images")
-    n_cls = int(meta["arch"]["num_classes"])
-    if int(test.y.max()) >= n_cls:
-        raise TsbdError(f"test labels go up to {int(test.y.max())} but the model has {n_cls} classes; "
-                        "use data with the model's classes")
+    check_labels(test, int(meta["arch"]["num_classes"]), "test")
     return test
 
 

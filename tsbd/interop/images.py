@@ -211,3 +211,10 @@ def check_images(images: Any, expected: Sequence[int] | None, what: str = "clean
     if expected and (h, w) != (int(expected[1]), int(expected[2])):
         raise TsbdError(f"{what} are {h}x{w} pixels but the model was trained on {expected[1]}x{expected[2]}; "
                         f"resize them (an image folder is resized with --image-size {expected[1]})")
+
+
+def check_labels(images: Any, num_classes: int, what: str, hint: str = "") -> None:
+    """One clear line when ``images`` (an ImageSet, or None) has labels the model has no class for."""
+    if images is not None and len(images) and int(images.y.max()) >= num_classes:
+        raise TsbdError(f"{what} labels go up to {int(images.y.max())} but the model has {num_classes} classes; "
+                        f"use data with the model's classes{hint}")
