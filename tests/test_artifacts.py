@@ -30,9 +30,12 @@ def test_round_trip(tmp_path, model):
 
 def test_overwrite_is_atomic_and_complete(tmp_path, model):
     save_model(tmp_path / "m", model, {"v": 1})
-    save_model(tmp_path / "m", model, {"v": 2})
+    with pytest.raises(TsbdError, match="already holds a tsbd model; pass --overwrite"):
+        save_model(tmp_path / "m", model, {"v": 2})
+    assert load_model(tmp_path / "m")[1]["v"] == 1
+    save_model(tmp_path / "m", model, {"v": 2}, overwrite=True)
     assert load_model(tmp_path / "m")[1]["v"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no hidden .old-* or .tmp-* left
 
 
 def test_failed_write_leaves_nothing(tmp_path, model, monkeypatch):

@@ -556,3 +556,43 @@ def test_read_torch_file_admits_plain_data_only(tmp_path):
     with pytest.raises(TsbdError):
         read_torch_file(tmp_path / "legacy.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("payload", [_Shell, _Open])
+@pytest.mark.parametrize("form", ["zip", "legacy", "protocol0", "protocol2", "protocol4", "protocol5"])
+def test_a_hostile_pickle_is_named_as_hostile_in_every_format(tmp_path, payload, form, capsys):
+    marker, path = tmp_path / "pwned", tmp_path / "w.pt"
+    # (a bare pickle of a tensor names torch.storage._load_from_bytes, itself refused: plain numbers here)
+    obj = {"w": torch.ones(2) if form in ("zip", "legacy") else [1.0, 2.0], "x": payload(marker)}
+    if form in ("zip", "legacy"):
+        torch.save(obj, path, _use_new_zipfile_serialization=form == "zip")
+    else:
+        path.write_bytes(pickle.dumps(obj, protocol=int(form[-1])))
+    code, _, err = _run(capsys, "inspect", path)  # no torch warning above the line
+    global_name = "posix.system" if payload is _Shell else "io.open"
+    _one_line_error(code, err, f"refused: it contains {global_name} which could run code when loaded; tsbd loads "
+                               "only tensors and plain containers")
+    assert "corrupt" not in err and "weights_only" not in err and not marker.exists()
+
+
+@pytest.mark.parametrize("form,needle", [
+    ("protocol4", "uses the pickle instruction FRAME, which tsbd's safe loader does not read"),
+    ("bare_pickle", "is a pickle, but not one torch.save wrote"),
+    ("legacy_truncated", "is corrupt or truncated"),
+    ("zip_truncated", "is corrupt or truncated"),
+    ("garbage", "is corrupt or truncated"),
+])
+def test_a_harmless_or_damaged_pickle_is_called_what_it_is(tmp_path, form, needle, capsys):
+    path = tmp_path / "w.pt"
+    if form == "protocol4":  # torch's safe loader reads protocol 2, which torch.save writes
+        path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    elif form == "bare_pickle":
+        path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=2))
+    elif form.endswith("truncated"):
+        torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=form.startswith("zip"))
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(b"\x00garbage" * 50)
+    code, _, err = _run(capsys, "inspect", path)
+    _one_line_error(code, err, needle)
+    assert "weights_only" not in err and ("refused" not in err)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tsbd.artifacts import provenance
+from tsbd.artifacts import provenance, recorded_dataset
 from tsbd.attacks import Attack, build_attack
 from tsbd.config import override, to_dict
 from tsbd.data import Dataset, load_dataset
@@ -37,18 +37,19 @@ __all__ = ["PRESET_HELP", "TRAIN_PRESETS", "AttackSetup", "cached_attacked_model
 
 @dataclasses.dataclass
 class AttackSetup:
-    """A dataset with an attack applied: poisoned training set and poisoned test set."""
+    """A dataset with an attack applied: poisoned training set and poisoned test set (none without an attack)."""
 
     dataset: Dataset
-    attack: Attack
+    attack: Attack | None  # None: a model whose attack is unknown (ACC only)
     seed: int
-    poisoned_train: PoisonedTrain
-    poisoned_test: PoisonedTest
+    poisoned_train: PoisonedTrain | None
+    poisoned_test: PoisonedTest | None
 
     def clean_set(self, ratio: float, seed: int | None = None) -> tuple[ImageSet, dict]:
         """The defender's clean data: a seeded ``ratio`` of the training set, none of it poisoned."""
         seed = self.seed if seed is None else seed
-        idx = clean_defense_split(len(self.dataset.train), self.poisoned_train.poison_index, ratio, seed)
+        poisoned = self.poisoned_train.poison_index if self.poisoned_train is not None else None
+        idx = clean_defense_split(len(self.dataset.train), poisoned, ratio, seed)
         clean = self.dataset.train.subset(idx)
         return clean, {"ratio": ratio, "count": len(idx), "seed": seed, "fingerprint": clean.fingerprint()}
 
@@ -121,22 +122,47 @@ def defend_model(model: nn.Module, setup: AttackSetup, defense_name: str, defens
 
 
 def load_setup_from_meta(meta: dict, runtime: Runtime, *, data_root: str | None = None,
-                         cache_dir: str | None = None, progress: bool = False) -> AttackSetup:
-    """Rebuild the dataset and attack a model was trained with, checking the data fingerprint."""
-    ds_meta = meta.get("dataset") or {}
-    name = ds_meta.get("name")
+                         cache_dir: str | None = None, progress: bool = False, dataset: str | None = None,
+                         attack: str | None = None, attack_options: dict | None = None) -> AttackSetup:
+    """Rebuild the dataset and attack a model was trained with, checking the data fingerprint.
+
+    ``dataset`` (a registered name) and ``attack`` (with ``attack_options``) name them where the model
+    folder does not (a model purified from a file records no attack) or replace them;
+    ``attack_options`` alone adjust the recorded attack. A model that records no attack and is given
+    none gets a setup without one: ACC only, and a clean split drawn from the whole training set."""
+    ds_meta = recorded_dataset(meta)
+    name = dataset or ds_meta.get("name")
     if not name:
-        raise TsbdError("the model's meta.json names no dataset; pass the data explicitly")
-    ds = load_dataset(name, root=data_root, cache_dir=cache_dir).limited(
-        int(ds_meta.get("limit_train", 0)), int(ds_meta.get("limit_test", 0)))
-    if ds_meta.get("fingerprint") and ds.fingerprint != ds_meta["fingerprint"]:
-        log.warning("dataset %s fingerprint %s differs from the model's record %s; results may not be comparable",
-                    name, ds.fingerprint, ds_meta["fingerprint"])
-    attack_meta = meta.get("attack") or {}
-    attack = build_attack(attack_meta.get("name", "badnets"), attack_meta.get("config"))
+        raise TsbdError("the model's meta.json names no data set; pass --dataset NAME (a registered data set)")
+    recorded = name == ds_meta.get("name")
+    ds = load_dataset(name, root=data_root, cache_dir=cache_dir)
+    if recorded:
+        ds = ds.limited(int(ds_meta.get("limit_train") or 0), int(ds_meta.get("limit_test") or 0))
+        if ds_meta.get("fingerprint") and ds.fingerprint != ds_meta["fingerprint"]:
+            log.warning("dataset %s fingerprint %s differs from the model's record %s; results may not be "
+                        "comparable", name, ds.fingerprint, ds_meta["fingerprint"])
     arch = meta.get("arch", {})
-    return setup_attack(ds, attack, int(meta.get("seed", 0)), runtime, arch=arch.get("name"),
-                        arch_kwargs=spec_options(arch), cache_dir=cache_dir, progress=progress)
+    shape = ds_meta.get("image_shape")
+    if shape and list(shape) != list(ds.train.image_shape):
+        raise TsbdError(f"the model was trained on {'x'.join(map(str, shape))} images but {name} has "
+                        f"{'x'.join(map(str, ds.train.image_shape))}; pass the data set it was trained on")
+    if arch.get("num_classes") and int(arch["num_classes"]) != ds.num_classes:
+        raise TsbdError(f"the model has {arch['num_classes']} classes but {name} has {ds.num_classes}; "
+                        "pass the data set it was trained on")
+    attack_meta = meta.get("attack") or {}
+    if attack:
+        method = build_attack(attack, attack_options)
+    elif attack_meta.get("name"):
+        method = build_attack(attack_meta["name"], {**(attack_meta.get("config") or {}), **(attack_options or {})})
+    elif attack_options:
+        raise TsbdError("attack options need an attack: the model records none; pass --attack NAME")
+    else:
+        return AttackSetup(ds, None, int(meta.get("seed", 0)), None, None)
+    # the attack's own seed (its trigger resources, the poisoned set) is recorded with the poison;
+    # a defended model's "seed" is the defense's
+    seed = int((meta.get("poison") or {}).get("seed", meta.get("seed", 0)))
+    return setup_attack(ds, method, seed, runtime, arch=arch.get("name"), arch_kwargs=spec_options(arch),
+                        cache_dir=cache_dir, progress=progress)
 
 
 def cached_attacked_model(setup: AttackSetup, arch: str, cfg: TrainConfig, runtime: Runtime, *,

@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tsbd.artifacts import load_model, provenance, save_model
+from tsbd.artifacts import is_model_folder, load_model, provenance, save_model
 from tsbd.config import to_dict
 from tsbd.data import Dataset
 from tsbd.data.cache import resolve_cache_dir
@@ -43,7 +44,9 @@ def _cached_model(folder: Path, runtime: Runtime, build) -> tuple[nn.Module, dic
         except TsbdError as err:
             log.warning("rebuilding cached model %s: %s", folder, err)
     model, meta = build()
-    save_model(folder, model, meta)
+    if folder.is_dir() and not is_model_folder(folder):  # a damaged entry of tsbd's own cache
+        shutil.rmtree(folder)
+    save_model(folder, model, meta, overwrite=True)
     return model.eval(), meta, False
 
 

@@ -12,6 +12,8 @@ import torch
 from tsbd.artifacts import pyplot, save_figure
 from tsbd.errors import TsbdError
 
+FORMATS = ("png", "svg")  # OUT/NAME.png and OUT/NAME.svg
+
 
 def residual_stats(clean: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float]:
     """Mean per-image L-inf and L2 of the residual (on the [0, 1] scale) and PSNR in dB."""
@@ -82,7 +84,7 @@ def show_attack(attack, dataset, runtime, *, out: str | Path, images: int = 8, s
     fig.suptitle(f"{attack.name} on {dataset.name}: L-inf {stats['linf'] * 255:.1f}/255, "
                  f"PSNR {stats['psnr_db']:.1f} dB (mean over {len(keep)} test images)", fontsize=9)
     path = Path(out) / attack.name
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path, formats=FORMATS, dpi=120)
     plt.close(fig)
     return {"attack": attack.describe(), "dataset": dataset.name, "images": [int(keep[c]) for c in chosen],
             "residual": stats, "png": str(path.with_suffix(".png")), "svg": str(path.with_suffix(".svg"))}

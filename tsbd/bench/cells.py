@@ -134,7 +134,7 @@ def run_attack_cell(cell: Cell, ctx: CellContext, cache: DataCache | None = None
                            options=c["dataset"]["options"])
     meta["bench"] = {"cell": cell.id, "kind": "attack", "config": c}
     out = artifact_path(ctx.results_dir, cell.id)
-    save_model(out, model, meta)
+    save_model(out, model, meta, overwrite=True)  # a cell redone after a crash replaces its own artifact
     ckpt.unlink(missing_ok=True)
     timings = {"setup": t_setup, **meta["timings"], "total": time.perf_counter() - t0}
     return CellResult(metrics=dict(meta["metrics"]), timings=timings, versions=_versions(runtime, provenance()),
@@ -161,7 +161,7 @@ def run_defense_cell(cell: Cell, parent: Cell, ctx: CellContext, cache: DataCach
                  "bench": {"cell": cell.id, "kind": "defense", "config": c}})
     out = artifact_path(ctx.results_dir, cell.id)
     if ctx.save_defended_models:
-        save_model(out, result.model, meta)
+        save_model(out, result.model, meta, overwrite=True)
     else:  # the record alone, still written to a temporary folder and renamed into place
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:

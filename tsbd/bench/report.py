@@ -588,12 +588,12 @@ def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, 
     """Write ``report.md``, ``report.html`` and the plots for the store in ``results_dir``."""
     results = Path(results_dir)
     out = Path(out_dir) if out_dir else results
-    out.mkdir(parents=True, exist_ok=True)
     with Store(results, create=False) as store:
         if grid is not None and grid not in store.grids():
             raise TsbdError(f"no grid {grid!r} in {results}; it has: {', '.join(store.grids()) or 'none'}")
         tables = collect(store, grid, PaperIndex(paper_tables))
         summary = summarize(store, grid, results)
+    out.mkdir(parents=True, exist_ok=True)
     if plots:
         for t in tables:
             _plot(t, out)

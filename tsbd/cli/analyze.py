@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from pathlib import Path
 
 from tsbd.cli import common
+from tsbd.errors import TsbdError
+
+OUTPUTS = ("result.json", "section.md")  # always written; result.json marks a folder as an analysis's
 
 SHARED_FLAGS = ("--values", "--no-finetune")  # declared once here for every analysis that reads them
 
@@ -58,11 +60,18 @@ def build_options(analysis, args):
 
 def cmd_analyze(args) -> int:
     from tsbd.analysis.registry import AnalysisContext
-    from tsbd.artifacts import load_model, provenance, write_bytes_atomic, write_json_atomic
+    from tsbd.artifacts import (
+        check_output_folder,
+        load_model,
+        provenance,
+        recorded_dataset,
+        write_bytes_atomic,
+        write_json_atomic,
+    )
     from tsbd.config import to_dict
     from tsbd.defenses import build_defense
-    from tsbd.pipeline import load_setup_from_meta
 
+    out = check_output_folder(args.out, OUTPUTS, overwrite=args.overwrite)  # before any work
     console = common.console(args)
     analysis = analyses()[args.name]
     options = build_options(analysis, args)
@@ -70,23 +79,28 @@ def cmd_analyze(args) -> int:
     model, meta = load_model(args.model, runtime.device)
     if meta.get("kind") not in (None, "attacked"):
         console.print(f"[yellow]note[/]: {args.model} is a {meta.get('kind')} model; analyses expect an attacked one")
-    setup = load_setup_from_meta(meta, runtime, data_root=args.data_root, cache_dir=args.cache_dir,
-                                 progress=not args.quiet)
+    setup = common.setup_from_meta(meta, args, runtime, progress=not args.quiet)
+    if setup.attack is None:
+        raise TsbdError(f"{args.model} records no attack, and the analyses measure one; pass --attack NAME "
+                        "(with --attack-opt for its options)")
     clean, clean_info = setup.clean_set(args.clean_ratio)
     cfg = build_defense("tsbd", common.parse_opts(args.opt, "TSBD")).config
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ctx = AnalysisContext(model=model, setup=setup, clean=clean, cfg=cfg, runtime=runtime, meta=meta, seed=args.seed,
                           progress=not args.quiet, clean_ratio=args.clean_ratio, cache_dir=args.cache_dir)
     result, md = analysis.run(ctx, options, out)
-    record = {"analysis": args.name, "model": str(args.model), "attack": meta.get("attack"),
-              "dataset": meta.get("dataset"), "clean": clean_info, "tsbd_config": to_dict(cfg), "seed": args.seed,
+    record = {"analysis": args.name, "model": str(args.model), "attack": setup.attack.describe(),
+              "dataset": setup.dataset.describe() if args.dataset else recorded_dataset(meta),
+              "clean": clean_info, "tsbd_config": to_dict(cfg), "seed": args.seed,
               "runtime": runtime.describe(), "seconds": time.perf_counter() - t0, "provenance": provenance(),
               "result": result}
     write_json_atomic(out / "result.json", record)
     command = " ".join(["tsbd analyze", args.name, str(args.model), f"--clean-ratio {args.clean_ratio:g}"]
                        + [f"--opt {o}" for o in args.opt or []]
+                       + ([f"--dataset {args.dataset}"] if args.dataset else [])
+                       + ([f"--attack {args.attack}"] if args.attack else [])
+                       + [f"--attack-opt {o}" for o in args.attack_opt or []]
                        + ([f"--values {args.values}"] if args.values else [])
                        + (["--no-finetune"] if args.no_finetune else []) + _own_options(analysis, args)
                        + [f"--seed {args.seed}", f"--out {args.out}"])
@@ -127,8 +141,11 @@ def configure_analyze(p: argparse.ArgumentParser) -> None:
                    help=f"sweep values, comma-separated (default: n {DEFAULT_N}; m {DEFAULT_M}, the paper's ranges); "
                         "tac: the neuron ratios (default: as n)")
     p.add_argument("--no-finetune", action="store_true", help="sweeps: evaluate after zero reinit only (fast)")
-    p.add_argument("--out", required=True, help="output folder (CSV, PNG/SVG, result.json, section.md)")
-    seen = {*SHARED_FLAGS, "--out", "--opt", "--clean-ratio"}
+    p.add_argument("--out", required=True, help="output folder (CSV, PNG/SVG, result.json, section.md): new, "
+                                                "empty, or an earlier analysis's with --overwrite")
+    common.add_overwrite_arg(p, "an earlier analysis's files")
+    common.add_setup_args(p)
+    seen = {*SHARED_FLAGS, "--out", "--overwrite", "--opt", "--clean-ratio", "--dataset", "--attack", "--attack-opt"}
     for a in found.values():
         for f, flag, dest in option_flags(a):
             if flag in seen:

@@ -39,10 +39,11 @@ are kept failed unless --retry-failed. Several bench processes may share one res
 def cmd_bench(args) -> int:
     from rich.console import Console
 
+    from tsbd.artifacts import check_output_folder
     from tsbd.bench.cells import CellContext
     from tsbd.bench.executors import run_grid, run_workers
     from tsbd.bench.grid import load_grid, parse_set
-    from tsbd.bench.store import Store
+    from tsbd.bench.store import DB_NAME, Store
 
     if args.workers < 1:
         raise TsbdError(f"--workers {args.workers}: must be >= 1")
@@ -58,8 +59,8 @@ def cmd_bench(args) -> int:
         # `tsbd report --grid NAME` shows, is not replaced by the subset
         tag = hashlib.sha256(json.dumps([list(args.set_values or []), args.seed]).encode()).hexdigest()[:8]
         plan = dataclasses.replace(plan, name=f"{plan.name}+{tag}")
-    if results.exists() and not results.is_dir():
-        raise TsbdError(f"--results {results} is a file; pass a folder")
+    # new, empty or a results store (resumed, never replaced); writable -- before any work
+    check_output_folder(results, (DB_NAME,), overwrite=True, flag="--results")
     store = Store(results)
     try:
         new = store.register(plan)
@@ -118,8 +119,14 @@ def _print_plan(plan, store, console) -> None:
 
 
 def cmd_report(args) -> int:
-    from tsbd.bench.report import write_report
+    from tsbd.artifacts import check_output_folder
+    from tsbd.bench.report import HTML_NAME, MD_NAME, write_report
 
+    own = not args.out or Path(args.out).resolve() == Path(args.results).resolve()
+    # in the results folder the report is tsbd's own, rewritten on every report; elsewhere --out is
+    # new, empty or an earlier report's folder, replaced only with --overwrite
+    check_output_folder(args.results if own else args.out, (MD_NAME, HTML_NAME), overwrite=own or args.overwrite,
+                        shared=own)
     files = write_report(args.results, out_dir=args.out, grid=args.grid, plots=not args.no_plots)
     print(files["md"])
     print(files["html"])
@@ -127,7 +134,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from tsbd.artifacts import check_output_folder
     from tsbd.bench.merge import merge_results
+    from tsbd.bench.store import DB_NAME
+
+    check_output_folder(args.into, (DB_NAME,), overwrite=True, flag="--into")  # new, empty or a results store
 
     for source in args.sources:
         print(merge_results(source, args.into, artifacts=not args.no_artifacts).line())
@@ -173,7 +184,9 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
 
 def configure_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", help="results folder of `tsbd bench`")
-    p.add_argument("--out", default=None, help="folder for report.md, report.html and plots/ (default: RESULTS)")
+    p.add_argument("--out", default=None, help="folder for report.md, report.html and plots/ (default: RESULTS; "
+                                              "elsewhere a new or empty folder, or an earlier report's)")
+    common.add_overwrite_arg(p, "an earlier report")
     p.add_argument("--grid", default=None, help="only this grid's cells (default: every cell in the folder)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.set_defaults(func=cmd_report)

@@ -92,11 +92,37 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_defense_output_args(p: argparse.ArgumentParser, out_help: str) -> None:
-    """--opt, --config, --out and --json, as `tsbd defend` and `tsbd purify` take them."""
+    """--opt, --config, --out, --overwrite and --json, as `tsbd defend` and `tsbd purify` take them."""
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="defense option (repeatable)")
     p.add_argument("--config", default=None, help="TOML file with a [defense] table")
     p.add_argument("--out", default=None, help=out_help)
+    add_overwrite_arg(p, "a model folder")
     p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} that tsbd wrote at --out before (anything else there is never replaced)")
+
+
+def add_setup_args(p: argparse.ArgumentParser) -> None:
+    """--dataset, --attack and --attack-opt of the commands that read a model folder (:func:`setup_from_meta`)."""
+    g = p.add_argument_group("data set and attack (default: those the model folder records)")
+    g.add_argument("--dataset", default=None,
+                   help="registered data set the model is evaluated on (needed when the folder names none)")
+    g.add_argument("--attack", default=None,
+                   help="attack whose triggered test images measure ASR and RA (a model purified from a file "
+                        "records none: then ACC only)")
+    g.add_argument("--attack-opt", action="append", metavar="KEY=VALUE", help="attack option (repeatable)")
+
+
+def setup_from_meta(meta: dict, args, runtime, progress: bool = False):
+    """The model's data set and attack, as recorded in ``meta`` or named by :func:`add_setup_args`'s options."""
+    from tsbd.pipeline import load_setup_from_meta  # lazy: keeps torch off the --help path
+
+    return load_setup_from_meta(meta, runtime, data_root=args.data_root, cache_dir=args.cache_dir, progress=progress,
+                                dataset=args.dataset, attack=args.attack,
+                                attack_options=parse_opts(args.attack_opt, "attack"))
 
 
 def add_data_root(p: argparse.ArgumentParser) -> None:

@@ -75,14 +75,16 @@ def _metrics(model, test, poisoned, runtime) -> dict[str, float]:
 
 
 def cmd_purify(args) -> int:
-    from tsbd.artifacts import provenance, save_model
+    from tsbd.artifacts import check_model_output, provenance, save_model
     from tsbd.defenses import build_defense
     from tsbd.interop.architectures import NormalizedModel
     from tsbd.interop.checkpoints import load_model_file
-    from tsbd.interop.images import check_images, load_images
+    from tsbd.interop.images import check_images, check_labels, load_images
     from tsbd.interop.purify import purify
     from tsbd.metrics import der
 
+    if args.out:
+        check_model_output(args.out, overwrite=args.overwrite)  # before any work: never replace what is not ours
     file_cfg = common.read_config_file(args.config)
     opts = {**file_cfg.get("defense", {}), **common.parse_opts(args.opt, "defense")}
     build_defense(args.defense, opts)  # unknown defense or option: fail before reading anything
@@ -113,9 +115,7 @@ def cmd_purify(args) -> int:
         check_images(poisoned, shape, "BackdoorBench's poisoned test images")
     n_cls = imported.num_classes
     for what, data in (("clean", clean.images), ("test", test)):
-        if data is not None and len(data) and int(data.y.max()) >= n_cls:
-            raise TsbdError(f"{what} labels go up to {int(data.y.max())} but the model has {n_cls} classes; "
-                            "use data with the model's classes (or the matching --num-classes)")
+        check_labels(data, n_cls, what, " (or the matching --num-classes)")
     console.print(f"[bold]purify[/] {imported.path} ({imported.format}, {imported.arch}, {n_cls} classes, "
                   f"normalization: {imported.stats_source}) with {args.defense} on {len(clean.images)} clean images; "
                   f"{runtime.precision} on {runtime.device}")
@@ -131,17 +131,20 @@ def cmd_purify(args) -> int:
         "runtime": runtime.describe(), "seed": args.seed, "timings": result.timings, "provenance": provenance()}
     if clean.classes:
         record["classes"] = clean.classes
-    # "data", not "dataset": `tsbd eval` must not re-run an attack tsbd guessed on an imported model
+    # the data set, for `tsbd eval`/`defend`/`analyze` of the purified model; the attack only when
+    # the source recorded it (a tsbd model folder): an imported model's attack is never guessed
     if clean.dataset is not None:
-        record["data"] = clean.dataset.describe()
+        record["dataset"] = clean.dataset.describe()
     elif shape:
-        record["data"] = {"name": imported.dataset, "image_shape": list(shape)}
+        record["dataset"] = {"name": imported.dataset, "image_shape": list(shape)}
+    if imported.format == "tsbd":
+        record.update({k: imported.meta[k] for k in ("attack", "poison") if imported.meta.get(k)})
     if args.out:
         model = result.model
         if isinstance(model, NormalizedModel):  # save the user's own module, with its own keys
             model.net.arch_spec = model.arch_spec
             model = model.net
-        save_model(args.out, model, record)
+        save_model(args.out, model, record, overwrite=args.overwrite)
     if args.json:
         sys.stdout.write(json.dumps({"defense": args.defense, **after, "before": before, "timings": result.timings,
                                      "info": result.info, "source": imported.describe(), "model": args.out},
@@ -187,7 +190,7 @@ def configure_purify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="pixels per side the model was trained on (default: from the file; folders are resized to it)")
     p.add_argument("--defense", default="tsbd", help="defense name (default: tsbd; see `tsbd list`)")
-    common.add_defense_output_args(p, "output model folder for the purified model")
+    common.add_defense_output_args(p, "output model folder for the purified model (new or empty)")
     common.add_data_root(p)
     common.add_runtime_args(p)
     p.set_defaults(func=cmd_purify)

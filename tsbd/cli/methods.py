@@ -16,16 +16,19 @@ from pathlib import Path
 from tsbd.cli import common
 from tsbd.errors import TsbdError
 
+DEMO_OUTPUTS = ("backdoored", "purified")  # the model folders `tsbd demo --out` writes
+
 
 # ------------------------------------------------------------------------------------------
 # commands (their imports are lazy: they keep `tsbd --help` fast and free of torch)
 def cmd_attack(args) -> int:
-    from tsbd.artifacts import save_model
+    from tsbd.artifacts import check_model_output, save_model
     from tsbd.attacks import build_attack
     from tsbd.data import load_dataset
     from tsbd.pipeline import setup_attack, train_attacked_model
     from tsbd.train.presets import train_config
 
+    check_model_output(args.out, overwrite=args.overwrite)  # before any work: never replace what is not ours
     file_cfg = common.read_config_file(args.config)
     attack_opts = {**file_cfg.get("attack", {}), **common.parse_opts(args.attack_opt, "attack")}
     for key in ("target", "poison_ratio", "trigger_image"):
@@ -50,7 +53,7 @@ def cmd_attack(args) -> int:
                   f"{cfg.epochs} epochs, {runtime.precision} on {runtime.device}")
     model, meta = train_attacked_model(setup, args.model, cfg, runtime, arch_kwargs=arch_kwargs,
                                        progress=not args.quiet, checkpoint=ckpt)
-    save_model(out, model, meta)
+    save_model(out, model, meta, overwrite=args.overwrite)
     ckpt.unlink(missing_ok=True)
     m = dict(meta["metrics"], time=meta["timings"]["train"])
     if args.json:
@@ -62,28 +65,34 @@ def cmd_attack(args) -> int:
 
 
 def cmd_defend(args) -> int:
-    from tsbd.artifacts import load_model, save_model
-    from tsbd.pipeline import defend_model, load_setup_from_meta
+    from tsbd.artifacts import check_model_output, load_model, recorded_dataset, save_model
+    from tsbd.pipeline import defend_model
 
+    if args.out:
+        check_model_output(args.out, overwrite=args.overwrite)
     file_cfg = common.read_config_file(args.config)
     opts = {**file_cfg.get("defense", {}), **common.parse_opts(args.opt, "defense")}
     console = common.console(args)
     runtime = common.runtime(args)
     model, meta = load_model(args.model, runtime.device)
-    setup = load_setup_from_meta(meta, runtime, data_root=args.data_root, cache_dir=args.cache_dir)
+    setup = common.setup_from_meta(meta, args, runtime)
     from tsbd.defenses import build_defense
     from tsbd.interop.purify import check_clean_size
 
     # an empty clean set, or one smaller than a batch: one clear line before any work
     check_clean_size(setup.clean_set(args.clean_ratio)[0], build_defense(args.defense, opts).config.batch_size)
-    before = meta.get("metrics") if meta.get("kind") == "attacked" else None
+    recorded = meta.get("kind") == "attacked" and not (args.dataset or args.attack or args.attack_opt)
+    before = meta.get("metrics") if recorded else None
     result, record = defend_model(model, setup, args.defense, opts, args.clean_ratio, runtime, seed=args.seed,
                                   progress=not args.quiet, metrics_before=before)
-    out_meta = {k: meta[k] for k in ("classes", "dataset", "attack", "poison", "train") if k in meta}
+    out_meta = {k: meta[k] for k in ("classes", "attack", "poison", "train") if k in meta}
+    out_meta["dataset"] = setup.dataset.describe() if args.dataset else recorded_dataset(meta)
+    if setup.attack is not None and (args.attack or args.attack_opt):  # what the metrics were measured with
+        out_meta["attack"] = setup.attack.describe()
     out_meta.update({"kind": "defended", "parent": str(args.model), **record,
                      "timings": result.timings})
     if args.out:
-        save_model(args.out, result.model, out_meta)
+        save_model(args.out, result.model, out_meta, overwrite=args.overwrite)
     if args.json:
         common.emit_json({"defense": args.defense, **record["metrics"], "before": record["metrics_before"],
                     "stages": record["defense"].get("stages", {}), "timings": result.timings, "info": result.info,
@@ -101,29 +110,53 @@ def cmd_defend(args) -> int:
 def cmd_eval(args) -> int:
     from tsbd.artifacts import load_model
     from tsbd.metrics import evaluate
-    from tsbd.pipeline import load_setup_from_meta
 
     console = common.console(args)
     runtime = common.runtime(args)
     model, meta = load_model(args.model, runtime.device)
-    setup = load_setup_from_meta(meta, runtime, data_root=args.data_root, cache_dir=args.cache_dir)
+    if args.test_data:
+        test, poisoned = _test_images(args, meta), None
+    else:
+        setup = common.setup_from_meta(meta, args, runtime)
+        test, poisoned = setup.dataset.test, setup.poisoned_test
     t0 = time.perf_counter()
-    metrics = evaluate(model, setup.dataset.test, setup.poisoned_test, runtime)
+    metrics = evaluate(model, test, poisoned, runtime)
     metrics["time"] = time.perf_counter() - t0
     if args.json:
         common.emit_json({"model": str(args.model), **metrics})
     else:
         common.print_metrics_table([(str(args.model), metrics)], console)
+        if poisoned is None:
+            console.print("no attack known for this model: ACC only (pass --attack NAME to measure ASR)")
     return 0
 
 
+def _test_images(args, meta: dict):
+    """`tsbd eval --test-data`: clean test images from a folder or an array file, checked against the model."""
+    from tsbd.artifacts import recorded_dataset
+    from tsbd.interop.images import check_images, check_labels, load_images
+
+    if args.attack or args.dataset:
+        raise TsbdError("--test-data measures ACC only; for ASR pass --dataset NAME and --attack NAME instead")
+    shape = recorded_dataset(meta).get("image_shape")
+    loaded = load_images(args.test_data, labels=args.test_labels, image_size=shape[1] if shape else None,
+                         seed=args.seed, data_root=args.data_root, cache_dir=args.cache_dir)
+    test = loaded.test if loaded.dataset is not None else loaded.images  # a data set name: its test split
+    check_images(test, shape, "test images")
+    check_labels(test, int(meta["arch"]["num_classes"]), "test")
+    return test
+
+
 def cmd_demo(args) -> int:
-    from tsbd.artifacts import save_model
+    from tsbd.artifacts import check_model_output, save_model
     from tsbd.attacks import build_attack
     from tsbd.data import load_dataset
     from tsbd.pipeline import defend_model, setup_attack, train_attacked_model
     from tsbd.train.presets import train_config
 
+    if args.out:
+        for sub in DEMO_OUTPUTS:
+            check_model_output(Path(args.out) / sub, overwrite=args.overwrite)
     console = common.console(args)
     runtime = common.runtime(args)
     t_start = time.perf_counter()
@@ -146,10 +179,10 @@ def cmd_demo(args) -> int:
     total = time.perf_counter() - t_start
     if args.out:
         out = Path(args.out)
-        save_model(out / "backdoored", model, meta)
-        save_model(out / "purified", result.model,
+        save_model(out / DEMO_OUTPUTS[0], model, meta, overwrite=args.overwrite)
+        save_model(out / DEMO_OUTPUTS[1], result.model,
                    {k: meta[k] for k in ("classes", "dataset", "attack", "poison")} |
-                   {"kind": "defended", **record, "timings": result.timings})
+                   {"kind": "defended", **record, "timings": result.timings}, overwrite=args.overwrite)
     if args.json:
         common.emit_json({"before": meta["metrics"], "after": record["metrics"],
                     "acc_drop": meta["metrics"]["acc"] - record["metrics"]["acc"],
@@ -204,7 +237,8 @@ def configure_attack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-opt", action="append", metavar="KEY=VALUE", help="attack option (repeatable)")
     p.add_argument("--train-opt", action="append", metavar="KEY=VALUE", help="training option (repeatable)")
     p.add_argument("--config", default=None, help="TOML file with [attack] and [train] tables")
-    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--out", required=True, help="output model folder (new or empty)")
+    common.add_overwrite_arg(p, "a model folder")
     p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
     common.add_runtime_args(p)
     p.set_defaults(func=cmd_attack)
@@ -219,16 +253,22 @@ def configure_defend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defense", default="tsbd", help="defense name (default: tsbd)")
     p.add_argument("--clean-ratio", type=float, default=0.05,
                    help="fraction of the training set given to the defender as clean data (default: 0.05, paper)")
-    common.add_defense_output_args(p, "output folder for the purified model")
+    common.add_defense_output_args(p, "output folder for the purified model (new or empty)")
     common.add_data_root(p)
+    common.add_setup_args(p)
     common.add_runtime_args(p)
     p.set_defaults(func=cmd_defend)
 
 
 def configure_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder")
+    p.add_argument("model", help="model folder (from `tsbd attack`, `defend` or `purify`)")
     p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
     common.add_data_root(p)
+    common.add_setup_args(p)
+    p.add_argument("--test-data", default=None,
+                   help="clean test images from a class-per-folder image folder, a .npz (x, y) or a .npy with "
+                        "--test-labels, instead of the data set's test split (ACC only)")
+    p.add_argument("--test-labels", default=None, help="labels .npy for a .npy --test-data")
     common.add_runtime_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -245,7 +285,9 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
                    help="TSBD clean-unlearning lr (default: 0.01 for the airbench model, whose 1/8-scaled "
                         "logits make the paper's 1e-4 need hundreds of epochs; see BENCHMARKS.md)")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="other TSBD option (repeatable)")
-    p.add_argument("--out", default=None, help="also save both models under this folder")
+    p.add_argument("--out", default=None, help="also save both models under this folder (as backdoored/ and "
+                                                "purified/)")
+    common.add_overwrite_arg(p, "the model folders")
     p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
     common.add_runtime_args(p)
     p.set_defaults(func=cmd_demo)

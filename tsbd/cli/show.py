@@ -20,14 +20,18 @@ from tsbd.errors import TsbdError
 # ------------------------------------------------------------------------------------------
 # command (its imports are lazy: they keep `tsbd --help` fast and free of torch)
 def cmd_show_attack(args) -> int:
+    from tsbd.artifacts import check_output_folder
     from tsbd.attacks import ATTACKS, build_attack
-    from tsbd.attacks.show import show_attack
+    from tsbd.attacks.show import FORMATS, show_attack
     from tsbd.data import load_dataset
 
     names = ATTACKS.names() if args.attack == "all" else [a.strip() for a in args.attack.split(",") if a.strip()]
     unknown = [n for n in names if n not in ATTACKS.names()]
     if unknown:
         raise TsbdError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS.names())} or all")
+    # the folder may hold other attacks' pictures; these attacks' are replaced only with --overwrite
+    check_output_folder(args.out, [f"{n}.{ext}" for n in names for ext in FORMATS], overwrite=args.overwrite,
+                        shared=True)
     console = common.console(args)
     runtime = common.runtime(args)
     dataset = load_dataset(args.dataset, root=args.data_root, cache_dir=args.cache_dir)
@@ -64,6 +68,7 @@ def configure_show_attack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=8, help="test images shown (default: 8)")
     p.add_argument("--out", default="runs/show-attack",
                    help="folder for NAME.png / NAME.svg (default: runs/show-attack)")
+    common.add_overwrite_arg(p, "NAME.png / NAME.svg")
     p.add_argument("--json", action="store_true", help="print the residual statistics as one JSON object")
     common.add_runtime_args(p)
     p.set_defaults(func=cmd_show_attack)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ IMAGE_SUFFIXES = frozenset(
 )
 # Modes whose conversion to RGB is well defined; 16-bit and float images are refused.
 RGB_CONVERTIBLE = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
-_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -31,13 +32,18 @@ def list_images(folder: Path) -> list[Path]:
 def read_image(path: Path, size: int) -> np.ndarray:
     """``path`` as an RGB uint8 ``size x size x 3`` array (bilinear resize, as torchvision's Resize)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in RGB_CONVERTIBLE:
-                raise TsbdError(
-                    f"{path} has image mode {im.mode}, which has no RGB conversion; save it as 8-bit RGB"
-                )
-            rgb = im.convert("RGB")
+        # PIL's warnings about a damaged file are not printed (the file is read or refused in one line);
+        # an image over its pixel limit, which PIL only warns of and then decodes, is refused
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                if im.mode not in RGB_CONVERTIBLE:
+                    raise TsbdError(
+                        f"{path} has image mode {im.mode}, which has no RGB conversion; save it as 8-bit RGB"
+                    )
+                rgb = im.convert("RGB")
     except TsbdError:
         raise
     except _READ_ERRORS as err:

@@ -18,14 +18,20 @@ model gets that data set's mean and std inside, so it takes [0, 1] images like e
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import dataclasses
 import logging
+import mmap
 import os
 import pickle
+import pickletools
 import re
+import struct
 import uuid
+import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tsbd.artifacts import load_into, load_model, load_state
+from tsbd.artifacts import load_into, load_model, load_state, recorded_dataset
 from tsbd.data.poison import PoisonedTest
 from tsbd.errors import TsbdError
 from tsbd.interop.architectures import NormalizedModel, build_from_factory, is_factory_spec
@@ -87,10 +93,155 @@ def _safe_globals() -> list:
     return [(obj, name) for name, obj in NUMPY_GLOBALS.items()]
 
 
+def _admitted_globals() -> set[str] | None:
+    """The globals a file may name: those torch's weights-only unpickler builds, and numeric numpy
+    arrays'; None where this torch does not list its own (its unpickler alone decides then)."""
+    try:
+        from torch import _weights_only_unpickler as wou
+
+        return set(wou._get_allowed_globals()) | set(NUMPY_GLOBALS)
+    except (ImportError, AttributeError):
+        return None
+
+
+@dataclasses.dataclass
+class PickleScan:
+    """What a file's pickle opcodes say, read without running any of them."""
+
+    globals: list[str]  # module.name of every global the pickles would import, in order
+    pickles: int = 0  # pickles read to their STOP
+    malformed: str | None = None  # why the opcodes could not be read to a pickle's end (damage), else None
+    torchscript: bool = False  # a torch.jit.save archive, not a torch.save file
+
+
+_STRING_OPCODES = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                   "BINUNICODE8"}
+_SCAN_ERRORS = (ValueError, EOFError, struct.error, OverflowError, MemoryError, zlib.error, zipfile.BadZipFile,
+                NotImplementedError, OSError, KeyError)
+
+
+def _global_name(module: Any, name: Any) -> str:
+    """``module.name`` as Python 3 imports it (protocol 2 files say ``__builtin__``, ``copy_reg``)."""
+    if not isinstance(module, str) or not isinstance(name, str):
+        return "a global named at load time"
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    full = f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
+    return full if re.fullmatch(r"[\w.]{1,200}", full) else ascii(full)[:80]  # a damaged name, shown escaped
+
+
+def _scan_opcodes(stream: Any, found: list[str], max_pickles: int) -> tuple[int, str | None]:
+    """Add the globals of up to ``max_pickles`` consecutive pickles in ``stream`` to ``found``, running
+    nothing (``pickletools.genops``). Returns (pickles read to their STOP, why the stream broke off inside
+    a pickle or is no pickle at all, else None). STACK_GLOBAL's names are followed through the stack
+    and the memo as far as they are plain strings."""
+    for index in range(max_pickles):
+        pushed: list[Any] = []  # recently pushed values: a string, or None for anything else
+        memo: dict[Any, Any] = {}
+        started = False
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                started = True
+                if op.name in ("GLOBAL", "INST"):
+                    module, _, name = str(arg).partition(" ")
+                    found.append(_global_name(module, name))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(_global_name(*(pushed[-2:] if len(pushed) >= 2 else (None, None))))
+                if op.name in _STRING_OPCODES:
+                    pushed.append(arg if isinstance(arg, str) else None)
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+                    memo[len(memo) if op.name == "MEMOIZE" else arg] = pushed[-1] if pushed else None
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    pushed.append(memo.get(arg))
+                elif op.stack_after:
+                    pushed.append(None)
+                del pushed[:-64]
+        except _SCAN_ERRORS as err:
+            if started or index == 0:  # broken off inside a pickle, or no pickle at all
+                return index, (str(err).splitlines()[0][:120] if str(err) else err.__class__.__name__)
+            return index, None  # what follows the pickles (a legacy torch file's raw tensor bytes, or nothing)
+    return max_pickles, None
+
+
+class _Bytes:
+    """A read-only file over a buffer (an mmap), whose read(n) never allocates more than is there."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.buf) if n is None or n < 0 else min(len(self.buf), self.pos + n)
+        out, self.pos = bytes(self.buf[self.pos:end]), end
+        return out
+
+    def readline(self) -> bytes:
+        end = self.buf.find(b"\n", self.pos)
+        return self.read((len(self.buf) if end < 0 else end + 1) - self.pos)
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def scan_torch_file(path: str | Path) -> PickleScan:
+    """The globals a ``torch.save`` file (zip or legacy) or a bare pickle would import, found by
+    reading its opcodes; nothing in it is run or built."""
+    found: list[str] = []
+    with open(path, "rb") as fh:
+        if fh.read(4) == b"PK\x03\x04":  # torch.save's zip format: the pickle is <archive>/data.pkl
+            try:
+                with zipfile.ZipFile(fh) as zf:
+                    names = zf.namelist()
+                    if any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in names):
+                        return PickleScan(found, torchscript=True)
+                    pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+                    if not pickles:
+                        return PickleScan(found, malformed="no data.pkl in the zip archive")
+                    scan = PickleScan(found)
+                    for name in pickles:
+                        with zf.open(name) as member:
+                            count, malformed = _scan_opcodes(member, found, 1)
+                        scan.pickles += count
+                        scan.malformed = scan.malformed or malformed
+                    return scan
+            except _SCAN_ERRORS as err:
+                return PickleScan(found, malformed=f"{err.__class__.__name__}: {str(err)[:120]}")
+        if os.fstat(fh.fileno()).st_size == 0:
+            return PickleScan(found, malformed="the file is empty")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            # a legacy torch.save file is five pickles (magic number, protocol, system info, the
+            # object, storage keys) and then raw tensor bytes; a bare pickle is one
+            count, malformed = _scan_opcodes(_Bytes(buf), found, 5)
+            return PickleScan(found, count, malformed)
+
+
 def _refuse(path: Path, names: Sequence[str]) -> TsbdError:
-    shown = ", ".join(sorted(set(names))[:3])
-    return TsbdError(f"{path} holds pickled Python objects ({shown}) that tsbd will not load because unpickling them "
-                     "could run code; save only tensors, e.g. torch.save(model.state_dict(), path), or use safetensors")
+    names = list(dict.fromkeys(names))
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return TsbdError(f"{path} refused: it contains {shown} which could run code when loaded; tsbd loads only tensors "
+                     "and plain containers -- save model.state_dict() with torch.save, or use safetensors")
+
+
+def _corrupt(path: Path, why: str) -> TsbdError:
+    return TsbdError(f"{path} is corrupt or truncated ({why}); re-create or re-download it")
+
+
+def _unpickling_error(path: Path, err: pickle.UnpicklingError, scan: PickleScan) -> TsbdError:
+    """What torch's weights-only unpickler refused, in tsbd's words: torch's message advises turning
+    safe loading off, and is never shown."""
+    if scan.malformed:  # a name torch read from a truncated stream is a fragment, not a finding
+        return _corrupt(path, f"its pickle data cannot be read: {scan.malformed}")
+    text = str(err)
+    named = [_global_name(*m.rpartition(".")[::2]) for m in re.findall(r"GLOBAL ([\w.]+)", text)]
+    named += re.findall(r"<class '([\w.]+)'>", text) + re.findall(r"<function ([\w.]+)", text)
+    if named:
+        return _refuse(path, named)
+    code = re.search(r"Unsupported operand (\d+)", text)
+    if code:
+        op = pickletools.code2op.get(chr(int(code.group(1))))
+        return TsbdError(f"{path} uses the pickle instruction {op.name if op else code.group(1)}, which tsbd's safe "
+                         "loader does not read (it reads what torch.save writes); re-save the weights with "
+                         "torch.save(model.state_dict(), path) or as safetensors")
+    return TsbdError(f"{path} refused: it holds objects other than tensors and plain containers, which tsbd does "
+                     "not load; save model.state_dict() with torch.save, or use safetensors")
 
 
 def read_torch_file(path: str | Path) -> Any:
@@ -100,32 +251,42 @@ def read_torch_file(path: str | Path) -> Any:
     if not path.is_file():
         raise TsbdError(f"model file {str(path)!r} not found; pass an existing .pt/.pth/.safetensors file")
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # legacy (non-zip) format or a damaged file: torch.load below decides
-        unsafe = None
-    if unsafe:
-        refused = [name for name in unsafe if name not in NUMPY_GLOBALS]
+        scan = scan_torch_file(path)
+    except OSError as err:
+        raise TsbdError(f"cannot read {path} ({err.strerror or err.__class__.__name__})") from None
+    if scan.torchscript:
+        raise TsbdError(f"{path} is a TorchScript archive (torch.jit.save); tsbd reads weights: save "
+                        "model.state_dict() with torch.save, or use safetensors")
+    admitted = _admitted_globals()
+    if admitted is not None:
+        refused = [name for name in scan.globals if name not in admitted]
         if refused:
             raise _refuse(path, refused)
     # torch < 2.6 lacks safe_globals with renamed entries: numpy arrays are then refused too (still safe)
     admit = torch.serialization.safe_globals(_safe_globals()) if hasattr(torch.serialization, "safe_globals") \
         else contextlib.nullcontext()
     try:
-        with admit:
+        with admit, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's warnings (pickle protocol, storage) are not the user's business
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.findall(r"GLOBAL ([\w.]+)", str(err))
-        if found or re.search(r"Unsupported (global|class)", str(err)):
-            raise _refuse(path, found or ["an unsupported object"]) from None
-        raise TsbdError(f"{path} is corrupt or truncated (unpickling failed: {_first_line(err)}); "
-                        "re-create or re-download it") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, IndexError, KeyError) as err:
-        raise TsbdError(f"{path} is corrupt or truncated ({_first_line(err)}); re-create or re-download it") from None
+        raise _unpickling_error(path, err, scan) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, IndexError, KeyError, TypeError,
+            AttributeError, AssertionError, struct.error, OverflowError, MemoryError, UnicodeDecodeError,
+            zlib.error) as err:  # torch's legacy reader asserts on storage keys the file does not hold
+        if "magic number" in str(err) and scan.pickles and not scan.malformed:
+            raise TsbdError(f"{path} is a pickle, but not one torch.save wrote; save the weights with "
+                            "torch.save(model.state_dict(), path), or use safetensors") from None
+        raise _corrupt(path, scan.malformed or _first_line(err)) from None
 
 
 def _first_line(err: BaseException) -> str:
+    """The first line of an error from a library, without advice to turn safe loading off."""
     text = str(err).strip()
-    return text.splitlines()[0][:200] if text else err.__class__.__name__
+    line = text.splitlines()[0][:200] if text else ""
+    if not line or "weights_only" in line or "trust" in line.lower():
+        return err.__class__.__name__
+    return line
 
 
 # ------------------------------------------------------------------------------------------
@@ -267,7 +428,7 @@ def load_model_file(path: str | Path, *, arch: str | None = None, num_classes: i
         info = {"num_classes": spec.get("num_classes")}
     elif path.is_dir():
         model, meta = load_model(path, device)
-        ds = meta.get("dataset") or meta.get("data") or {}
+        ds = recorded_dataset(meta)
         shape = tuple(ds["image_shape"]) if ds.get("image_shape") else None
         imported = ImportedModel(model, str(path), "tsbd", meta["arch"]["name"], int(meta["arch"]["num_classes"]),
                                  shape, ds.get("name"), "file", meta=meta)

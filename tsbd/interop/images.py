@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import struct
+import tokenize
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,9 +91,29 @@ def _first(keys: Sequence[str], names: Sequence[str]) -> str | None:
     return next((k for k in names if k in keys), None)
 
 
+# what numpy raises for a damaged array file: zip and zlib damage, a header its tokenizer cannot
+# read, a declared shape too large to allocate, short data
+_ARRAY_FILE_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, tokenize.TokenError,
+                      SyntaxError, struct.error, NotImplementedError, OverflowError, TypeError, MemoryError)
+
+
+def _array_file_error(path: Path, err: BaseException, kind: str) -> TsbdError:
+    if isinstance(err, ValueError) and "pickle" in str(err).lower():
+        return TsbdError(f"{path} holds pickled Python objects, which tsbd does not load; store numeric arrays")
+    if isinstance(err, MemoryError):
+        return TsbdError(f"{path} declares an array too large to load; re-create it")
+    why = str(err).splitlines()[0][:200] if str(err) else ""
+    return TsbdError(f"{path} is corrupt or not a {kind} file ({err.__class__.__name__}{': ' + why if why else ''}); "
+                     "re-create it")
+
+
 def _read_npz(path: Path) -> tuple[ImageSet, ImageSet | None]:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as fh:  # closed also when np.load fails
+            z = np.load(fh, allow_pickle=False)
+            if not hasattr(z, "files"):
+                raise TsbdError(f"{path} holds one array, not a .npz archive of images and labels; save it with "
+                                "np.savez(path, x=images, y=labels)")
             keys = list(z.files)
             xk, yk = _first(keys, IMAGE_KEYS), _first(keys, LABEL_KEYS)
             if xk is None or yk is None:
@@ -100,14 +124,8 @@ def _read_npz(path: Path) -> tuple[ImageSet, ImageSet | None]:
                 if "x_test" in keys and "y_test" in keys else None
     except TsbdError:
         raise
-    except ValueError as err:
-        if "pickle" in str(err).lower():
-            raise TsbdError(f"{path} holds pickled Python objects, which tsbd does not load; "
-                            "store numeric arrays") from None
-        raise TsbdError(f"{path} is corrupt or not a .npz file ({err}); re-create it") from None
-    except (OSError, EOFError, KeyError) as err:
-        raise TsbdError(f"{path} is corrupt or not a .npz file ({err.__class__.__name__}: {err}); "
-                        "re-create it") from None
+    except _ARRAY_FILE_ERRORS as err:
+        raise _array_file_error(path, err, ".npz") from None
     return images, test
 
 
@@ -115,13 +133,8 @@ def _read_npy(path: Path, labels: Any) -> ImageSet:
     def load(p: Path) -> np.ndarray:
         try:
             return np.load(p, allow_pickle=False)
-        except ValueError as err:
-            if "pickle" in str(err).lower():
-                raise TsbdError(f"{p} holds pickled Python objects, which tsbd does not load; "
-                                "store numeric arrays") from None
-            raise TsbdError(f"{p} is corrupt or not a .npy file ({err}); re-create it") from None
-        except (OSError, EOFError) as err:
-            raise TsbdError(f"{p} is corrupt or not a .npy file ({err}); re-create it") from None
+        except _ARRAY_FILE_ERRORS as err:
+            raise _array_file_error(p, err, ".npy") from None
 
     if labels is None:
         raise TsbdError(f"{path} holds images only; pass the labels too (--labels labels.npy), "
@@ -198,3 +211,10 @@ def check_images(images: Any, expected: Sequence[int] | None, what: str = "clean
     if expected and (h, w) != (int(expected[1]), int(expected[2])):
         raise TsbdError(f"{what} are {h}x{w} pixels but the model was trained on {expected[1]}x{expected[2]}; "
                         f"resize them (an image folder is resized with --image-size {expected[1]})")
+
+
+def check_labels(images: Any, num_classes: int, what: str, hint: str = "") -> None:
+    """One clear line when ``images`` (an ImageSet, or None) has labels the model has no class for."""
+    if images is not None and len(images) and int(images.y.max()) >= num_classes:
+        raise TsbdError(f"{what} labels go up to {int(images.y.max())} but the model has {num_classes} classes; "
+                        f"use data with the model's classes{hint}")

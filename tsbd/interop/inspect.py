@@ -48,7 +48,7 @@ def guess_architecture(state: dict[str, torch.Tensor], num_classes: int | None) 
 def describe_path(path: str | Path) -> dict[str, Any]:
     """A JSON-ready description of a tsbd model folder, a safetensors file, a plain state dict or a
     BackdoorBench ``attack_result.pt``: format, architecture, classes, provenance, metrics, tensors."""
-    from tsbd.artifacts import WEIGHTS, load_state, read_meta
+    from tsbd.artifacts import WEIGHTS, load_state, read_meta, recorded_dataset
     from tsbd.interop.checkpoints import (
         BACKDOORBENCH_ARCHS,
         TORCH_SUFFIXES,
@@ -63,7 +63,7 @@ def describe_path(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         meta = read_meta(path)
         state = load_state(path / WEIGHTS)
-        ds = meta.get("dataset") or meta.get("data") or {}
+        ds = recorded_dataset(meta)
         prov = meta.get("provenance") or {}
         out = {"path": str(path), "format": f"tsbd model folder (format {meta.get('format_version')})",
                "kind": meta.get("kind"), "arch": meta.get("arch"), "num_classes": meta["arch"].get("num_classes"),

@@ -204,7 +204,9 @@ def fit(
             start_epoch, history = int(state["epoch"]), list(state["history"])
             log.info("resumed %s from %s at epoch %d", desc, ckpt_path, start_epoch)
         except Exception as err:  # a torn or foreign checkpoint: start over rather than fail
-            log.warning("ignoring unreadable checkpoint %s (%s); starting from epoch 0", ckpt_path, err)
+            # (the exception's type only: torch's text would advise loading it unsafely)
+            log.warning("ignoring unreadable checkpoint %s (%s); starting from epoch 0", ckpt_path,
+                        err.__class__.__name__)
             start_epoch, history = 0, []
 
     total_steps = cfg.epochs * steps_per_epoch
