@@ -56,10 +56,16 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_safetensors(file: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """``tensors`` as a safetensors file with the permissions of any file the user creates (the
+    umask's; safetensors' own ``save_file`` creates it 0600)."""
+    from safetensors.torch import save
+
+    Path(file).write_bytes(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
 def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write ``model`` and ``meta`` to the folder ``path`` atomically (replacing an old one)."""
-    from safetensors.torch import save_file
-
     spec = getattr(model, "arch_spec", None)
     if spec is None:
         raise TsbdError("the model has no arch_spec; build it with tsbd.models.build_model so it can be saved")
@@ -70,8 +76,8 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path
     full_meta.setdefault("provenance", provenance())
     try:
         tmp.mkdir()
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        write_safetensors(tmp / WEIGHTS, model.state_dict(),
+                          {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         (tmp / META).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"

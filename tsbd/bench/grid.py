@@ -62,11 +62,11 @@ import torch
 from tsbd import __version__
 from tsbd.attacks import ATTACKS, build_attack
 from tsbd.attacks.resources import BACKDOORBENCH_TRIGGERS, file_sha256
-from tsbd.config import override, parse_key_values, to_dict
+from tsbd.config import options_given_by, override, parse_key_values, to_dict
 from tsbd.data import DATASETS, load_dataset, resolve_data_root
 from tsbd.defenses import DEFENSES, build_defense
 from tsbd.errors import TsbdError
-from tsbd.models import MODELS
+from tsbd.models import MODELS, check_model_options
 from tsbd.train.engine import TrainConfig
 from tsbd.train.presets import TRAIN_PRESETS, train_config
 
@@ -418,7 +418,8 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
             ratios = [float(c) for c in (own_clean if isinstance(own_clean, list) else [own_clean])]
         cls = DEFENSES.get(d)
         for variant in _expand(opts, _config_sequence_fields(cls.config_class), f"[defense_opts.{d}]"):
-            config = to_dict(build_defense(d, variant).config)
+            with options_given_by((f"grid {name} [defense_opts.{d}]", variant)):
+                config = to_dict(build_defense(d, variant).config)
             defense_variants.append((d, config, ratios))
 
     cells: list[Cell] = []
@@ -452,6 +453,7 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
                     if unknown:
                         raise TsbdError(f"model {model_name!r} has no option {unknown[0]!r}; its options are: "
                                         f"{', '.join(m_defaults) or 'none'}")
+                    check_model_options(model_name, m_opts)
                     model_cfg = {"name": model_name, "options": _jsonable({**m_defaults, **m_opts})}
                     for t_opts, att, ratio in itertools.product(train_variants, _axis(spec, "attack"),
                                                                 _axis(spec, "poison_ratio")):
@@ -461,8 +463,13 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
                         for tv, a_opts in itertools.product(
                                 attack_train.get(att, [{}]),
                                 _expand(opts, _config_sequence_fields(cls.config_class), f"[attack_opts.{att}]")):
-                            train_cfg = to_dict(train_config(str(preset), {**t_opts, **tv}))
-                            attack = build_attack(att, a_opts)
+                            with options_given_by((f"grid {name} [train]", t_opts),
+                                                  (f"grid {name} [attack_opts.{att}.train]", tv)):
+                                train_cfg = to_dict(train_config(str(preset), {**t_opts, **tv}))
+                            given = {**attack_common, **attack_per.get(att, {})}  # else the poison_ratio axis
+                            with options_given_by((f"grid {name}", {"poison_ratio": ratio}),
+                                                  (f"grid {name} [attack_opts.{att}]", given)):
+                                attack = build_attack(att, a_opts)
                             if not 0 <= attack.config.target < datasets[key]["_num_classes"]:
                                 raise TsbdError(f"attack target {attack.config.target} is outside the "
                                                 f"{datasets[key]['_num_classes']} classes of {ds_name}")

@@ -35,9 +35,9 @@ def cmd_analyze(args) -> int:
     from tsbd.analysis.registry import AnalysisContext
     from tsbd.artifacts import load_model, provenance, write_bytes_atomic, write_json_atomic
     from tsbd.config import to_dict
-    from tsbd.defenses import build_defense
     from tsbd.pipeline import load_setup_from_meta
 
+    cfg = common.defense_options("tsbd", None, args.opt)[1].config  # a bad option: fail before loading anything
     console = common.console(args)
     runtime = common.runtime(args)
     model, meta = load_model(args.model, runtime.device)
@@ -46,7 +46,6 @@ def cmd_analyze(args) -> int:
     setup = load_setup_from_meta(meta, runtime, data_root=args.data_root, cache_dir=args.cache_dir,
                                  progress=not args.quiet)
     clean, clean_info = setup.clean_set(args.clean_ratio)
-    cfg = build_defense("tsbd", common.parse_opts(args.opt, "TSBD")).config
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
