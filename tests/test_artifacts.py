@@ -39,14 +39,14 @@ def test_overwrite_is_atomic_and_complete(tmp_path, model):
 
 
 def test_failed_write_leaves_nothing(tmp_path, model, monkeypatch):
-    import safetensors.torch
+    import tsbd.artifacts
 
-    def broken(state, path, metadata=None):
-        with open(path, "wb") as fh:
+    def broken(file, tensors, metadata):
+        with open(file, "wb") as fh:
             fh.write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(tsbd.artifacts, "write_safetensors", broken)
     with pytest.raises(TsbdError, match="nothing was written") as err:
         save_model(tmp_path / "m", model, {})
     assert "\n" not in str(err.value)

@@ -122,7 +122,7 @@ def test_blended_formula_and_trigger_image(tmp_path, small):
 def test_bad_attack_input_is_one_line_error(small, tmp_path):
     with pytest.raises(TsbdError, match="unknown attack"):
         build_attack("nope")
-    with pytest.raises(TsbdError, match="poison ratio"):
+    with pytest.raises(TsbdError, match=r"^poison_ratio=1.5: must be in \[0, 1\]$"):
         build_attack("badnets", {"poison_ratio": 1.5})
     with pytest.raises(TsbdError, match="target label"):
         build_attack("badnets", {"target": 10}).prepare(small)

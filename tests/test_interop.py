@@ -533,14 +533,14 @@ def test_diverging_learning_rate_stops_and_writes_no_model(bb_file, clean_npz, t
 
 
 def test_write_failing_half_way_leaves_no_artifact(bb_file, clean_npz, tmp_path, capsys, monkeypatch):
-    import safetensors.torch
+    import tsbd.artifacts
 
-    def broken(state, path, metadata=None):
-        with open(path, "wb") as fh:
+    def broken(file, tensors, metadata):
+        with open(file, "wb") as fh:
             fh.write(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(tsbd.artifacts, "write_safetensors", broken)
     code, _, err = _run(capsys, "purify", bb_file, "--clean-data", clean_npz, *FAST_OPTS, "--out", tmp_path / "o",
                         *RUNTIME)
     _one_line_error(code, err, "nothing was written")

@@ -168,11 +168,17 @@ def _remove_model_folder(path: Path) -> None:
                     path)
 
 
+def write_safetensors(file: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """``tensors`` as a safetensors file with the permissions of any file the user creates (the
+    umask's; safetensors' own ``save_file`` creates it 0600)."""
+    from safetensors.torch import save
+
+    Path(file).write_bytes(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
 def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any], *, overwrite: bool = False) -> Path:
     """Write ``model`` and ``meta`` to the folder ``path`` atomically. An existing tsbd model folder is
     replaced only with ``overwrite``; anything else there is refused (:func:`check_model_output`)."""
-    from safetensors.torch import save_file
-
     spec = getattr(model, "arch_spec", None)
     if spec is None:
         raise TsbdError("the model has no arch_spec; build it with tsbd.models.build_model so it can be saved")
@@ -184,8 +190,8 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any], *, over
     full_meta.setdefault("provenance", provenance())
     try:
         tmp.mkdir()
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        write_safetensors(tmp / WEIGHTS, model.state_dict(),
+                          {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         (tmp / META).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
         if is_model_folder(path):  # checked above: overwrite was given
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"

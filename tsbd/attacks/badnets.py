@@ -12,19 +12,21 @@ import dataclasses
 import torch
 
 from tsbd.attacks.base import ATTACKS, Attack, AttackConfig, load_trigger_image
-from tsbd.config import option
+from tsbd.config import NON_NEGATIVE, UNCONSTRAINED, option
 
 
 @dataclasses.dataclass(frozen=True)
 class BadNetsConfig(AttackConfig):
     patch_size: int = option(0, "side of the white square; 0 = 3 per 32 px of image (3 on CIFAR, 6 on Tiny ImageNet)",
-                             "BackdoorBench resource/badnet; paper App. C")
+                             "BackdoorBench resource/badnet; paper App. C", check=NON_NEGATIVE)
     trigger_image: str = option("", "image file whose non-zero pixels are the patch (overrides patch_size)",
-                                "BackdoorBench trigger_image.png format")
+                                "BackdoorBench trigger_image.png format", check=UNCONSTRAINED)
 
 
 @ATTACKS.register("badnets")
 class BadNets(Attack):
+    """BadNets (Gu et al., 2019): a small white patch stamped on the image, label flipped to the target."""
+
     name = "badnets"
     config_class = BadNetsConfig
 

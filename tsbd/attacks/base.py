@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from tsbd.config import option, override, to_dict
+from tsbd.config import FRACTION, NON_NEGATIVE, Validated, option, override, to_dict
 from tsbd.data.base import Dataset, ImageSet
 from tsbd.data.poison import PoisonedTest, PoisonedTrain, sample_indices
 from tsbd.errors import TsbdError
@@ -32,16 +32,18 @@ from tsbd.registry import Registry
 
 ATTACKS: Registry[type[Attack]] = Registry("attack", "tsbd.attacks")
 
-POISONING_MODES = ("batch", "stored")
+Poisoning = Literal["batch", "stored"]  # the ``poisoning`` option of training-controllable attacks
 _CHUNK = 4096  # images poisoned per chunk, bounds the float working memory
 
 
 @dataclasses.dataclass(frozen=True)
-class AttackConfig:
+class AttackConfig(Validated):
     """Settings every attack shares."""
 
-    target: int = option(0, "target label (all-to-one)", "BackdoorBench attack_target / paper Sec. 4.1")
-    poison_ratio: float = option(0.1, "fraction of the training set poisoned", "paper Sec. 4.1 / BackdoorBench pratio")
+    target: int = option(0, "target label (all-to-one)", "BackdoorBench attack_target / paper Sec. 4.1",
+                         check=NON_NEGATIVE)
+    poison_ratio: float = option(0.1, "fraction of the training set poisoned", "paper Sec. 4.1 / BackdoorBench pratio",
+                                 check=FRACTION)
 
 
 class Attack:
@@ -56,11 +58,6 @@ class Attack:
         if not isinstance(cfg, self.config_class):
             raise TsbdError(f"{self.name} expects a {self.config_class.__name__}, got {type(cfg).__name__}")
         self.config = override(cfg, overrides)
-        if not 0 <= self.config.poison_ratio <= 1:
-            raise TsbdError(f"poison ratio must be in [0, 1], got {self.config.poison_ratio}")
-        if self.poisoning not in POISONING_MODES:
-            raise TsbdError(f"{self.name} poisoning must be one of {', '.join(POISONING_MODES)}, "
-                            f"got {self.poisoning!r}")
 
     # -- resources -------------------------------------------------------------------------
     def prepare(self, dataset: Dataset, **context: Any) -> None:
@@ -69,7 +66,7 @@ class Attack:
         if not 0 <= self.config.target < dataset.num_classes:
             raise TsbdError(
                 f"target label {self.config.target} is outside the {dataset.num_classes} classes of {dataset.name}; "
-                f"choose --set target=0..{dataset.num_classes - 1}"
+                f"choose --target 0..{dataset.num_classes - 1}"
             )
 
     def memo_trigger(self, shape: tuple[int, int, int], build) -> torch.Tensor:

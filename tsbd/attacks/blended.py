@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from tsbd.attacks.base import ATTACKS, Attack, AttackConfig, load_trigger_image
-from tsbd.config import option
+from tsbd.config import FRACTION, UNCONSTRAINED, option
 
 DEFAULT_PATTERN_SEED = 20171215  # the Blended paper's arXiv date; fixed so every run gets the same trigger
 
@@ -25,13 +25,16 @@ def default_blend_pattern(shape: tuple[int, int, int]) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class BlendedConfig(AttackConfig):
-    blend_ratio: float = option(0.2, "trigger weight alpha in training and test", "BackdoorBench blended/default.yaml")
+    blend_ratio: float = option(0.2, "trigger weight alpha in training and test", "BackdoorBench blended/default.yaml",
+                                check=FRACTION)
     trigger_image: str = option("", "image file to blend (BackdoorBench: hello_kitty.jpeg); empty = seeded noise",
-                                "tsbd default (Hello Kitty licence excludes it)")
+                                "tsbd default (Hello Kitty licence excludes it)", check=UNCONSTRAINED)
 
 
 @ATTACKS.register("blended")
 class Blended(Attack):
+    """Blended (Chen et al., 2017): a trigger image blended into the whole input."""
+
     name = "blended"
     config_class = BlendedConfig
 

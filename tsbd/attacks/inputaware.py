@@ -75,9 +75,9 @@ from torch import nn
 
 from tsbd.artifacts import load_into
 from tsbd.attacks._generators import InputAwareTrigger, blend, diversity_loss, mask_threshold
-from tsbd.attacks.base import ATTACKS, Attack, AttackConfig
+from tsbd.attacks.base import ATTACKS, Attack, AttackConfig, Poisoning
 from tsbd.attacks.resources import Resource, image_shape_of, load_or_generate, resource_arch, runtime_of
-from tsbd.config import option, to_dict
+from tsbd.config import FRACTION, NON_NEGATIVE, POSITIVE, UNCONSTRAINED, Range, option, to_dict
 from tsbd.data.base import Dataset, ImageSet
 from tsbd.errors import TsbdError
 from tsbd.train.engine import TrainConfig, fit, make_optimizer, predict
@@ -94,29 +94,35 @@ ADAM_BETAS = (0.5, 0.9)  # BackdoorBench inputaware.py:405-406
 @dataclasses.dataclass(frozen=True)
 class InputAwareConfig(AttackConfig):
     cross_ratio: float = option(1.0, "cross-trigger samples per poisoned sample in each batch",
-                                "BackdoorBench inputaware.py (num_cross = num_bd)")
-    poisoning: str = option("batch", "batch: trigger on the first ratio*B samples of every batch, on the fly; "
+                                "BackdoorBench inputaware.py (num_cross = num_bd)", check=NON_NEGATIVE)
+    poisoning: Poisoning = option("batch", "batch: trigger on the first ratio*B samples of every batch, on the fly; "
                             "stored: one fixed poisoned set of ratio*N images",
                             "BackdoorBench inputaware.py (per-batch num_bd)")
     width: float = option(1.0, "channel multiplier of G and M (1 = 32/64/128 channels)",
-                          "BackdoorBench InputAwareGenerator")
+                          "BackdoorBench InputAwareGenerator", check=POSITIVE)
     mask_epochs: int = option(25, "stage 1: epochs training the mask network alone",
-                              "BackdoorBench inputaware default.yaml clean_train_epochs")
+                              "BackdoorBench inputaware default.yaml clean_train_epochs", check=NON_NEGATIVE)
     joint_epochs: int = option(75, "stage 2: epochs training classifier and generator together",
-                               "BackdoorBench: 100 epochs, the first 25 spent on the mask [derived]")
-    batch_size: int = option(128, "mini-batch size of both stages", "BackdoorBench prototype/cifar10.yaml")
+                               "BackdoorBench: 100 epochs, the first 25 spent on the mask [derived]",
+                               check=NON_NEGATIVE)
+    batch_size: int = option(128, "mini-batch size of both stages", "BackdoorBench prototype/cifar10.yaml",
+                             check=Range(2))
     lr_classifier: float = option(0.01, "stage 2 classifier SGD lr (momentum 0.9, wd 5e-4)",
-                                  "BackdoorBench inputaware default.yaml lr_C")
-    lr_generator: float = option(0.01, "generator Adam lr (betas 0.5, 0.9)", "BackdoorBench default.yaml lr_G")
-    lr_mask: float = option(0.01, "mask network Adam lr (betas 0.5, 0.9)", "BackdoorBench default.yaml lr_M")
+                                  "BackdoorBench inputaware default.yaml lr_C", check=POSITIVE)
+    lr_generator: float = option(0.01, "generator Adam lr (betas 0.5, 0.9)", "BackdoorBench default.yaml lr_G",
+                                 check=POSITIVE)
+    lr_mask: float = option(0.01, "mask network Adam lr (betas 0.5, 0.9)", "BackdoorBench default.yaml lr_M",
+                            check=POSITIVE)
     mask_milestones: tuple[int, ...] = option((10, 20), "stage 1 epochs at which the mask lr drops x0.1",
-                                              "BackdoorBench default.yaml schedulerM_milestones")
-    lambda_div: float = option(1.0, "weight of the diversity loss", "BackdoorBench default.yaml lambda_div")
-    lambda_norm: float = option(100.0, "weight of the mask-size loss", "BackdoorBench default.yaml lambda_norm")
+                                              "BackdoorBench default.yaml schedulerM_milestones", check=NON_NEGATIVE)
+    lambda_div: float = option(1.0, "weight of the diversity loss", "BackdoorBench default.yaml lambda_div",
+                               check=NON_NEGATIVE)
+    lambda_norm: float = option(100.0, "weight of the mask-size loss", "BackdoorBench default.yaml lambda_norm",
+                                check=NON_NEGATIVE)
     mask_density: float = option(0.032, "mask area above which the size loss applies",
-                                 "BackdoorBench default.yaml mask_density")
+                                 "BackdoorBench default.yaml mask_density", check=FRACTION)
     classifier: str = option("", "architecture G is trained against; empty = the victim's (--arch), else airbench",
-                             "BackdoorBench trains G with the victim model")
+                             "BackdoorBench trains G with the victim model", check=UNCONSTRAINED)
     accumulate_generator_grad: bool = option(False, "never zero G's gradients, as the authors' code does",
                                              "paper: plain joint training; code: no optimizerG.zero_grad() [as coded]")
 
@@ -216,16 +222,13 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 @ATTACKS.register("inputaware")
 class InputAware(Attack):
+    """Input-aware (Nguyen & Tran, NeurIPS 2020): a per-image trigger from a trained generator and mask."""
+
     name = "inputaware"
     config_class = InputAwareConfig
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
-        c = self.config
-        if c.width <= 0 or c.mask_epochs < 0 or c.joint_epochs < 0 or c.batch_size < 2 or c.cross_ratio < 0:
-            raise TsbdError("inputaware needs width > 0, mask_epochs >= 0, joint_epochs >= 0, batch_size >= 2 and "
-                            f"cross_ratio >= 0; got {c.width}, {c.mask_epochs}, {c.joint_epochs}, {c.batch_size}, "
-                            f"{c.cross_ratio}")
         self.trigger: InputAwareTrigger | None = None  # frozen G and M, after prepare
         self.resource: Resource | None = None  # the cached G, M and stage 2's classifier
         self._device = torch.device("cpu")

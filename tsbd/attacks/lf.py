@@ -56,7 +56,7 @@ from tsbd.attacks.resources import (
     runtime_of,
     tensors_sha256,
 )
-from tsbd.config import option
+from tsbd.config import AT_LEAST_ONE, POSITIVE, UNCONSTRAINED, Range, option
 from tsbd.data.base import Dataset
 from tsbd.errors import TsbdError
 from tsbd.train.engine import TrainConfig, fit, predict
@@ -67,19 +67,24 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class LFConfig(AttackConfig):
     epsilon: float = option(0.2, "L-infinity bound of the perturbation, fraction of 255",
-                            "BackdoorBench lowFrequency files (values up to 51 = 0.2 x 255)")
+                            "BackdoorBench lowFrequency files (values up to 51 = 0.2 x 255)",
+                            check=Range(0, 1, low_open=True))
     cutoff: float = option(0.25, "low-pass radius, fraction of the Nyquist frequency (0.25: 4 cycles per 32 px)",
-                           "tsbd (Zeng et al. low-pass window; BackdoorBench smooths with a Gaussian)")
-    step_size: float = option(0.01, "largest change of a pixel per optimization step, fraction of 255", "tsbd")
-    epochs: int = option(5, "passes over the images when optimizing the perturbation", "tsbd")
-    images: int = option(2000, "non-target training images the perturbation is optimized on", "tsbd (CPU budget)")
-    batch_size: int = option(128, "images per optimization step", "tsbd")
-    clean_arch: str = option("", "architecture of the clean model; empty = the victim's", "BackdoorBench (same model)")
-    clean_epochs: int = option(10, "epochs of the clean model ('cpu' preset)", "tsbd (CPU budget)")
+                           "tsbd (Zeng et al. low-pass window; BackdoorBench smooths with a Gaussian)",
+                           check=Range(0, 1, low_open=True))
+    step_size: float = option(0.01, "largest change of a pixel per optimization step, fraction of 255", "tsbd",
+                              check=POSITIVE)
+    epochs: int = option(5, "passes over the images when optimizing the perturbation", "tsbd", check=AT_LEAST_ONE)
+    images: int = option(2000, "non-target training images the perturbation is optimized on", "tsbd (CPU budget)",
+                         check=AT_LEAST_ONE)
+    batch_size: int = option(128, "images per optimization step", "tsbd", check=AT_LEAST_ONE)
+    clean_arch: str = option("", "architecture of the clean model; empty = the victim's", "BackdoorBench (same model)",
+                             check=UNCONSTRAINED)
+    clean_epochs: int = option(10, "epochs of the clean model ('cpu' preset)", "tsbd (CPU budget)", check=AT_LEAST_ONE)
     trigger_file: str = option("", "BackdoorBench .npy trigger (H x W x 3 or 1 x H x W x 3, added on 0-255); "
-                               "empty = generate", "BackdoorBench lf/default.yaml")
+                               "empty = generate", "BackdoorBench lf/default.yaml", check=UNCONSTRAINED)
     trigger_scale: float = option(1.0, "factor applied to trigger_file values (255 for the float VGG files)",
-                                  "BackdoorBench (1)")
+                                  "BackdoorBench (1)", check=POSITIVE)
 
 
 def low_pass(v: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -148,6 +153,8 @@ def targeted_step(target: int, cutoff: float, epsilon: float):
 
 @ATTACKS.register("lf")
 class LowFrequency(Attack):
+    """LF (Zeng et al., ICCV 2021): a smooth, low-frequency universal adversarial perturbation."""
+
     name = "lf"
     config_class = LFConfig
 
@@ -164,11 +171,6 @@ class LowFrequency(Attack):
         if cfg.trigger_file:
             self._trigger, self._file_info = self._load_file(Path(cfg.trigger_file), dataset.train.image_shape)
             return
-        for key, value in (("epsilon", cfg.epsilon), ("cutoff", cfg.cutoff), ("step_size", cfg.step_size)):
-            if not value > 0:
-                raise TsbdError(f"lf {key} must be > 0, got {value}")
-        if cfg.images < 1 or cfg.epochs < 1 or cfg.batch_size < 1:
-            raise TsbdError("lf images, epochs and batch_size must be >= 1")
         runtime = runtime_of(context)
         seed = int(context.get("seed", 0) or 0)
         cache_dir = context.get("cache_dir")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tsbd.artifacts import versions
+from tsbd.artifacts import versions, write_safetensors
 from tsbd.config import override, to_dict
 from tsbd.data.base import Dataset
 from tsbd.data.cache import resolve_cache_dir
@@ -130,13 +130,10 @@ def read_resource(folder: Path, name: str, fingerprint: str) -> Resource | None:
 
 
 def _write_resource(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bool:
-    from safetensors.torch import save_file
-
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS),
-                  metadata={"format": RESOURCE_FORMAT, "fingerprint": meta["fingerprint"]})
+        write_safetensors(tmp / TENSORS, tensors, {"format": RESOURCE_FORMAT, "fingerprint": meta["fingerprint"]})
         (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
         if folder.exists():  # a damaged entry (or a concurrent writer's): move it aside, then swap in
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"

@@ -18,15 +18,15 @@ import torch
 
 from tsbd.attacks.base import ATTACKS, Attack, AttackConfig
 from tsbd.attacks.resources import tensors_sha256
-from tsbd.config import option
+from tsbd.config import NON_NEGATIVE, POSITIVE, option
 
 
 @dataclasses.dataclass(frozen=True)
 class SIGConfig(AttackConfig):
     delta: float = option(40.0, "amplitude of the sinusoid on the 0-255 scale",
-                          "BackdoorBench sig/default.yaml sig_delta")
+                          "BackdoorBench sig/default.yaml sig_delta", check=NON_NEGATIVE)
     frequency: float = option(6.0, "periods of the sinusoid across the image width",
-                              "BackdoorBench sig/default.yaml sig_f")
+                              "BackdoorBench sig/default.yaml sig_f", check=POSITIVE)
 
 
 def sig_pattern(shape: tuple[int, int, int], delta: float, frequency: float) -> torch.Tensor:
@@ -39,6 +39,8 @@ def sig_pattern(shape: tuple[int, int, int], delta: float, frequency: float) -> 
 
 @ATTACKS.register("sig")
 class SIG(Attack):
+    """SIG (Barni et al., 2019): clean-label; a horizontal sinusoid added to target-class images."""
+
     name = "sig"
     config_class = SIGConfig
     clean_label = True

@@ -32,7 +32,7 @@ import torch
 from tsbd.attacks._stegastamp import StegaStamp, bit_accuracy, embed_images, psnr, train_stegastamp
 from tsbd.attacks.base import ATTACKS, Attack, AttackConfig
 from tsbd.attacks.resources import Resource, image_shape_of, load_or_generate, runtime_of
-from tsbd.config import option
+from tsbd.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, option
 from tsbd.data.base import Dataset
 from tsbd.errors import TsbdError
 from tsbd.models import count_parameters
@@ -41,24 +41,30 @@ from tsbd.train.runtime import Runtime
 
 @dataclasses.dataclass(frozen=True)
 class SSBAConfig(AttackConfig):
-    secret_bits: int = option(32, "length of the hidden secret", "tsbd (BackdoorBench resource/ssba: 100)")
-    width: int = option(16, "encoder/decoder base width (channels)", "tsbd (CPU budget)")
+    secret_bits: int = option(32, "length of the hidden secret", "tsbd (BackdoorBench resource/ssba: 100)",
+                              check=AT_LEAST_ONE)
+    width: int = option(16, "encoder/decoder base width (channels)", "tsbd (CPU budget)", check=AT_LEAST_ONE)
     train_images: int = option(5000, "training images the encoder/decoder learn on",
-                               "tsbd (CPU budget; BackdoorBench: all)")
-    epochs: int = option(10, "encoder/decoder training epochs", "tsbd (BackdoorBench resource/ssba: 20)")
-    batch_size: int = option(32, "encoder/decoder batch size", "tsbd (BackdoorBench resource/ssba: 64)")
-    lr: float = option(3e-3, "Adam learning rate", "tsbd (ArtificialGANFingerprints: 1e-4 over far more steps)")
+                               "tsbd (CPU budget; BackdoorBench: all)", check=AT_LEAST_ONE)
+    epochs: int = option(10, "encoder/decoder training epochs", "tsbd (BackdoorBench resource/ssba: 20)",
+                         check=AT_LEAST_ONE)
+    batch_size: int = option(32, "encoder/decoder batch size", "tsbd (BackdoorBench resource/ssba: 64)",
+                             check=AT_LEAST_ONE)
+    lr: float = option(3e-3, "Adam learning rate", "tsbd (ArtificialGANFingerprints: 1e-4 over far more steps)",
+                       check=POSITIVE)
     l2_weight: float = option(10.0, "weight of the image L2 loss against the bit BCE",
-                              "ArtificialGANFingerprints l2_loss_weight")
+                              "ArtificialGANFingerprints l2_loss_weight", check=NON_NEGATIVE)
     l2_await: float = option(0.5, "the L2 weight stays 0 until the bits are learned "
                              "or this fraction of the steps passed",
-                             "ArtificialGANFingerprints l2_loss_await (fixed, in steps there)")
+                             "ArtificialGANFingerprints l2_loss_await (fixed, in steps there)", check=FRACTION)
     l2_ramp: float = option(0.3, "fraction of the steps over which the L2 weight then ramps up to l2_weight",
-                            "ArtificialGANFingerprints l2_loss_ramp (in steps there)")
+                            "ArtificialGANFingerprints l2_loss_ramp (in steps there)", check=FRACTION)
 
 
 @ATTACKS.register("ssba")
 class SSBA(Attack):
+    """SSBA (Li et al., ICCV 2021): an invisible, sample-specific trigger hidden by an encoder."""
+
     name = "ssba"
     config_class = SSBAConfig
 
@@ -72,10 +78,6 @@ class SSBA(Attack):
     def prepare(self, dataset: Dataset, **context):
         super().prepare(dataset, **context)
         cfg = self.config
-        if min(cfg.secret_bits, cfg.width, cfg.train_images, cfg.epochs, cfg.batch_size) < 1:
-            raise TsbdError("ssba secret_bits, width, train_images, epochs and batch_size must be >= 1")
-        if not (0 <= cfg.l2_await <= 1 and 0 <= cfg.l2_ramp <= 1) or cfg.l2_weight < 0 or cfg.lr <= 0:
-            raise TsbdError("ssba needs l2_await and l2_ramp in [0, 1], l2_weight >= 0 and lr > 0")
         runtime = runtime_of(context)
         seed = int(context.get("seed", 0) or 0)
         progress = bool(context.get("progress", False))

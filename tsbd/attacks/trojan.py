@@ -44,7 +44,7 @@ from tsbd.attacks.resources import (
     load_or_generate,
     runtime_of,
 )
-from tsbd.config import option
+from tsbd.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNCONSTRAINED, option
 from tsbd.data.base import Dataset, ImageSet
 from tsbd.errors import TsbdError
 from tsbd.train.engine import TrainConfig, fit
@@ -55,21 +55,23 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class TrojanConfig(AttackConfig):
     num_neurons: int = option(2, "input units of the last linear layer the trigger excites",
-                              "BackdoorBench trojannn/preactresnet18.yaml num_neuron")
+                              "BackdoorBench trojannn/preactresnet18.yaml num_neuron", check=AT_LEAST_ONE)
     neuron_target: float = option(100.0, "activation the chosen neurons are pushed to",
-                                  "BackdoorBench trojannn neuron_target_values")
+                                  "BackdoorBench trojannn neuron_target_values", check=POSITIVE)
     mask_update_iters: int = option(1000, "maximum sign-gradient steps on the trigger",
-                                    "BackdoorBench trojannn mask_update_iters")
+                                    "BackdoorBench trojannn mask_update_iters", check=NON_NEGATIVE)
     step_size: float = option(0.1, "sign-gradient step on the trigger ([0, 1] scale)",
-                              "BackdoorBench attack/trojannn.py")
+                              "BackdoorBench attack/trojannn.py", check=POSITIVE)
     bound: float = option(0.3, "L-infinity bound around the initial trigger ([0, 1] scale)",
-                          "BackdoorBench attack/trojannn.py")
-    stop_cost: float = option(1e-3, "stop once the cost falls below this", "BackdoorBench attack/trojannn.py")
+                          "BackdoorBench attack/trojannn.py", check=NON_NEGATIVE)
+    stop_cost: float = option(1e-3, "stop once the cost falls below this", "BackdoorBench attack/trojannn.py",
+                              check=NON_NEGATIVE)
     mask_image: str = option("", "image whose non-zero pixels are the mask and values the initial trigger "
                              "(BackdoorBench: apple4.png); empty = tsbd's apple-like blob",
-                             "BackdoorBench trojannn mask_path")
-    clean_arch: str = option("", "architecture of the clean model; empty = the victim's", "BackdoorBench (same model)")
-    clean_epochs: int = option(10, "epochs of the clean model ('cpu' preset)", "tsbd (CPU budget)")
+                             "BackdoorBench trojannn mask_path", check=UNCONSTRAINED)
+    clean_arch: str = option("", "architecture of the clean model; empty = the victim's", "BackdoorBench (same model)",
+                             check=UNCONSTRAINED)
+    clean_epochs: int = option(10, "epochs of the clean model ('cpu' preset)", "tsbd (CPU budget)", check=AT_LEAST_ONE)
 
 
 def default_trojan_mask(h: int, w: int) -> torch.Tensor:
@@ -129,6 +131,8 @@ def excitation_step(target: float, bound: float):
 
 @ATTACKS.register("trojan")
 class Trojan(Attack):
+    """TrojanNN (Liu et al., NDSS 2018): a masked trigger that excites chosen neurons of a clean model."""
+
     name = "trojan"
     config_class = TrojanConfig
 
@@ -153,8 +157,6 @@ class Trojan(Attack):
     def prepare(self, dataset: Dataset, **context):
         super().prepare(dataset, **context)
         cfg = self.config
-        if cfg.num_neurons < 1 or cfg.mask_update_iters < 0 or cfg.step_size <= 0 or cfg.bound < 0:
-            raise TsbdError("trojan needs num_neurons >= 1, mask_update_iters >= 0, step_size > 0 and bound >= 0")
         runtime = runtime_of(context)
         seed = int(context.get("seed", 0) or 0)
         cache_dir = context.get("cache_dir")

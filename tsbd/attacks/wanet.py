@@ -53,9 +53,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tsbd.attacks.base import ATTACKS, Attack, AttackConfig
+from tsbd.attacks.base import ATTACKS, Attack, AttackConfig, Poisoning
 from tsbd.attacks.resources import Resource, load_or_generate
-from tsbd.config import option
+from tsbd.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, option
 from tsbd.data.base import Dataset
 from tsbd.errors import TsbdError
 from tsbd.train import augment as batch_augment
@@ -65,17 +65,20 @@ CROP_P, ROTATION_P, FLIP_P = 0.8, 0.5, 0.5  # BackdoorBench attack/wanet.py Post
 
 @dataclasses.dataclass(frozen=True)
 class WaNetConfig(AttackConfig):
-    k: int = option(4, "control points per side of the random warp field", "BackdoorBench wanet/default.yaml")
-    s: float = option(0.5, "warp strength (0 = identity)", "BackdoorBench wanet/default.yaml")
-    grid_rescale: float = option(1.0, "scale of the warped sampling grid", "BackdoorBench wanet/default.yaml")
+    k: int = option(4, "control points per side of the random warp field", "BackdoorBench wanet/default.yaml",
+                    check=AT_LEAST_ONE)
+    s: float = option(0.5, "warp strength (0 = identity)", "BackdoorBench wanet/default.yaml", check=NON_NEGATIVE)
+    grid_rescale: float = option(1.0, "scale of the warped sampling grid", "BackdoorBench wanet/default.yaml",
+                                 check=POSITIVE)
     cross_ratio: float = option(2.0, "noise-mode samples per poisoned sample in each batch",
-                                "BackdoorBench wanet/default.yaml (rho_n = 2 rho_a)")
-    poisoning: str = option("stored", "batch: trigger on the first ratio*B samples of every batch, on the fly; "
+                                "BackdoorBench wanet/default.yaml (rho_n = 2 rho_a)", check=NON_NEGATIVE)
+    poisoning: Poisoning = option("stored", "batch: trigger on the first ratio*B samples of every batch, on the fly; "
                             "stored: one fixed poisoned set of ratio*N images",
                             "tsbd: stored learns far better at 30 epochs (module doc); BackdoorBench: batch")
-    random_crop: int = option(5, "padding of the training random crop (p = 0.8)", "BackdoorBench wanet/default.yaml")
+    random_crop: int = option(5, "padding of the training random crop (p = 0.8)", "BackdoorBench wanet/default.yaml",
+                              check=NON_NEGATIVE)
     random_rotation: float = option(10.0, "max degrees of the training random rotation (p = 0.5)",
-                                    "BackdoorBench wanet/default.yaml")
+                                    "BackdoorBench wanet/default.yaml", check=Range(0, 180))
 
 
 def identity_grid(height: int, width: int) -> torch.Tensor:
@@ -144,15 +147,13 @@ def random_rotation(x: torch.Tensor, degrees: float, p: float, fill: torch.Tenso
 
 @ATTACKS.register("wanet")
 class WaNet(Attack):
+    """WaNet (Nguyen & Tran, ICLR 2021): an imperceptible, smooth image warp."""
+
     name = "wanet"
     config_class = WaNetConfig
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
-        if self.config.k < 1:
-            raise TsbdError(f"WaNet k must be >= 1 control point per side, got {self.config.k}")
-        if self.config.cross_ratio < 0:
-            raise TsbdError(f"WaNet cross_ratio must be >= 0, got {self.config.cross_ratio}")
         self.noise: torch.Tensor | None = None  # 1 x H x W x 2 smooth field (before scaling by s)
         self.grid: torch.Tensor | None = None  # 1 x H x W x 2 trigger sampling grid
         self.resource: Resource | None = None  # the field as a cached, fingerprinted artifact

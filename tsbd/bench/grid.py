@@ -62,11 +62,11 @@ import torch
 from tsbd import __version__
 from tsbd.attacks import ATTACKS, build_attack
 from tsbd.attacks.resources import BACKDOORBENCH_TRIGGERS, file_sha256
-from tsbd.config import override, parse_key_values, to_dict
+from tsbd.config import options_given_by, override, parse_key_values, to_dict
 from tsbd.data import DATASETS, load_dataset, resolve_data_root
 from tsbd.defenses import DEFENSES, build_defense
 from tsbd.errors import TsbdError
-from tsbd.models import MODELS
+from tsbd.models import MODELS, check_model_options
 from tsbd.train.engine import TrainConfig
 from tsbd.train.presets import TRAIN_PRESETS, train_config
 
@@ -447,6 +447,7 @@ def _architectures(spec: dict) -> list[_Architecture]:
             if unknown:
                 raise TsbdError(f"model {name!r} has no option {unknown[0]!r}; its options are: "
                                 f"{', '.join(defaults) or 'none'}")
+            check_model_options(name, opts)
             out.append(_Architecture({"name": name, "options": _jsonable({**defaults, **opts})}, str(preset)))
     return out
 
@@ -464,7 +465,7 @@ def _attack_trainings(per_attack: dict[str, dict]) -> dict[str, list[dict]]:
     return out
 
 
-def _attacks(spec: dict, data_root: str | None) -> list[_Attack]:
+def _attacks(spec: dict, data_root: str | None, label: str = "grid") -> list[_Attack]:
     """Each attack x poison ratio x own training variant x [attack_opts] variant, in that order; the
     options are the poison ratio, then those for every attack, then the attack's own."""
     common, per = _split_opts(spec.get("attack_opts", {}))
@@ -477,7 +478,9 @@ def _attacks(spec: dict, data_root: str | None) -> list[_Attack]:
         variants = _expand({"poison_ratio": ratio, **common, **own},
                            _config_sequence_fields(ATTACKS.get(name).config_class), where)
         for train, opts in itertools.product(trainings.get(name, [{}]), variants):
-            attack = build_attack(name, opts)
+            given = {**common, **own}  # an error for any other key is the poison_ratio axis's
+            with options_given_by((label, {"poison_ratio": ratio}), (f"{label} {where}", given)):
+                attack = build_attack(name, opts)
             out.append(_Attack(attack.describe(), attack.config.target, train, data_files(opts, data_root, where)))
     return out
 
@@ -490,7 +493,7 @@ def _clean_ratios(values: list, where: str) -> list[float]:
     return ratios
 
 
-def _defenses(spec: dict) -> list[_Defense]:
+def _defenses(spec: dict, label: str = "grid") -> list[_Defense]:
     """Each defense x [defense_opts] variant x clean ratio (the defense's own ``clean_ratio`` or the grid's),
     in that order; No Defense is the attack cell itself."""
     clean_ratios = _clean_ratios(_axis(spec, "clean_ratio"), "")
@@ -504,7 +507,8 @@ def _defenses(spec: dict) -> list[_Defense]:
         ratios = clean_ratios if own_clean is None else _clean_ratios(_as_list(own_clean), f"[defense_opts.{name}]: ")
         seq = _config_sequence_fields(DEFENSES.get(name).config_class)
         for variant in _expand(opts, seq, f"[defense_opts.{name}]"):
-            config = to_dict(build_defense(name, variant).config)
+            with options_given_by((f"{label} [defense_opts.{name}]", variant)):
+                config = to_dict(build_defense(name, variant).config)
             out.extend(_Defense(name, config, ratio) for ratio in ratios)
     return out
 
@@ -525,17 +529,20 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
     versions = relevant_versions()
     seeds = seeds if seeds is not None else [int(s) for s in _axis(spec, "seed")]
     trainings = _expand(spec.get("train", {}), _config_sequence_fields(TrainConfig), "[train]")
-    defenses = _defenses(spec)
+    label = f"grid {name}"  # where an option came from, in errors
+    defenses = _defenses(spec, label)
     datasets = _datasets(spec, dataset_loader or load_bench_dataset, data_root, cache_dir)
     architectures = _architectures(spec)
-    attacks = _attacks(spec, data_root)
+    attacks = _attacks(spec, data_root, label)
     _check_targets(datasets, attacks)
 
     cells: list[Cell] = []
     seen: set[str] = set()
     for data, arch, train, attack, seed in itertools.product(datasets, architectures, trainings, attacks, seeds):
-        a = attack_cell(dataset=data.config, model=arch.model, attack=attack.config,
-                        train=to_dict(train_config(arch.preset, {**train, **attack.train})), seed=seed,
+        with options_given_by((f"{label} [train]", train),
+                              (f"{label} [attack_opts.{attack.config['name']}.train]", attack.train)):
+            train_cfg = to_dict(train_config(arch.preset, {**train, **attack.train}))
+        a = attack_cell(dataset=data.config, model=arch.model, attack=attack.config, train=train_cfg, seed=seed,
                         versions=versions, files=attack.files)
         if a.id in seen:  # the same attacked model reached through another axis value
             continue

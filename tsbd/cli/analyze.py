@@ -69,9 +69,9 @@ def cmd_analyze(args) -> int:
         write_json_atomic,
     )
     from tsbd.config import to_dict
-    from tsbd.defenses import build_defense
 
     out = check_output_folder(args.out, OUTPUTS, overwrite=args.overwrite)  # before any work
+    cfg = common.defense_options("tsbd", None, args.opt)[1].config  # a bad option: fail before loading anything
     console = common.console(args)
     analysis = analyses()[args.name]
     options = build_options(analysis, args)
@@ -84,7 +84,6 @@ def cmd_analyze(args) -> int:
         raise TsbdError(f"{args.model} records no attack, and the analyses measure one; pass --attack NAME "
                         "(with --attack-opt for its options)")
     clean, clean_info = setup.clean_set(args.clean_ratio)
-    cfg = build_defense("tsbd", common.parse_opts(args.opt, "TSBD")).config
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ctx = AnalysisContext(model=model, setup=setup, clean=clean, cfg=cfg, runtime=runtime, meta=meta, seed=args.seed,

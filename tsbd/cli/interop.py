@@ -76,7 +76,6 @@ def _metrics(model, test, poisoned, runtime) -> dict[str, float]:
 
 def cmd_purify(args) -> int:
     from tsbd.artifacts import check_model_output, provenance, save_model
-    from tsbd.defenses import build_defense
     from tsbd.interop.architectures import NormalizedModel
     from tsbd.interop.checkpoints import load_model_file
     from tsbd.interop.images import check_images, check_labels, load_images
@@ -85,9 +84,7 @@ def cmd_purify(args) -> int:
 
     if args.out:
         check_model_output(args.out, overwrite=args.overwrite)  # before any work: never replace what is not ours
-    file_cfg = common.read_config_file(args.config)
-    opts = {**file_cfg.get("defense", {}), **common.parse_opts(args.opt, "defense")}
-    build_defense(args.defense, opts)  # unknown defense or option: fail before reading anything
+    opts, _ = common.defense_options(args.defense, args.config, args.opt)  # a bad option: fail before reading anything
     arch_opts = common.parse_opts(args.model_opt, "model")
     mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
     console = common.console(args)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tsbd.cli import common
+from tsbd.config import options_given_by
 from tsbd.errors import TsbdError
 
 DEMO_OUTPUTS = ("backdoored", "purified")  # the model folders `tsbd demo --out` writes
@@ -25,25 +26,25 @@ def cmd_attack(args) -> int:
     from tsbd.artifacts import check_model_output, save_model
     from tsbd.attacks import build_attack
     from tsbd.data import load_dataset
+    from tsbd.models import check_model_options
     from tsbd.pipeline import setup_attack, train_attacked_model
     from tsbd.train.presets import train_config
 
     check_model_output(args.out, overwrite=args.overwrite)  # before any work: never replace what is not ours
-    file_cfg = common.read_config_file(args.config)
-    attack_opts = {**file_cfg.get("attack", {}), **common.parse_opts(args.attack_opt, "attack")}
-    for key in ("target", "poison_ratio", "trigger_image"):
-        if getattr(args, key) is not None:
-            attack_opts[key] = getattr(args, key)
-    train_opts = {**file_cfg.get("train", {}), **common.parse_opts(args.train_opt, "training")}
-    if args.epochs is not None:
-        train_opts["epochs"] = args.epochs
+    attack_sources = [*common.given_options(args.config, "attack", "--attack-opt", args.attack_opt, "attack"),
+                      *common.flag_options(args, "target", "poison_ratio", "trigger_image")]
+    train_sources = [*common.given_options(args.config, "train", "--train-opt", args.train_opt, "training"),
+                     *common.flag_options(args, "epochs")]
+    with options_given_by(*attack_sources):  # every option checked before any work
+        attack = build_attack(args.attack, common.merged(attack_sources))
+    with options_given_by(*train_sources):
+        cfg = train_config(args.preset, common.merged(train_sources))
+    arch_kwargs = common.parse_opts(args.model_opt, "model")
+    check_model_options(args.model, arch_kwargs)
     console = common.console(args)
     runtime = common.runtime(args)
-    attack = build_attack(args.attack, attack_opts)
-    cfg = train_config(args.preset, train_opts)
     out = Path(args.out)
     dataset = load_dataset(args.dataset, root=args.data_root, cache_dir=args.cache_dir)
-    arch_kwargs = common.parse_opts(args.model_opt, "model")
     setup = setup_attack(dataset, attack, args.seed, runtime, arch=args.model, arch_kwargs=arch_kwargs,
                          cache_dir=args.cache_dir, progress=not args.quiet)
     key = hashlib.sha256(json.dumps([args.attack, attack.describe(), repr(cfg), args.model, arch_kwargs, args.seed,
@@ -66,21 +67,18 @@ def cmd_attack(args) -> int:
 
 def cmd_defend(args) -> int:
     from tsbd.artifacts import check_model_output, load_model, recorded_dataset, save_model
+    from tsbd.interop.purify import check_clean_size
     from tsbd.pipeline import defend_model
 
     if args.out:
         check_model_output(args.out, overwrite=args.overwrite)
-    file_cfg = common.read_config_file(args.config)
-    opts = {**file_cfg.get("defense", {}), **common.parse_opts(args.opt, "defense")}
+    opts, defense = common.defense_options(args.defense, args.config, args.opt)
     console = common.console(args)
     runtime = common.runtime(args)
     model, meta = load_model(args.model, runtime.device)
     setup = common.setup_from_meta(meta, args, runtime)
-    from tsbd.defenses import build_defense
-    from tsbd.interop.purify import check_clean_size
-
     # an empty clean set, or one smaller than a batch: one clear line before any work
-    check_clean_size(setup.clean_set(args.clean_ratio)[0], build_defense(args.defense, opts).config.batch_size)
+    check_clean_size(setup.clean_set(args.clean_ratio)[0], defense.config.batch_size)
     recorded = meta.get("kind") == "attacked" and not (args.dataset or args.attack or args.attack_opt)
     before = meta.get("metrics") if recorded else None
     result, record = defend_model(model, setup, args.defense, opts, args.clean_ratio, runtime, seed=args.seed,
@@ -157,14 +155,18 @@ def cmd_demo(args) -> int:
     if args.out:
         for sub in DEMO_OUTPUTS:
             check_model_output(Path(args.out) / sub, overwrite=args.overwrite)
+    if not 0 < args.poison_ratio < 1:
+        raise TsbdError(f"--poison-ratio must be in (0, 1), got {args.poison_ratio}")
+    if not 0 < args.clean_ratio <= 1:
+        raise TsbdError(f"--clean-ratio must be in (0, 1], got {args.clean_ratio}")
+    tsbd_opts, _ = common.defense_options("tsbd", None, args.opt, common.flag_options(args, "unlearn_lr"))
+    with options_given_by(*common.flag_options(args, "epochs")):
+        cfg = train_config("cpu", {"epochs": args.epochs})
     console = common.console(args)
     runtime = common.runtime(args)
     t_start = time.perf_counter()
     dataset = load_dataset("demo")
-    if not 0 < args.poison_ratio < 1:
-        raise TsbdError(f"--poison-ratio must be in (0, 1), got {args.poison_ratio}")
     attack = build_attack("badnets", {"poison_ratio": args.poison_ratio})
-    cfg = train_config("cpu", {"epochs": args.epochs})
     setup = setup_attack(dataset, attack, args.seed, runtime)
     console.print(f"[bold]tsbd demo[/]: BadNets ({args.poison_ratio:.0%} poisoned) on {len(dataset.train)} "
                   f"embedded CIFAR-10 images, "
@@ -172,7 +174,6 @@ def cmd_demo(args) -> int:
                   f"{runtime.threads} threads)")
     model, meta = train_attacked_model(setup, "airbench", cfg, runtime, progress=not args.quiet)
     before = dict(meta["metrics"], time=meta["timings"]["train"])
-    tsbd_opts = {"unlearn_lr": args.unlearn_lr, **common.parse_opts(args.opt, "defense")}
     result, record = defend_model(model, setup, "tsbd", tsbd_opts, args.clean_ratio, runtime, seed=args.seed,
                                   progress=not args.quiet, metrics_before=meta["metrics"])
     after = dict(record["metrics"], time=result.timings["total"])
@@ -201,17 +202,37 @@ def cmd_demo(args) -> int:
     return 0
 
 
+LIST_TOPICS = ("attacks", "defenses", "models", "datasets", "training")
+
+
 def cmd_list(args) -> int:
     from tsbd.attacks import ATTACKS
     from tsbd.data import DATASETS
     from tsbd.defenses import DEFENSES
     from tsbd.models import MODELS
+    from tsbd.train.presets import TRAIN_PRESETS
 
-    print("datasets:", ", ".join(DATASETS.names()))
-    print("models:  ", ", ".join(MODELS.names()))
-    print(common.options_table(ATTACKS, "attacks (--attack NAME, options --attack-opt KEY=VALUE):"))
-    print(common.options_table(DEFENSES, "defenses (--defense NAME, options --opt KEY=VALUE):"))
-    print(common.train_options_table())
+    topics = {  # topic -> (registry, the lines on one registered name)
+        "attacks": (ATTACKS, lambda name: common.method_help(ATTACKS, name, "--attack", "--attack-opt")),
+        "defenses": (DEFENSES, lambda name: common.method_help(DEFENSES, name, "--defense", "--opt")),
+        "models": (MODELS, lambda name: common.factory_help(MODELS, name, "--model-opt KEY=VALUE")),
+        "datasets": (DATASETS, lambda name: common.factory_help(
+            DATASETS, name, "KEY = VALUE under [dataset_opts.NAME] in a bench grid"))}
+    if args.topic is None:  # the overview: names and one line each
+        lines = [*common.overview(DATASETS, "datasets (--dataset NAME):"),
+                 *common.overview(MODELS, "models (--model NAME):"),
+                 *common.overview(ATTACKS, "attacks (--attack NAME):"),
+                 *common.overview(DEFENSES, "defenses (--defense NAME):"),
+                 "training presets (--preset NAME): " + ", ".join(TRAIN_PRESETS),
+                 "", "options and defaults: tsbd list attacks|defenses|models|datasets|training [NAME ...]"]
+    elif args.topic == "training":
+        lines = common.training_help(None)
+    else:
+        registry, show = topics[args.topic]
+        for name in args.names:
+            registry.get(name)  # an unknown name: one line naming the registered ones
+        lines = [line for name in [n.lower() for n in args.names] or registry.names() for line in show(name)]
+    print("\n".join(lines))
     return 0
 
 
@@ -219,17 +240,28 @@ def cmd_list(args) -> int:
 # parsers
 def configure_attack(p: argparse.ArgumentParser) -> None:
     from tsbd.attacks import ATTACKS  # lazy, as the commands: only `tsbd attack` needs the registries
+    from tsbd.data import DATASETS
+    from tsbd.models import MODELS
     from tsbd.train.presets import TRAIN_PRESETS
 
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = common.options_table(ATTACKS, "attack options:") + "\n" + common.train_options_table()
-    p.add_argument("--attack", default="badnets", help="attack name (default: badnets; see `tsbd list`)")
-    p.add_argument("--dataset", default="demo", help="dataset name (default: demo, the embedded CIFAR-10 subset)")
+    help_ = common.HelpSections(
+        p, attack=lambda name: common.method_help(ATTACKS, name, "--attack", "--attack-opt"),
+        model=lambda name: common.factory_help(MODELS, name if name and name in MODELS else "airbench",
+                                                "--model-opt KEY=VALUE"),
+        preset=common.training_help)
+    p.add_argument("--attack", default="badnets", action=common.SelectsHelp, sections=help_,
+                   help=f"attack: {', '.join(ATTACKS.names())} (default: badnets; `--attack NAME --help` lists "
+                        "its options)")
+    p.add_argument("--dataset", default="demo",
+                   help=f"dataset: {', '.join(DATASETS.names())} (default: demo, the embedded CIFAR-10 subset)")
     common.add_data_root(p)
-    p.add_argument("--model", default="airbench", help="architecture (default: airbench, the CPU-scale model)")
+    p.add_argument("--model", default="airbench", action=common.SelectsHelp, sections=help_,
+                   help=f"architecture: {', '.join(MODELS.names())} (default: airbench, the CPU-scale model)")
     p.add_argument("--model-opt", action="append", metavar="KEY=VALUE",
-                   help="architecture option, e.g. widths=[16,32,64] or width=16 (repeatable)")
-    p.add_argument("--preset", default="cpu", choices=sorted(TRAIN_PRESETS), help="training preset (default: cpu)")
+                   help="architecture option, e.g. widths=[16,32,64] (airbench) or width=16 (preact_resnet18); "
+                        "repeatable; `tsbd list models` lists them")
+    p.add_argument("--preset", default=common.DEFAULT_PRESET, choices=sorted(TRAIN_PRESETS), action=common.SelectsHelp,
+                   sections=help_, help=f"training preset (default: {common.DEFAULT_PRESET})")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--target", type=int, default=None, help="target label (default: 0, BackdoorBench)")
     p.add_argument("--poison-ratio", type=float, default=None, help="poisoned fraction (default: 0.1, paper)")
@@ -247,10 +279,11 @@ def configure_attack(p: argparse.ArgumentParser) -> None:
 def configure_defend(p: argparse.ArgumentParser) -> None:
     from tsbd.defenses import DEFENSES  # lazy: only `tsbd defend` needs the registry
 
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = common.options_table(DEFENSES, "defense options (--opt KEY=VALUE):")
+    help_ = common.HelpSections(p, defense=lambda name: common.method_help(DEFENSES, name, "--defense", "--opt"))
     p.add_argument("model", help="model folder (from `tsbd attack`)")
-    p.add_argument("--defense", default="tsbd", help="defense name (default: tsbd)")
+    p.add_argument("--defense", default="tsbd", action=common.SelectsHelp, sections=help_,
+                   help=f"defense: {', '.join(DEFENSES.names())} (default: tsbd; `--defense NAME --help` lists "
+                        "its options)")
     p.add_argument("--clean-ratio", type=float, default=0.05,
                    help="fraction of the training set given to the defender as clean data (default: 0.05, paper)")
     common.add_defense_output_args(p, "output folder for the purified model (new or empty)")
@@ -294,6 +327,9 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
 
 
 def configure_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument("topic", nargs="?", choices=LIST_TOPICS,
+                   help="list these with their options and defaults (default: every name, one line each)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these attacks, defenses, models or data sets")
     p.set_defaults(func=cmd_list)
 
 
@@ -302,5 +338,6 @@ COMMANDS = [
     common.Command("defend", "purify a model with a defense", configure_defend),
     common.Command("eval", "ACC / ASR / RA of a model on its dataset and attack", configure_eval),
     common.Command("demo", "BadNets then TSBD on the embedded data, in minutes on a CPU", configure_demo),
-    common.Command("list", "registered datasets, models, attacks, defenses and their options", configure_list),
+    common.Command("list", "registered datasets, models, attacks and defenses; `tsbd list attacks` etc. for "
+                           "their options", configure_list),
 ]

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 
 from tsbd.cli import common
+from tsbd.config import options_given_by
 from tsbd.errors import TsbdError
 
 
@@ -32,15 +33,17 @@ def cmd_show_attack(args) -> int:
     # the folder may hold other attacks' pictures; these attacks' are replaced only with --overwrite
     check_output_folder(args.out, [f"{n}.{ext}" for n in names for ext in FORMATS], overwrite=args.overwrite,
                         shared=True)
+    opts = common.parse_opts(args.attack_opt, "attack")
+    attacks = []
+    with options_given_by(("--attack-opt", opts)):  # every attack's options checked before any work
+        for name in names:
+            fields = {f.name for f in dataclasses.fields(ATTACKS.get(name).config_class)}
+            attacks.append(build_attack(name, {k: v for k, v in opts.items() if k in fields}))
     console = common.console(args)
     runtime = common.runtime(args)
     dataset = load_dataset(args.dataset, root=args.data_root, cache_dir=args.cache_dir)
-    opts = common.parse_opts(args.attack_opt, "attack")
     results = []
-    for name in names:
-        fields = {f.name for f in dataclasses.fields(ATTACKS.get(name).config_class)}
-        own = {k: v for k, v in opts.items() if k in fields}
-        attack = build_attack(name, own)
+    for name, attack in zip(names, attacks):
         res = show_attack(attack, dataset, runtime, out=args.out, images=args.images, seed=args.seed, arch=args.model,
                           cache_dir=args.cache_dir, progress=not args.quiet)
         results.append(res)

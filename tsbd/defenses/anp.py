@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from tsbd.config import option
+from tsbd.config import FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, Range, option
 from tsbd.data.base import ImageSet
 from tsbd.data.poison import holdout_split
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
@@ -44,21 +44,25 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ANPConfig(DefenseConfig):
-    anp_eps: float = option(0.4, "perturbation bound eps on BN gamma/beta", "BackdoorBench anp config; ANP paper")
-    anp_steps: int = option(1, "signed ascent steps on the perturbation per batch", "BackdoorBench anp config")
+    anp_eps: float = option(0.4, "perturbation bound eps on BN gamma/beta", "BackdoorBench anp config; ANP paper",
+                            check=NON_NEGATIVE)
+    anp_steps: int = option(1, "signed ascent steps on the perturbation per batch", "BackdoorBench anp config",
+                            check=NON_NEGATIVE)
     anp_alpha: float = option(0.2, "weight of the natural loss (1 - alpha on the perturbed loss)",
-                              "BackdoorBench anp config; ANP paper")
+                              "BackdoorBench anp config; ANP paper", check=FRACTION)
     mask_lr: float = option(0.01, "mask SGD learning rate (the ANP paper/authors' code use 0.2)",
-                            "BackdoorBench anp config lr (anp.py:736-738)")
-    mask_momentum: float = option(0.9, "mask SGD momentum", "BackdoorBench anp.py / ANP code")
+                            "BackdoorBench anp config lr (anp.py:736-738)", check=POSITIVE)
+    mask_momentum: float = option(0.9, "mask SGD momentum", "BackdoorBench anp.py / ANP code", check=MOMENTUM)
     nb_iter: int = option(2000, "mask optimization iterations (rounded up to whole epochs)",
-                          "BackdoorBench anp config; ANP paper")
-    pruning_max: float = option(0.90, "largest mask threshold tried", "BackdoorBench anp config")
-    pruning_step: float = option(0.05, "threshold step of the sweep", "BackdoorBench anp config")
+                          "BackdoorBench anp config; ANP paper", check=NON_NEGATIVE)
+    pruning_max: float = option(0.90, "largest mask threshold tried", "BackdoorBench anp config", check=FRACTION)
+    pruning_step: float = option(0.05, "threshold step of the sweep", "BackdoorBench anp config",
+                                 check=Range(0, 1, low_open=True))
     acc_ratio: float = option(0.1, "largest tolerated relative drop of held-out clean accuracy",
-                              "BackdoorBench anp config (applied to held-out data here)")
+                              "BackdoorBench anp config (applied to held-out data here)", check=FRACTION)
     holdout_fraction: float = option(0.2, "fraction of the clean data held out to choose the threshold",
-                                     "tsbd, as FP (BackdoorBench chooses on the test set)")
+                                     "tsbd, as FP (BackdoorBench chooses on the test set)",
+                                     check=Range(0, 1, low_open=True, high_open=True))
     augment: bool = option(True, "random crop + flip on clean batches", "BackdoorBench train transform")
 
 

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tsbd.config import option, override, to_dict
+from tsbd.config import AT_LEAST_ONE, Validated, option, override, to_dict
 from tsbd.data.base import ImageSet
 from tsbd.errors import TsbdError
 from tsbd.registry import Registry
@@ -25,8 +25,8 @@ Monitor = Callable[[str, nn.Module], dict]
 
 
 @dataclasses.dataclass(frozen=True)
-class DefenseConfig:
-    batch_size: int = option(256, "mini-batch size", "paper App. C / BackdoorBench defense configs")
+class DefenseConfig(Validated):
+    batch_size: int = option(256, "mini-batch size", "paper App. C / BackdoorBench defense configs", check=AT_LEAST_ONE)
 
 
 @dataclasses.dataclass

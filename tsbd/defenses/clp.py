@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tsbd.config import option
+from tsbd.config import FINITE, option
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.models.surgery import bn_conv_pairs, zero_channels
 
@@ -39,7 +39,7 @@ U_SWEEP = [round(0.5 * i, 1) for i in range(21)]  # BackdoorBench logs u in lins
 @dataclasses.dataclass(frozen=True)
 class CLPConfig(DefenseConfig):
     u: float = option(3.0, "prune channels with UCLC > mean + u * std of their layer",
-                      "BackdoorBench config/defense/clp/config.yaml, CLP paper")
+                      "BackdoorBench config/defense/clp/config.yaml, CLP paper", check=FINITE)
     pairing: Literal["dataflow", "module-order"] = option(
         "dataflow", "how a BN finds its conv: the conv feeding it, or BackdoorBench's previous conv in module order",
         "CLP paper (BackdoorBench: module-order)")

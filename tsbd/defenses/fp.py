@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tsbd.config import option
+from tsbd.config import AT_LEAST_ONE, FRACTION, POSITIVE, Range, option
 from tsbd.data.base import ImageSet
 from tsbd.data.poison import holdout_split
 from tsbd.defenses.base import DEFENSES, Defense
@@ -59,18 +59,19 @@ from tsbd.train.runtime import Runtime
 @dataclasses.dataclass(frozen=True)
 class FPConfig(FTConfig):
     acc_ratio: float = option(0.1, "stop pruning once held-out clean accuracy falls by this fraction of its start",
-                              "BackdoorBench config/defense/fp/config.yaml")
+                              "BackdoorBench config/defense/fp/config.yaml", check=FRACTION)
     once_prune_ratio: float = option(0.01, "fraction of the channels pruned per step (rounded up)",
-                                     "BackdoorBench config/defense/fp/config.yaml")
+                                     "BackdoorBench config/defense/fp/config.yaml", check=Range(0, 1, low_open=True))
     holdout_fraction: float = option(0.2, "part of the clean set held out to choose the pruning level",
-                                     "tsbd (BackdoorBench used the test set)")
+                                     "tsbd (BackdoorBench used the test set)",
+                                     check=Range(0, 1, low_open=True, high_open=True))
     order: Literal["activation", "nwc"] = option(
         "activation", "pruning order: least clean mean activation first (FP), or largest NWC of TSBD's clean "
         "unlearning of the last conv layer first", "FP paper (nwc: TSBD paper App. F)")
     nwc_unlearn_lr: float = option(1e-4, "order=nwc: clean-unlearning learning rate (TSBD unlearn_lr)",
-                                   "TSBD paper App. C")
+                                   "TSBD paper App. C", check=POSITIVE)
     nwc_unlearn_max_epochs: int = option(1000, "order=nwc: most clean-unlearning epochs (TSBD unlearn_max_epochs)",
-                                         "TSBD authors' config")
+                                         "TSBD authors' config", check=AT_LEAST_ONE)
 
 
 def rank_feature_channels(model: nn.Module, layout: ClassifierLayout, images: torch.Tensor, runtime: Runtime,

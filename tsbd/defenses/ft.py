@@ -16,7 +16,7 @@ from typing import Literal
 
 from torch import nn
 
-from tsbd.config import option
+from tsbd.config import MOMENTUM, NON_NEGATIVE, POSITIVE, option
 from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.train.engine import StepFn, TrainConfig, cross_entropy_step, fit
@@ -25,10 +25,12 @@ from tsbd.train.runtime import Runtime
 
 @dataclasses.dataclass(frozen=True)
 class FTConfig(DefenseConfig):
-    epochs: int = option(100, "fine-tuning epochs", "BackdoorBench config/defense/ft/config.yaml")
-    lr: float = option(0.01, "SGD learning rate (peak of the schedule)", "BackdoorBench config/defense/ft/config.yaml")
-    momentum: float = option(0.9, "SGD momentum", "BackdoorBench config/defense/ft/config.yaml")
-    weight_decay: float = option(5e-4, "SGD weight decay", "BackdoorBench config/defense/ft/config.yaml")
+    epochs: int = option(100, "fine-tuning epochs", "BackdoorBench config/defense/ft/config.yaml", check=NON_NEGATIVE)
+    lr: float = option(0.01, "SGD learning rate (peak of the schedule)", "BackdoorBench config/defense/ft/config.yaml",
+                       check=POSITIVE)
+    momentum: float = option(0.9, "SGD momentum", "BackdoorBench config/defense/ft/config.yaml", check=MOMENTUM)
+    weight_decay: float = option(5e-4, "SGD weight decay", "BackdoorBench config/defense/ft/config.yaml",
+                                 check=NON_NEGATIVE)
     schedule: Literal["cosine", "constant"] = option(
         "cosine", "learning-rate schedule (cosine annealing to 0 over `epochs`, stepped per epoch)",
         "BackdoorBench CosineAnnealingLR")

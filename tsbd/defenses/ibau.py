@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from tsbd.config import option
+from tsbd.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, option
 from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.models.normalize import Normalize
@@ -43,15 +43,19 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class IBAUConfig(DefenseConfig):
-    n_rounds: int = option(5, "minimax rounds", "BackdoorBench i-bau config")
-    K: int = option(5, "fixed-point iterations of the implicit hypergradient", "BackdoorBench i-bau config")
+    n_rounds: int = option(5, "minimax rounds", "BackdoorBench i-bau config", check=NON_NEGATIVE)
+    K: int = option(5, "fixed-point iterations of the implicit hypergradient", "BackdoorBench i-bau config",
+                    check=AT_LEAST_ONE)
     lr: float = option(1e-4, "outer Adam learning rate (amsgrad, betas 0.9/0.999, no weight decay)",
-                       "BackdoorBench i-bau config / train_settings_generate.py")
-    perturbation_lr: float = option(10.0, "SGD learning rate of the universal perturbation", "BackdoorBench i-bau.py")
-    fixed_point_lr: float = option(0.1, "gradient step of the inner fixed-point map", "BackdoorBench i-bau.py")
-    perturbation_penalty: float = option(0.001, "weight of |delta|^2 in the inner objective", "BackdoorBench i-bau.py")
+                       "BackdoorBench i-bau config / train_settings_generate.py", check=POSITIVE)
+    perturbation_lr: float = option(10.0, "SGD learning rate of the universal perturbation", "BackdoorBench i-bau.py",
+                                    check=POSITIVE)
+    fixed_point_lr: float = option(0.1, "gradient step of the inner fixed-point map", "BackdoorBench i-bau.py",
+                                   check=POSITIVE)
+    perturbation_penalty: float = option(0.001, "weight of |delta|^2 in the inner objective", "BackdoorBench i-bau.py",
+                                         check=NON_NEGATIVE)
     portion: float = option(0.01, "fraction of each outer batch that carries the perturbation",
-                            "BackdoorBench i-bau.py loss_outer")
+                            "BackdoorBench i-bau.py loss_outer", check=FRACTION)
     augment: bool = option(True, "random crop + flip on clean batches", "BackdoorBench train transform")
 
 

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tsbd.config import option
+from tsbd.config import MOMENTUM, NON_NEGATIVE, POSITIVE, UNCONSTRAINED, option
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.defenses.ft import FTConfig, finetune
 from tsbd.errors import TsbdError
@@ -42,20 +42,23 @@ from tsbd.train.engine import StepFn, predict
 @dataclasses.dataclass(frozen=True)
 class NADConfig(DefenseConfig):
     teacher_epochs: int = option(10, "epochs of fine-tuning that make the teacher (te_epochs)",
-                                 "BackdoorBench config/defense/nad/config.yaml")
+                                 "BackdoorBench config/defense/nad/config.yaml", check=NON_NEGATIVE)
     epochs: int = option(10, "epochs of student training (BackdoorBench also uses te_epochs here)",
-                         "BackdoorBench defense/nad.py")
-    lr: float = option(0.01, "SGD learning rate (teacher and student)", "BackdoorBench config/defense/nad/config.yaml")
-    momentum: float = option(0.9, "SGD momentum", "BackdoorBench sgd_momentum")
-    weight_decay: float = option(5e-4, "SGD weight decay", "BackdoorBench wd (the yaml's 1e-4 is unused)")
+                         "BackdoorBench defense/nad.py", check=NON_NEGATIVE)
+    lr: float = option(0.01, "SGD learning rate (teacher and student)", "BackdoorBench config/defense/nad/config.yaml",
+                       check=POSITIVE)
+    momentum: float = option(0.9, "SGD momentum", "BackdoorBench sgd_momentum", check=MOMENTUM)
+    weight_decay: float = option(5e-4, "SGD weight decay", "BackdoorBench wd (the yaml's 1e-4 is unused)",
+                                 check=NON_NEGATIVE)
     schedule: Literal["constant", "cosine"] = option(
         "constant", "learning-rate schedule of both stages", "BackdoorBench (lr stays ~0.01 for 10 epochs)")
     betas: tuple[float, ...] = option((500.0, 1000.0, 1000.0), "AT loss weights, shallowest to deepest layer",
-                                      "BackdoorBench beta1/beta2/beta3, NAD paper")
-    p: float = option(2.0, "attention map power: mean over channels of |f|^p", "BackdoorBench p, NAD paper")
+                                      "BackdoorBench beta1/beta2/beta3, NAD paper", check=NON_NEGATIVE)
+    p: float = option(2.0, "attention map power: mean over channels of |f|^p", "BackdoorBench p, NAD paper",
+                      check=POSITIVE)
     layers: tuple[str, ...] = option(
         (), "feature points to distill ('module' output or 'module:input'); empty = the last len(betas) stage ends",
-        "tsbd (stage_outputs)")
+        "tsbd (stage_outputs)", check=UNCONSTRAINED)
     augment: bool = option(True, "random crop + flip on clean batches", "BackdoorBench train transform")
 
 

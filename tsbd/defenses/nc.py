@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from tsbd.config import option
+from tsbd.config import AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, Range, option
 from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.train.engine import TrainConfig, fit
@@ -46,25 +46,34 @@ MAD_CONSISTENCY = 1.4826  # MAD -> standard deviation under normality (Wang et a
 
 @dataclasses.dataclass(frozen=True)
 class NCConfig(DefenseConfig):
-    nc_epoch: int = option(80, "most trigger reverse-engineering epochs per label", "BackdoorBench nc config")
-    mask_lr: float = option(0.1, "Adam learning rate of mask and pattern (betas 0.5, 0.9)", "BackdoorBench nc config")
-    init_cost: float = option(1e-3, "initial weight of the mask L1 term", "BackdoorBench nc config; NC paper")
-    cost_multiplier: float = option(2.0, "cost x this going up, / this^1.5 going down", "BackdoorBench nc config")
+    nc_epoch: int = option(80, "most trigger reverse-engineering epochs per label", "BackdoorBench nc config",
+                           check=AT_LEAST_ONE)
+    mask_lr: float = option(0.1, "Adam learning rate of mask and pattern (betas 0.5, 0.9)", "BackdoorBench nc config",
+                            check=POSITIVE)
+    init_cost: float = option(1e-3, "initial weight of the mask L1 term", "BackdoorBench nc config; NC paper",
+                              check=NON_NEGATIVE)
+    cost_multiplier: float = option(2.0, "cost x this going up, / this^1.5 going down", "BackdoorBench nc config",
+                                    check=Range(1))
     patience: int = option(5, "epochs above/below the success threshold before the cost changes",
-                           "BackdoorBench nc config")
+                           "BackdoorBench nc config", check=AT_LEAST_ONE)
     attack_success_threshold: float = option(0.98, "trigger success rate that counts as reached",
-                                             "BackdoorBench nc config atk_succ_threshold 98.0")
+                                             "BackdoorBench nc config atk_succ_threshold 98.0", check=FRACTION)
     early_stop: bool = option(True, "stop once the best L1 stalls", "BackdoorBench nc config")
     early_stop_threshold: float = option(0.99, "best L1 must shrink below this fraction to count as progress",
-                                         "BackdoorBench nc config")
-    early_stop_patience: int = option(25, "epochs without progress before stopping", "BackdoorBench nc config")
-    anomaly_threshold: float = option(2.0, "flag labels whose anomaly index exceeds this", "NC paper Sec. IV")
+                                         "BackdoorBench nc config", check=FRACTION)
+    early_stop_patience: int = option(25, "epochs without progress before stopping", "BackdoorBench nc config",
+                                      check=AT_LEAST_ONE)
+    anomaly_threshold: float = option(2.0, "flag labels whose anomaly index exceeds this", "NC paper Sec. IV",
+                                      check=NON_NEGATIVE)
     unlearning_ratio: float = option(0.2, "fraction of the clean data stamped with recovered triggers",
-                                     "BackdoorBench nc config; NC paper Sec. VI")
-    epochs: int = option(100, "fine-tuning epochs when a label is flagged", "BackdoorBench nc config")
-    lr: float = option(0.01, "fine-tuning SGD learning rate (cosine schedule)", "BackdoorBench nc config")
-    momentum: float = option(0.9, "fine-tuning SGD momentum", "BackdoorBench defense configs")
-    weight_decay: float = option(5e-4, "fine-tuning SGD weight decay", "BackdoorBench defense configs")
+                                     "BackdoorBench nc config; NC paper Sec. VI", check=FRACTION)
+    epochs: int = option(100, "fine-tuning epochs when a label is flagged", "BackdoorBench nc config",
+                         check=NON_NEGATIVE)
+    lr: float = option(0.01, "fine-tuning SGD learning rate (cosine schedule)", "BackdoorBench nc config",
+                       check=POSITIVE)
+    momentum: float = option(0.9, "fine-tuning SGD momentum", "BackdoorBench defense configs", check=MOMENTUM)
+    weight_decay: float = option(5e-4, "fine-tuning SGD weight decay", "BackdoorBench defense configs",
+                                 check=NON_NEGATIVE)
     augment: bool = option(True, "random crop + flip on clean batches (reverse engineering and fine-tuning)",
                            "BackdoorBench nc.py train transform")
 

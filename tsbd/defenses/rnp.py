@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from tsbd.config import option
+from tsbd.config import FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, option
 from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.defenses.masking import mask_summary, masked_batchnorm, prune_bn_channels
@@ -40,22 +40,28 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class RNPConfig(DefenseConfig):
-    unlearn_lr: float = option(0.01, "unlearning SGD learning rate", "BackdoorBench rnp.py unlearning_lr")
-    unlearn_momentum: float = option(0.9, "unlearning SGD momentum", "BackdoorBench rnp.py")
-    unlearn_weight_decay: float = option(5e-4, "unlearning SGD weight decay", "BackdoorBench rnp.py")
+    unlearn_lr: float = option(0.01, "unlearning SGD learning rate", "BackdoorBench rnp.py unlearning_lr",
+                               check=POSITIVE)
+    unlearn_momentum: float = option(0.9, "unlearning SGD momentum", "BackdoorBench rnp.py", check=MOMENTUM)
+    unlearn_weight_decay: float = option(5e-4, "unlearning SGD weight decay", "BackdoorBench rnp.py",
+                                         check=NON_NEGATIVE)
     unlearn_milestones: tuple[int, ...] = option((10, 20), "epochs after which the unlearning lr is x0.1",
-                                                 "BackdoorBench rnp.py schedule (MultiStepLR)")
-    unlearn_epochs: int = option(20, "most unlearning epochs", "BackdoorBench rnp.py unlearning_epochs")
+                                                 "BackdoorBench rnp.py schedule (MultiStepLR)", check=NON_NEGATIVE)
+    unlearn_epochs: int = option(20, "most unlearning epochs", "BackdoorBench rnp.py unlearning_epochs",
+                                 check=NON_NEGATIVE)
     clean_threshold: float = option(0.20, "stop unlearning once the epoch's training accuracy is <= this",
-                                    "BackdoorBench rnp.py clean_threshold; RNP paper")
+                                    "BackdoorBench rnp.py clean_threshold; RNP paper", check=FRACTION)
     unlearn_clip_norm: float = option(20.0, "gradient-norm clip during unlearning (0 = off)",
-                                      "BackdoorBench/RNP code max_norm=20, applied after backward here")
-    recover_lr: float = option(0.2, "mask SGD learning rate", "BackdoorBench rnp.py recovering_lr")
-    recover_momentum: float = option(0.9, "mask SGD momentum", "BackdoorBench rnp.py")
-    recover_epochs: int = option(20, "mask recovering epochs", "BackdoorBench rnp.py recovering_epochs")
-    alpha: float = option(0.2, "weight of the recovering loss (alpha * CE)", "BackdoorBench rnp.py alpha")
+                                      "BackdoorBench/RNP code max_norm=20, applied after backward here",
+                                      check=NON_NEGATIVE)
+    recover_lr: float = option(0.2, "mask SGD learning rate", "BackdoorBench rnp.py recovering_lr", check=POSITIVE)
+    recover_momentum: float = option(0.9, "mask SGD momentum", "BackdoorBench rnp.py", check=MOMENTUM)
+    recover_epochs: int = option(20, "mask recovering epochs", "BackdoorBench rnp.py recovering_epochs",
+                                 check=NON_NEGATIVE)
+    alpha: float = option(0.2, "weight of the recovering loss (alpha * CE)", "BackdoorBench rnp.py alpha",
+                          check=NON_NEGATIVE)
     pruning_threshold: float = option(0.70, "prune channels whose mask is <= this",
-                                      "BackdoorBench rnp.py pruning_number (threshold mode)")
+                                      "BackdoorBench rnp.py pruning_number (threshold mode)", check=FRACTION)
     augment: bool = option(True, "random crop + flip on clean batches", "BackdoorBench train transform")
 
 

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tsbd.config import option
+from tsbd.config import AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, option
 from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.errors import DivergedError
@@ -36,24 +36,27 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TSBDConfig(DefenseConfig):
-    unlearn_lr: float = option(1e-4, "clean-unlearning learning rate", "paper App. C; authors' config lr_un")
-    unlearn_momentum: float = option(0.9, "clean-unlearning SGD momentum (no weight decay)", "authors' tsbd.py")
+    unlearn_lr: float = option(1e-4, "clean-unlearning learning rate", "paper App. C; authors' config lr_un",
+                               check=POSITIVE)
+    unlearn_momentum: float = option(0.9, "clean-unlearning SGD momentum (no weight decay)", "authors' tsbd.py",
+                                     check=MOMENTUM)
     unlearn_acc_threshold: float = option(0.10, "stop unlearning at the first epoch with clean acc <= this",
-                                          "paper Alg. 1 / App. C")
+                                          "paper Alg. 1 / App. C", check=FRACTION)
     unlearn_max_epochs: int = option(1000, "give up unlearning after this many epochs (warns)",
-                                     "authors' config epochs")
+                                     "authors' config epochs", check=AT_LEAST_ONE)
     neuron_ratio: float = option(0.15, "n: fraction of neurons (conv output channels) selected by NWC",
-                                 "paper App. C")
-    weight_ratio: float = option(0.7, "m: fraction of the selected neurons' subweights zeroed", "paper App. C")
+                                 "paper App. C", check=FRACTION)
+    weight_ratio: float = option(0.7, "m: fraction of the selected neurons' subweights zeroed", "paper App. C",
+                                 check=FRACTION)
     reinit_scheme: Literal["v3", "v2", "v1"] = option(
         "v3", "v3: m% most-changed subweights pooled over selected neurons; v2: m% per neuron; v1: whole neurons",
         "paper Table 3 (V3 is TSBD)")
-    finetune_lr: float = option(0.01, "activeness-aware fine-tuning learning rate", "paper App. C")
+    finetune_lr: float = option(0.01, "activeness-aware fine-tuning learning rate", "paper App. C", check=POSITIVE)
     finetune_momentum: float = option(0.9, "fine-tuning SGD momentum (no weight decay, no schedule)",
-                                      "authors' tsbd.py")
+                                      "authors' tsbd.py", check=MOMENTUM)
     finetune_epochs: int = option(21, "fine-tuning epochs (paper App. C: 20; the authors' loop runs "
                                   "range(ft_epoch + 1) = 21, which produced the paper's numbers)",
-                                  "authors' tsbd.py fine-tuning loop")
+                                  "authors' tsbd.py fine-tuning loop", check=NON_NEGATIVE)
     finetune_shuffle: bool = option(False, "shuffle the clean set every fine-tuning epoch (the authors' clean "
                                     "loader keeps dataset order)", "authors' tsbd.py (shuffle=False)")
     unlearn_shuffle: bool = option(False, "shuffle the clean set every unlearning epoch (same loader)",
@@ -63,8 +66,9 @@ class TSBDConfig(DefenseConfig):
                                     "authors' tsbd.py train_finetuning_reg")
     post_step_bn: bool = option(True, "after each step, one train-mode forward of the batch updates BatchNorm "
                                 "running statistics at the new weights", "authors' tsbd.py train_finetuning_reg")
-    r: float = option(0.05, "perturbation radius of the gradient-norm approximation", "paper App. C, Zhao et al. 2022")
-    alpha: float = option(0.7, "balance coefficient a = lambda / r", "paper App. C, Zhao et al. 2022")
+    r: float = option(0.05, "perturbation radius of the gradient-norm approximation", "paper App. C, Zhao et al. 2022",
+                      check=NON_NEGATIVE)
+    alpha: float = option(0.7, "balance coefficient a = lambda / r", "paper App. C, Zhao et al. 2022", check=FRACTION)
     perturbation_norm: Literal["per-tensor", "global"] = option(
         "per-tensor", "normalize g1 per parameter tensor (authors' code) or globally (paper Eq. 5)",
         "authors' tsbd.py (produced the paper's numbers)")
@@ -75,9 +79,10 @@ class TSBDConfig(DefenseConfig):
     test_selected_n: tuple[float, ...] = option(
         (), "also sweep n over these values when the run is evaluated on test data and report the first n whose "
         "test ASR <= test_selected_asr, labelled 'selected on test data' (the returned model keeps neuron_ratio). "
-        "The authors' sweep: 0.01,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.7,0.9", "authors' tsbd.py (ratios)")
+        "The authors' sweep: 0.01,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.7,0.9", "authors' tsbd.py (ratios)",
+        check=FRACTION)
     test_selected_asr: float = option(0.0005, "test ASR at or below which the sweep picks n (0.05%)",
-                                      "paper Tables 3/4 (the n at which test ASR first reached 0.05%)")
+                                      "paper Tables 3/4 (the n at which test ASR first reached 0.05%)", check=FRACTION)
 
 
 # ------------------------------------------------------------------------------------------

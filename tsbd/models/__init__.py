@@ -34,6 +34,7 @@ __all__ = [
     "MODELS",
     "Normalize",
     "build_model",
+    "check_model_options",
     "count_parameters",
     "describe_model",
     "init_from_data",
@@ -119,6 +120,13 @@ def build_model(
         raise TsbdError(f"model options must be JSON values (numbers, strings, lists), got {resolved!r}") from None
     model.arch_spec = spec
     return model
+
+
+def check_model_options(name: str, options: Mapping[str, Any] | None) -> None:
+    """Refuse an unknown model or a bad architecture option before any work: the model is built on
+    the meta device (no memory, no initialization), where its factory checks its options."""
+    with torch.device("meta"):
+        build_model(name, 10, **(options or {}))
 
 
 def model_from_spec(spec: Mapping[str, Any]) -> nn.Module:

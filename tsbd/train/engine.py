@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tsbd.config import option
+from tsbd.config import AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, Validated, option
 from tsbd.data.base import ImageSet
 from tsbd.errors import DivergedError, TsbdError
 from tsbd.train.augment import crop_flip
@@ -32,21 +32,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Validated):
     """Optimizer, schedule and data settings of one :func:`fit` call (BackdoorBench's attack
     training defaults unless a method overrides them)."""
 
-    epochs: int = option(100, "training epochs", "BackdoorBench prototype/cifar10.yaml")
-    batch_size: int = option(128, "mini-batch size", "BackdoorBench prototype/cifar10.yaml")
-    lr: float = option(0.01, "(peak) learning rate", "BackdoorBench prototype/cifar10.yaml")
-    momentum: float = option(0.9, "SGD momentum", "BackdoorBench prototype/cifar10.yaml")
-    weight_decay: float = option(5e-4, "SGD weight decay", "BackdoorBench prototype/cifar10.yaml")
+    epochs: int = option(100, "training epochs", "BackdoorBench prototype/cifar10.yaml", check=NON_NEGATIVE)
+    batch_size: int = option(128, "mini-batch size", "BackdoorBench prototype/cifar10.yaml", check=AT_LEAST_ONE)
+    lr: float = option(0.01, "(peak) learning rate", "BackdoorBench prototype/cifar10.yaml", check=POSITIVE)
+    momentum: float = option(0.9, "SGD momentum", "BackdoorBench prototype/cifar10.yaml", check=MOMENTUM)
+    weight_decay: float = option(5e-4, "SGD weight decay", "BackdoorBench prototype/cifar10.yaml", check=NON_NEGATIVE)
     nesterov: bool = option(False, "Nesterov momentum", "BackdoorBench (plain SGD)")
     schedule: Literal["cosine", "onecycle", "constant"] = option(
         "cosine", "learning-rate schedule (cosine per epoch; onecycle per step)", "BackdoorBench CosineAnnealingLR"
     )
-    warmup: float = option(0.2, "onecycle: fraction of steps spent warming up", "airbench recipe")
-    label_smoothing: float = option(0.0, "cross-entropy label smoothing", "BackdoorBench (none)")
+    warmup: float = option(0.2, "onecycle: fraction of steps spent warming up", "airbench recipe", check=FRACTION)
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", "BackdoorBench (none)", check=FRACTION)
     augment: bool = option(True, "random crop (pad 4) + horizontal flip", "BackdoorBench train transform")
     drop_last: bool = option(True, "drop the last incomplete batch", "BackdoorBench train loader")
 
@@ -173,8 +173,6 @@ def fit(
     """
     if len(data) == 0:
         raise TsbdError("the training set is empty; provide at least one image")
-    if cfg.epochs < 0 or cfg.batch_size <= 0:
-        raise TsbdError(f"epochs must be >= 0 and batch size > 0, got {cfg.epochs} and {cfg.batch_size}")
     model.to(runtime.device).to(memory_format=torch.channels_last)
     net = model
     if step is None and runtime.compile:
