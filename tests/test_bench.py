@@ -37,6 +37,18 @@ def env() -> dict:
     return e
 
 
+def running_cells(results: Path) -> list[str]:
+    """Ids of the cells the store in ``results`` shows running (read-only; none while it is locked)."""
+    db = results / "results.sqlite"
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return [r[0] for r in conn.execute("SELECT id FROM cells WHERE status = 'running'").fetchall()]
+    except sqlite3.OperationalError:
+        return []
+
+
 def runs_by_cell(store: Store) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for r in store.runs():
@@ -168,18 +180,12 @@ def test_sigkill_in_the_middle_of_a_cell_then_restart_finishes_every_cell_once(t
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
-            db = results / "results.sqlite"
-            if db.exists():
-                try:
-                    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-                        row = conn.execute("SELECT id FROM cells WHERE status = 'running'").fetchone()
-                except sqlite3.OperationalError:
-                    row = None
-                if row:
-                    time.sleep(0.3)  # well inside the cell
-                    killed = row[0]
-                    proc.send_signal(signal.SIGKILL)
-                    break
+            running = running_cells(results)
+            if running:
+                time.sleep(0.3)  # well inside the cell
+                killed = running[0]
+                proc.send_signal(signal.SIGKILL)
+                break
             time.sleep(0.05)
     finally:
         proc.wait(timeout=60)
@@ -343,17 +349,11 @@ def test_ctrl_c_stops_every_worker_and_hands_their_cells_back(tmp_path):
            *RUNTIME]
     proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
-    running: list = []
+    running: list[str] = []
     deadline = time.time() + 180
     try:
         while time.time() < deadline and proc.poll() is None and len(running) < 2:
-            db = results / "results.sqlite"
-            if db.exists():
-                try:
-                    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-                        running = conn.execute("SELECT id FROM cells WHERE status = 'running'").fetchall()
-                except sqlite3.OperationalError:
-                    running = []
+            running = running_cells(results)
             time.sleep(0.05)
         assert len(running) == 2, proc.stderr.read().decode()[-2000:]  # both attack cells, one per worker
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
@@ -366,7 +366,7 @@ def test_ctrl_c_stops_every_worker_and_hands_their_cells_back(tmp_path):
         rows = store.cells("tiny")
         assert not [r for r in rows if r["status"] == "running"]  # every claimed cell handed back
         outcomes = runs_by_cell(store)
-        assert all(outcomes[cid] == ["interrupted"] for (cid,) in running)
+        assert all(outcomes[cid] == ["interrupted"] for cid in running)
 
 
 def test_workers_option_is_checked_before_any_work(tmp_path, capsys):
