@@ -3,7 +3,8 @@
 * No text file of the package, the benchmarks or the documents cites a file that is not in the
   repository (the team's notes ``methods.md`` / ``cpu-calibration.md``, or ``../shared`` paths:
   public sources are cited instead), and none speaks of work sittings, sessions or issue numbers.
-* Every relative link in the Markdown documents resolves to a file of the repository.
+* Every relative link in the Markdown documents resolves to a file of the repository, and every
+  ``#anchor`` to a heading of the page it names.
 
 Run records written by the tools (``result.json`` of an analysis, ``benchmarks/results/*.json``)
 keep the paths they were run with: they are provenance, not prose, and are not checked.
@@ -66,7 +67,8 @@ def _markdown_files() -> list[Path]:
     return [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs").rglob("*.md"))]
 
 
-def _relative_links(path: Path) -> list[tuple[int, str]]:
+def _relative_links(path: Path) -> list[tuple[int, str, str]]:
+    """(line, file, anchor) of every relative link outside code; file is "" for a link to this page."""
     links, in_fence = [], False
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if FENCE.match(line.strip()):
@@ -75,20 +77,40 @@ def _relative_links(path: Path) -> list[tuple[int, str]]:
         if in_fence:
             continue
         for target in LINK.findall(re.sub(r"`[^`]*`", "", line)):
-            if not re.match(r"[a-z][a-z0-9+.-]*:", target, re.IGNORECASE) and not target.startswith("#"):
-                links.append((i, target.split("#", 1)[0]))
+            if not re.match(r"[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):
+                file, _, anchor = target.partition("#")
+                links.append((i, file, anchor))
     return links
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    anchors, in_fence = set(), False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if FENCE.match(line.strip()):
+            in_fence = not in_fence
+        elif not in_fence and (m := re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)):
+            text = re.sub(r"[`*]", "", re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", m.group(1)))
+            anchors.add(re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-"))
+    return anchors
 
 
 @pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: p.relative_to(REPO).as_posix())
 def test_relative_links_resolve(path):
-    broken = [f"{path.relative_to(REPO)}:{i}: {target}" for i, target in _relative_links(path)
-              if not (path.parent / target).exists()]
-    assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
+    broken = []
+    for i, file, anchor in _relative_links(path):
+        target = path.parent / file if file else path
+        if not target.exists():
+            broken.append(f"{path.relative_to(REPO)}:{i}: {file} does not exist")
+        elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+            broken.append(f"{path.relative_to(REPO)}:{i}: no heading for #{anchor} in {target.relative_to(REPO)}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
 
 
 def test_link_finder_sees_links_and_skips_code_and_urls(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("[a](docs/a.md) ![b](img/b.png#x) [c](https://x.org) [d](#top)\n"
-                    "`[e](not/a/link.md)`\n```\n[f](in/a/fence.md)\n```\n")
-    assert _relative_links(page) == [(1, "docs/a.md"), (1, "img/b.png")]
+    page.write_text("# Top: the `tsbd` page (draft)\n"
+                    "[a](docs/a.md) ![b](img/b.png#x) [c](https://x.org) [d](#top-the-tsbd-page-draft)\n"
+                    "`[e](not/a/link.md)`\n```\n[f](in/a/fence.md)\n# not a heading\n```\n")
+    assert _relative_links(page) == [(2, "docs/a.md", ""), (2, "img/b.png", "x"), (2, "", "top-the-tsbd-page-draft")]
+    assert _anchors(page) == {"top-the-tsbd-page-draft"}
