@@ -7,7 +7,7 @@ cross samples), and record clean ACC, ASR, RA, the resource and training times. 
 Input-aware it also evaluates stage 2's classifier (the model BackdoorBench reports as IAD's
 attacked model) on the same test sets. Results go to stdout and to ``--out`` as JSON.
 
-    python benchmarks/attacks_dynamic.py --data-root ../shared/data --out benchmarks/results/attacks_dynamic.json
+    python benchmarks/attacks_dynamic.py --data-root DATA_ROOT --out benchmarks/results/attacks_dynamic.json
     python benchmarks/attacks_dynamic.py --tiny --out /tmp/attacks_dynamic_tiny.json   # ~1 minute check
 
 Input-aware at BackdoorBench's full size (width 1, 25 + 75 epochs) takes hours on 2 CPU cores;

@@ -1,4 +1,4 @@
-"""Issues 3 and 5: TSBD and the baseline defenses on full CIFAR-10 with the CPU-scale model.
+"""TSBD and the baseline defenses on full CIFAR-10 with the CPU-scale model, BadNets and Blended.
 
 For each attack (BadNets, Blended with the paper's triggers): train the airbench model on the
 10%-poisoned training set, then run each variant on the same 5% clean set, recording
@@ -6,12 +6,13 @@ ACC / ASR / RA / DER and per-stage times. Variants: ``per-tensor`` / ``global`` 
 either perturbation norm), ``vanilla-ft`` (a plain 20-epoch fine-tune with TSBD's stage-2
 optimizer), or any registered defense name (``ft``, ``fp``, ``nad``, ``nc``, ``anp``, ``clp``,
 ``ibau``, ``rnp``) at its default config. Attacked models are saved under --work and reused; a
-rerun with the same --out skips the (attack, variant) rows already in it (resume).
+rerun with the same --out skips the (attack, variant) rows already in it (resume). DATA_ROOT is the
+folder with ``cifar10.npz`` and BackdoorBench's trigger files in ``backdoorbench-triggers/``.
 
-    python benchmarks/cifar10_tsbd.py --data-root ../shared/data \
-        --trigger-dir ../shared/data/backdoorbench-triggers --out benchmarks/results/cifar10_tsbd.json
-    python benchmarks/cifar10_tsbd.py --data-root ../shared/data \
-        --trigger-dir ../shared/data/backdoorbench-triggers --tsbd-opt unlearn_lr=0.01 \
+    python benchmarks/cifar10_tsbd.py --data-root DATA_ROOT \
+        --trigger-dir DATA_ROOT/backdoorbench-triggers --out benchmarks/results/cifar10_tsbd.json
+    python benchmarks/cifar10_tsbd.py --data-root DATA_ROOT \
+        --trigger-dir DATA_ROOT/backdoorbench-triggers --tsbd-opt unlearn_lr=0.01 \
         --variants per-tensor,ft,fp,nad,nc,anp,clp,ibau,rnp --out benchmarks/results/cifar10_defenses.json
 """
 

@@ -1,11 +1,11 @@
 """A clean (unpoisoned) model on full CIFAR-10 with the attacks' training schedule.
 
-The reference for issue 3 (the CPU-scale model reaches >= 85% clean accuracy within 20 minutes on
-2 cores) and issue 4 (each attack's clean ACC within 3 points of a clean model trained with the
-same schedule). The model is the pipeline's cached clean reference (the one analyses reuse);
+The reference for two aims: the CPU-scale model reaches >= 85% clean accuracy within 20 minutes on
+2 cores, and each attack's clean ACC stays within 3 points of a clean model trained with the same
+schedule. The model is the pipeline's cached clean reference (the one analyses reuse);
 a rerun loads it and reports the recorded training time.
 
-    python benchmarks/clean_model.py --data-root ../shared/data --out benchmarks/results/clean_model.json
+    python benchmarks/clean_model.py --data-root DATA_ROOT --out benchmarks/results/clean_model.json
 
 ``--compare DIR ...`` adds the per-class clean accuracy of other saved models (e.g. attacked
 models from the grid) beside the clean model's, to see where an attack's accuracy loss sits.

@@ -20,8 +20,8 @@ clean set, and then fine-tunes copies of that one reinitialized model with these
 
 A rerun with the same --out skips the (attack, seed) rows already in it.
 
-    python benchmarks/stage2_switches.py --data-root ../shared/data \
-        --trigger-dir ../shared/data/backdoorbench-triggers --dataset demo --epochs 12 \
+    python benchmarks/stage2_switches.py --data-root DATA_ROOT \
+        --trigger-dir DATA_ROOT/backdoorbench-triggers --dataset demo --epochs 12 \
         --attacks lf,trojan,blended,badnets --seeds 0,1,2 --tsbd-opt unlearn_lr=8e-4 \
         --out benchmarks/results/stage2_switches.json
 """

@@ -13,7 +13,7 @@ warm-up step compiles), side by side with the eager numbers. Also measures the m
 peak at the training precision in the same run (best of three square sizes), so the numbers can
 be read as a fraction of the hardware limit.
 
-    python benchmarks/throughput.py --data-root ../shared/data --models airbench \\
+    python benchmarks/throughput.py --data-root DATA_ROOT --models airbench \\
         --out benchmarks/results/throughput.json
 """
 

@@ -4,7 +4,7 @@ Copies the chosen images' JPEG bytes unchanged from a CIFAR-10 JPEG archive (no
 recompression) and records their indices in the source as ``train_source_index`` and
 ``test_source_index``. Deterministic: the same source and seed give the same file.
 
-    python scripts/make_demo_data.py [--source ../shared/data/cifar10.npz] [--seed 0]
+    python scripts/make_demo_data.py [--source DATA_ROOT/cifar10.npz] [--seed 0]
 """
 
 from __future__ import annotations

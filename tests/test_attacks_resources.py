@@ -201,7 +201,7 @@ def test_lf_accepts_backdoorbench_files(small, caplog):
 def test_trojan_accepts_backdoorbench_apple_mask(small, runtime, cache):
     a = prepared("trojan", small, runtime, cache, mask_image=str(BB_TRIGGERS / "apple4.png"), mask_update_iters=3)
     mask = a.resource.tensors["mask"].bool()
-    assert int(mask.sum()) == 117  # apple4.png resized to 32 x 32 (methods.md)
+    assert int(mask.sum()) == 117  # non-zero entries of apple4.png resized to 32 x 32
     assert torch.all(a.trigger[:, ~mask] == 0)
     initial = a.resource.tensors["initial"]
     assert (a.trigger.float() / 255 - initial).abs().max() <= 0.3 + 1 / 255

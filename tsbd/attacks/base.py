@@ -12,7 +12,7 @@ poisoned image; instead the first int(ratio * B) samples of every shuffled batch
 and the target label on the fly (:meth:`Attack.poison_batch_head`), so over training the model
 sees the trigger on ever new images. ``"stored"`` (WaNet's default) poisons one fixed set of
 round(ratio * N) training images once, like the static attacks. Each default is the one that
-learned its backdoor at the CPU-scale schedule (BENCHMARKS.md, issue 4).
+learned its backdoor at the CPU-scale schedule (BENCHMARKS.md, "Settings measured for this grid").
 """
 
 from __future__ import annotations

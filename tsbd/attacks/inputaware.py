@@ -1,8 +1,8 @@
 """Input-aware dynamic backdoor (IAD; Nguyen & Tran, NeurIPS 2020): every image gets its own
 trigger, ``x' = x + (G(x) - x) * M(x)``, from a generator G and a mask network M.
 
-As BackdoorBench configures it (config/attack/inputaware/default.yaml, attack/inputaware.py;
-methods.md Sec. 3):
+As BackdoorBench configures it (SCLBD/BackdoorBench @ f02e353: config/attack/inputaware/default.yaml,
+attack/inputaware.py -- stage 1 lines 421-447 and 688-728, stage 2 lines 811-869):
 
 * **Stage 1, mask (``mask_epochs`` = 25).** M alone, on clean training pairs (x1, x2):
   ``lambda_norm * mean(relu(M(x1) - mask_density)) + lambda_div * mean(d(x1, x2) / d(M(x1),

@@ -1,6 +1,7 @@
 """WaNet (Nguyen & Tran, ICLR 2021): an imperceptible, smooth image warp is the trigger.
 
-As BackdoorBench configures it (config/attack/wanet/default.yaml, attack/wanet.py):
+As BackdoorBench configures it (SCLBD/BackdoorBench @ f02e353: config/attack/wanet/default.yaml,
+attack/wanet.py -- warp field lines 237-251, per-batch poisoning lines 578-598):
 
 * Warp field, made once in :meth:`WaNet.prepare` from the run's seed: ``k x k`` control
   points ~ U(-1, 1) per axis, divided by their mean absolute value, upsampled bicubically
@@ -20,7 +21,7 @@ Where tsbd differs from BackdoorBench, and why:
 * **Which samples are poisoned.** BackdoorBench poisons by batch position: the first
   int(0.1 B) samples of every shuffled batch are warped and relabelled, the next 2x that many
   get the noise warp, and the training set it saves for defenses is a separate pass in which
-  *both* kinds are flagged as poisoned (methods.md Sec. 3, "as coded"). tsbd's default,
+  *both* kinds are flagged as poisoned (BackdoorBench attack/wanet.py lines 485-540). tsbd's default,
   ``poisoning="stored"``, instead warps exactly round(ratio * N) seeded training images once and
   relabels them (the set defenses see), and the hook adds only the noise-mode samples,
   int(int(ratio * B) * cross_ratio) per batch as in BackdoorBench, drawn from samples whose

@@ -11,14 +11,15 @@ scale. Channels whose UCLC exceeds mean + u * std of their layer (:func:`clp_pru
 by zeroing the BN's gamma and beta. No clean data is used (the clean set only gives the input
 size for tracing the network); the model is otherwise returned as it is, without fine-tuning.
 
-Pairing (methods.md sec. 4). UCLC bounds BN(conv(x)), so each BN must be paired with the conv
-that FEEDS it (:func:`tsbd.models.surgery.bn_conv_pairs`, traced from the data flow). In a
-pre-activation ResNet, a block's ``bn1`` reads the residual sum of the previous block, which no
-single filter bounds: it is left unpruned, and listed under ``unpaired``. BackdoorBench pairs each
-BN with the previous Conv2d in module order, which for PreActResNet18 scores ``bn1`` channels
-with the previous block's ``conv2`` or shortcut filters; ``pairing="module-order"`` reproduces
-that for comparison with its numbers. We also take sigma_k with the BN's eps (the scale the layer
-applies); BackdoorBench uses sqrt(running_var), which divides by 0 for a channel of zero variance.
+Pairing (BackdoorBench @ f02e353, ``defense/clp.py`` ``CLP_prune``, lines 56-81). UCLC bounds
+BN(conv(x)), so each BN must be paired with the conv that FEEDS it
+(:func:`tsbd.models.surgery.bn_conv_pairs`, traced from the data flow). In a pre-activation ResNet,
+a block's ``bn1`` reads the residual sum of the previous block, which no single filter bounds: it
+is left unpruned, and listed under ``unpaired``. BackdoorBench pairs each BN with the previous
+Conv2d in module order, which for PreActResNet18 scores ``bn1`` channels with the previous block's
+``conv2`` or shortcut filters; ``pairing="module-order"`` reproduces that for comparison with its
+numbers. We also take sigma_k with the BN's eps (the scale the layer applies); BackdoorBench uses
+sqrt(running_var), which divides by 0 for a channel of zero variance.
 """
 
 from __future__ import annotations

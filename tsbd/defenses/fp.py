@@ -17,7 +17,9 @@ layer4's 512 output channels after global pooling -- the ``linear`` inputs Backd
 for VGG19-BN the 512 channels of the last (1x1, replicated to 7x7) map, 49 ``classifier.0``
 columns each, where BackdoorBench prunes the 25,088 columns one at a time.
 
-Deviations from BackdoorBench ``defense/fp.py`` (methods.md sec. 4), as the paper intends:
+Deviations from BackdoorBench (SCLBD/BackdoorBench @ f02e353 ``defense/fp.py``: the hook on the last
+child, lines 294-301; the pruning loop and its stop rule on test accuracy, lines 339-380), as the
+paper intends:
 * the pruning level is chosen on a held-out part of the clean set, not on the test set;
 * the step kept is the last one within the accuracy budget (BackdoorBench keeps the mask of the
   first violating step), and step k prunes exactly k channels (BackdoorBench prunes k - 1);

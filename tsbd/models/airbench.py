@@ -1,8 +1,9 @@
 """A CPU-scale airbench-style net: frozen patch whitening, three conv groups, scaled logits.
 
 After Keller Jordan's airbench (github.com/KellerJordan/cifar10-airbench, ``airbench94.py``;
-"94% on CIFAR-10 in 3.29 seconds on a single GPU", arXiv:2404.00498), narrowed to the widths
-measured in ``cpu-calibration.md`` (0.30M parameters, ~2,500 img/s fp32 on 2 cores):
+"94% on CIFAR-10 in 3.29 seconds on a single GPU", arXiv:2404.00498), narrowed from its widths
+64-256-256 to 32-64-128 so that it trains on 2 CPU cores in minutes (0.30M parameters; measured
+speeds in BENCHMARKS.md, "Engine speed"):
 
 * ``whiten``: 2x2 conv, 3 -> 24 channels, no padding. Its weights are frozen
   (``requires_grad=False``) and set by :meth:`Airbench.init_from_data` to the eigenbasis of
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 WHITEN_KERNEL = 2  # airbench94: 2x2 patches
 WHITEN_EPS = 5e-4  # airbench94 init_whitening_conv eps
 WHITEN_MAX_IMAGES = 5000  # airbench94 whitens on the first 5000 training images
-LOGIT_SCALE = 1 / 8  # cpu-calibration.md; airbench downscales its logits by a constant like this
+LOGIT_SCALE = 1 / 8  # airbench94.py scales its logits by a constant too (hyp['net']['scaling_factor'] = 1/9)
 
 
 class ConvGroup(nn.Module):
@@ -139,7 +140,7 @@ class Airbench(nn.Module):
 def airbench(
     num_classes: int, *, mean: Sequence[float], std: Sequence[float], widths: Sequence[int] = (32, 64, 128)
 ) -> Airbench:
-    """Airbench-style net; ``widths`` of the three conv groups (cpu-calibration: 32, 64, 128)."""
+    """Airbench-style net; ``widths`` of the three conv groups (default 32, 64, 128; airbench94: 64, 256, 256)."""
     ok = (
         isinstance(widths, (list, tuple))
         and len(widths) == 3
