@@ -344,7 +344,8 @@ def test_workers_share_one_store_run_every_cell_once_and_start_attacks_first(tmp
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_worker_and_hands_their_cells_back(tmp_path):
-    grid, results = write_grid(tmp_path, epochs=20), tmp_path / "results"
+    # cells long enough that both workers are surely inside one when Ctrl-C comes (it never waits for them)
+    grid, results = write_grid(tmp_path, epochs=500), tmp_path / "results"
     cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), "--workers", "2",
            *RUNTIME]
     proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

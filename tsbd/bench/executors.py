@@ -276,9 +276,17 @@ def _run_ray(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, ru
 
 
 # ------------------------------------------------------------------------------------------
+def _interrupt_once(signum, frame) -> None:
+    """SIGINT in a worker: stop (KeyboardInterrupt) and ignore any further SIGINT, so that a second
+    one (the terminal's to the group, then the parent's) cannot cut short handing the cell back."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _worker_main(plan: Plan, results_dir: str, ctx: CellContext, retry_failed: bool, poll_s: float,
                  runner: CellRunner) -> None:
     """One of ``run_workers``'s processes: the local executor on the shared store, attacks first."""
+    signal.signal(signal.SIGINT, _interrupt_once)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         with Store(results_dir) as store:
@@ -335,7 +343,12 @@ def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, ret
                 shown = done + failed
             bar.show(f"{sum(p.is_alive() for p in procs)} workers")
     except BaseException:
-        for proc in procs:  # a SIGINT sent to this process alone still reaches every worker
+        # a terminal's Ctrl-C reached the workers too; give them a moment, then pass it on to those
+        # still running (a SIGINT sent to this process alone), and terminate what does not stop
+        grace = time.monotonic() + 5.0
+        for proc in procs:
+            proc.join(timeout=max(0.0, grace - time.monotonic()))
+        for proc in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGINT)
         deadline = time.monotonic() + stop_timeout_s
