@@ -348,8 +348,10 @@ def test_ctrl_c_stops_every_worker_and_hands_their_cells_back(tmp_path):
     grid, results = write_grid(tmp_path, epochs=500), tmp_path / "results"
     cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), "--workers", "2",
            *RUNTIME]
+    # SIGINT as a terminal's foreground job has it, even when the tests run as a background job
+    # (whose SIGINT is ignored, and that would be inherited)
     proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     running: list[str] = []
     deadline = time.time() + 180
     try:

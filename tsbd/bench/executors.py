@@ -286,7 +286,8 @@ def _interrupt_once(signum, frame) -> None:
 def _worker_main(plan: Plan, results_dir: str, ctx: CellContext, retry_failed: bool, poll_s: float,
                  runner: CellRunner) -> None:
     """One of ``run_workers``'s processes: the local executor on the shared store, attacks first."""
-    signal.signal(signal.SIGINT, _interrupt_once)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's ignored SIGINT stays ignored
+        signal.signal(signal.SIGINT, _interrupt_once)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         with Store(results_dir) as store:
