@@ -218,16 +218,15 @@ def test_defend_sigkill_writes_nothing_and_rerun_finishes(attacked, tmp_path):
 
 
 def test_bench_write_failing_half_way_leaves_no_artifact_and_no_result_row(tmp_path, monkeypatch, capsys):
-    import safetensors.torch
-
+    import tsbd.artifacts
     from tsbd.bench.store import Store
 
-    def broken(state, path, metadata=None):
-        with open(path, "wb") as fh:
+    def broken(file, tensors, metadata):
+        with open(file, "wb") as fh:
             fh.write(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(tsbd.artifacts, "write_safetensors", broken)
     grid = write_tiny_grid(tmp_path, name="tiny-write", attacks=["badnets"], defenses=["none"], widths=(8, 16, 16))
     results = tmp_path / "results"
     assert main(["bench", str(grid), "--results", str(results), *RUNTIME]) == 1
