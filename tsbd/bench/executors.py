@@ -122,12 +122,7 @@ class _Scheduler:
         log.warning("cell %s (%s) failed: %s", cell.id, cell.label(), message)
 
     def finalize(self, t0: float) -> Summary:
-        counts = {"done": 0, "failed": 0}
-        for cell in self.plan.cells:
-            status = self.store.state(cell.id)["status"]
-            if status in counts:
-                counts[status] += 1
-        self.summary.done, self.summary.failed = counts["done"], counts["failed"]
+        self.summary.done, self.summary.failed, _ = _count(self.store, self.plan)
         self.summary.seconds = time.perf_counter() - t0
         return self.summary
 
