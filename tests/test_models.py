@@ -166,6 +166,19 @@ def test_vgg19_bn_has_torchvision_layout_and_init():
     assert "classifier.6.weight" in model.state_dict()
 
 
+def test_vgg19_bn_width_option_keeps_layout_and_names():
+    model = build_model("vgg19_bn", 43, width=16)
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16] * 2 + [32] * 2 + [64] * 4 + [128] * 8
+    assert len(model.features) == 53 and isinstance(model.features[49], nn.Conv2d)
+    linears = [model.classifier[i] for i in (0, 3, 6)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(128 * 49, 1024), (1024, 1024), (1024, 43)]
+    assert model.arch_spec["width"] == 16
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 43)
+    with pytest.raises(TsbdError, match="vgg19_bn width must be a positive integer"):
+        build_model("vgg19_bn", 10, width=0)
+
+
 def test_airbench_size_and_frozen_whitening():
     model = build_model("airbench", 10)
     assert count_parameters(model) == pytest.approx(0.30e6, abs=0.01e6)
@@ -252,7 +265,7 @@ def test_bad_airbench_widths_and_spec_raise_tsbd_error():
     with pytest.raises(TsbdError, match="name"):
         model_from_spec({"num_classes": 10})
     with pytest.raises(TsbdError, match="option"):
-        model_from_spec({"name": "vgg19_bn", "num_classes": 10, "width": 8})
+        model_from_spec({"name": "vgg19_bn", "num_classes": 10, "depth": 8})
 
 
 def test_describe_model_is_json_summary():

@@ -18,6 +18,7 @@ learned its backdoor at the CPU-scale schedule (BENCHMARKS.md, "Settings measure
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -29,6 +30,8 @@ from tsbd.data.base import Dataset, ImageSet
 from tsbd.data.poison import PoisonedTest, PoisonedTrain, sample_indices
 from tsbd.errors import TsbdError
 from tsbd.registry import Registry
+
+log = logging.getLogger(__name__)
 
 ATTACKS: Registry[type[Attack]] = Registry("attack", "tsbd.attacks")
 
@@ -88,7 +91,14 @@ class Attack:
         count = round(self.config.poison_ratio * len(labels))
         if self.clean_label:
             pool = torch.nonzero(labels == self.config.target).flatten()
-            count = min(count, len(pool))
+            if count > len(pool):
+                # BackdoorBench draws without replacement and stops here (e.g. SIG on GTSRB: 3,921 of
+                # class 0's 210 images); tsbd poisons the whole class and says so
+                log.warning("%s: poison ratio %g asks for %d images but the target class %d has only %d "
+                            "training images; all %d are poisoned (%.2f%% of the training set)", self.name,
+                            self.config.poison_ratio, count, self.config.target, len(pool), len(pool),
+                            100 * len(pool) / max(len(labels), 1))
+                count = len(pool)
         else:
             pool = torch.arange(len(labels))
         return sample_indices(pool, count, seed)

@@ -7,6 +7,10 @@ initialization follow torchvision ``models/vgg.py`` (config "E"): ``features.N``
 conv3x3+BN+ReLU and 5 max-pools (last conv ``features.49``), ``avgpool`` to 7x7 (a 32x32
 input's 1x1 map is replicated), ``classifier`` of three linear layers. Torchvision itself is
 not a dependency; its state dicts load here with ``strict=True``.
+
+``width`` (torchvision: 64) scales every layer for CPU-scale runs: the convolutions have
+width x (1, 2, 4, 8, 8) channels per stage and the two hidden linear layers 64 x width units
+(4096 at width 64), so layout, names and initialization stay torchvision's at any width.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tsbd.errors import TsbdError
 from tsbd.models import MODELS
 from tsbd.models.normalize import Normalize
 
@@ -23,6 +28,11 @@ from tsbd.models.normalize import Normalize
 VGG19_CFG: list[int | str] = [
     64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
 ]
+
+
+def scaled_cfg(cfg: Sequence[int | str], width: int) -> list[int | str]:
+    """``cfg`` with every channel count scaled by ``width / 64`` (torchvision's first layer has 64)."""
+    return [v if v == "M" else int(v) * width // 64 for v in cfg]
 
 
 def make_layers(cfg: Sequence[int | str]) -> nn.Sequential:
@@ -46,19 +56,21 @@ class VGG(nn.Module):
         mean: Sequence[float],
         std: Sequence[float],
         dropout: float = 0.5,
+        hidden: int = 4096,
     ):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.features = make_layers(cfg)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        last = [v for v in cfg if v != "M"][-1]
         self.classifier = nn.Sequential(
-            nn.Linear(512 * 7 * 7, 4096),
+            nn.Linear(int(last) * 7 * 7, hidden),
             nn.ReLU(True),
             nn.Dropout(p=dropout),
-            nn.Linear(4096, 4096),
+            nn.Linear(hidden, hidden),
             nn.ReLU(True),
             nn.Dropout(p=dropout),
-            nn.Linear(4096, num_classes),
+            nn.Linear(hidden, num_classes),
         )
         # torchvision's init (vgg.py VGG.__init__).
         for m in self.modules():
@@ -80,6 +92,9 @@ class VGG(nn.Module):
 
 
 @MODELS.register("vgg19_bn")
-def vgg19_bn(num_classes: int, *, mean: Sequence[float], std: Sequence[float]) -> VGG:
-    """torchvision's ``vgg19_bn(num_classes=num_classes)`` (dropout 0.5), as BackdoorBench uses it."""
-    return VGG(VGG19_CFG, num_classes, mean, std)
+def vgg19_bn(num_classes: int, *, mean: Sequence[float], std: Sequence[float], width: int = 64) -> VGG:
+    """torchvision's ``vgg19_bn(num_classes=num_classes)`` (dropout 0.5), as BackdoorBench uses it;
+    ``width`` (torchvision: 64) scales the convolutions (w, 2w, 4w, 8w, 8w) and the hidden layers (64w)."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise TsbdError(f"vgg19_bn width must be a positive integer, got {width!r}; the default is 64")
+    return VGG(scaled_cfg(VGG19_CFG, width), num_classes, mean, std, hidden=64 * width)
