@@ -17,7 +17,7 @@ from tsbd.cli import main
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "gtsrb.npz").is_file()
                                 or not (SHARED_DATA / "backdoorbench-triggers").is_dir(),
-                                reason=f"GTSRB / CIFAR-10 and BackdoorBench's trigger files are not under {SHARED_DATA}")
+                                reason=f"GTSRB and BackdoorBench's trigger files are not under {SHARED_DATA}")
 
 RUNTIME = ["--device", "cpu", "--precision", "fp32", "--threads", "1", "--quiet"]
 TINY = ["--set", "limit_train=430", "--set", "limit_test=215", "--set", "train.epochs=1",
@@ -62,8 +62,8 @@ def test_gtsrb_preset_runs_with_43_classes_no_flip_and_backdoorbench_files(tmp_p
 
 def test_vgg_preset_runs_vgg19_bn_at_width_16_with_the_lf_file_in_range(tmp_path):
     spec = load_grid("paper-cifar10-vgg-cpu", data_root=str(SHARED_DATA)).spec
-    assert spec["attack_opts"]["lf"] == {"trigger_file": "{data_root}/backdoorbench-triggers/cifar10_vgg19_bn_0_255.npy",
-                                         "trigger_scale": 255.0}
+    lf_file = "{data_root}/backdoorbench-triggers/cifar10_vgg19_bn_0_255.npy"
+    assert spec["attack_opts"]["lf"] == {"trigger_file": lf_file, "trigger_scale": 255.0}
     rows = run_tiny("paper-cifar10-vgg-cpu", tmp_path, ["lf"], ["none", "ft"], "--set", "defense_opts.ft.epochs=1")
     attack = next(r["meta"] for r in rows.values() if r["kind"] == "attack")
     assert attack["arch"]["name"] == "vgg19_bn" and attack["arch"]["width"] == 16
