@@ -94,6 +94,7 @@ def train_attacked_model(setup: AttackSetup, arch: str, cfg: TrainConfig, runtim
         "runtime": runtime.describe(),
         "metrics": metrics,
         "timings": {"train": res.seconds, "eval": time.perf_counter() - t0},
+        **({"compile": res.compile} if res.compile else {}),
         "train_images_per_second": res.images_per_second,
         "provenance": provenance(),
     }

@@ -45,7 +45,7 @@ class CellContext:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
-    compile: bool = False
+    compile: bool | str | None = None  # None: auto (tsbd.train.runtime.compile_mode)
     data_root: str | None = None
     cache_dir: str | None = None
     progress: bool = False

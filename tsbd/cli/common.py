@@ -89,7 +89,7 @@ def defense_options(name: str, config: str | None, pairs: list[str] | None, belo
 def runtime(args):
     from tsbd.train.runtime import Runtime  # lazy: keeps torch off the --help path
 
-    return Runtime.create(args.device, args.precision, args.threads, getattr(args, "compile", False))
+    return Runtime.create(args.device, args.precision, args.threads, getattr(args, "compile", None))
 
 
 # ------------------------------------------------------------------------------------------
@@ -200,8 +200,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto = bf16 on CUDA or on CPUs with AVX512-BF16/AMX, else fp32 (default: auto)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model for plain training (minutes of compiling first; pays on long runs)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model for plain training; by default a run of 2,000 steps or more "
+                        "times both and keeps the faster (the choice is recorded in the model's meta)")
     g.add_argument("--seed", type=int, default=0, help="seed of poisoning, clean split and training (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--cache-dir", default=None, help="decoded-data cache (default: $TSBD_CACHE_DIR or ~/.cache/tsbd)")

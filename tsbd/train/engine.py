@@ -63,6 +63,7 @@ class FitResult:
     stopped_early: bool
     history: list[dict]
     images: int  # images processed
+    compile: dict | None = None  # what --compile decided for this run (plain training only)
 
     @property
     def images_per_second(self) -> float:
@@ -144,6 +145,108 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+AUTO_COMPILE_MIN_STEPS = 2000  # compile="auto" tries torch.compile only on plain runs this long
+CALIBRATION_STEPS = 12  # steps timed each way (alternating) before compile="auto" keeps the faster
+COMPILE_MARGIN = 1.05  # the compiled step must be this much faster to be kept
+
+
+class _CompileChoice:
+    """Which module a plain-training step runs through: the model, or ``torch.compile(model)``.
+
+    ``on`` compiles from the first step. ``auto``, on a run of at least ``AUTO_COMPILE_MIN_STEPS``
+    steps, compiles after two eager steps, then alternates compiled and eager steps until it has
+    timed ``CALIBRATION_STEPS`` of each, and keeps the faster (by median) for the rest of the run:
+    nothing is trained twice, only the compile time is spent. A compile that fails falls back to eager.
+    The compiled module shares the model's parameters, so the optimizer and checkpoints see the same
+    tensors, and the choice changes no result beyond fused-kernel rounding."""
+
+    WARM = 2
+
+    def __init__(self, model: nn.Module, mode: str, plain: bool, steps: int, runtime: Runtime):
+        self.model, self.runtime = model, runtime
+        self.record: dict = {"mode": mode, "compiled": False}
+        self.compiled: nn.Module | None = None
+        self.calibrating = False
+        if not plain:
+            if mode != "off":
+                self.record["reason"] = "custom step: runs eager"
+        elif mode == "on":
+            self.compiled = self._compile()
+            self.record["compiled"] = self.compiled is not None
+        elif mode == "auto":
+            if steps >= AUTO_COMPILE_MIN_STEPS:
+                self.calibrating, self.timed = True, {"eager": [], "compiled": []}
+            else:
+                self.record["reason"] = f"{steps} steps, under {AUTO_COMPILE_MIN_STEPS}: runs eager"
+        self.k = 0  # steps seen
+
+    def _compile(self) -> nn.Module | None:
+        try:
+            return torch.compile(self.model)
+        except Exception as err:  # noqa: BLE001 - no compiler, unsupported platform: train eager
+            self._fallback(err)
+            return None
+
+    def _fallback(self, err: BaseException) -> None:
+        log.warning("torch.compile failed (%s: %s); training eager", type(err).__name__, str(err).splitlines()[0]
+                    if str(err) else "")
+        self.record.update(compiled=False, error=f"{type(err).__name__}")
+        self.compiled, self.calibrating = None, False
+
+    def _sync(self) -> None:
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize(self.runtime.device)
+
+    def run(self, step: StepFn, x, y, optimizer, runtime) -> torch.Tensor:
+        k, self.k = self.k, self.k + 1
+        if not self.calibrating:
+            if self.compiled is None:
+                return step(self.model, x, y, optimizer, runtime)
+            if k > 0:
+                return step(self.compiled, x, y, optimizer, runtime)
+            try:  # compile errors surface at the first call, before the optimizer steps
+                return step(self.compiled, x, y, optimizer, runtime)
+            except Exception as err:  # noqa: BLE001
+                self._fallback(err)
+                return step(self.model, x, y, optimizer, runtime)
+        w, n = self.WARM, CALIBRATION_STEPS
+        if k < w:
+            return step(self.model, x, y, optimizer, runtime)
+        if k == w:
+            self.compiled = self._compile()
+            if self.compiled is None:
+                return step(self.model, x, y, optimizer, runtime)
+        # after the compiling step, compiled and eager steps alternate, so drift in the machine's
+        # speed hits both alike
+        phase = "compiled" if (k - w) % 2 == 0 else "eager"
+        self._sync()
+        t = time.perf_counter()
+        try:
+            loss = step(self.model if phase == "eager" else self.compiled, x, y, optimizer, runtime)
+        except Exception as err:  # noqa: BLE001 - compile errors surface at the first call
+            if k > w:
+                raise
+            self._fallback(err)
+            return step(self.model, x, y, optimizer, runtime)
+        float(loss)
+        seconds = time.perf_counter() - t
+        if k == w:
+            self.record["compile_s"] = seconds
+        else:
+            self.timed[phase].append(seconds)
+        if len(self.timed["compiled"]) == n and len(self.timed["eager"]) == n:
+            eager, compiled = (sorted(v)[len(v) // 2] for v in (self.timed["eager"], self.timed["compiled"]))
+            keep = eager > compiled * COMPILE_MARGIN
+            self.record.update(compiled=keep, eager_step_s=eager, compiled_step_s=compiled,
+                               speedup=eager / compiled if compiled > 0 else math.inf)
+            log.info("torch.compile: %.1f ms/step against %.1f eager (compiling took %.0f s): %s", 1e3 * compiled,
+                     1e3 * eager, self.record.get("compile_s", 0.0), "compiled" if keep else "eager")
+            if not keep:
+                self.compiled = None
+            self.calibrating = False
+        return loss
+
+
 def fit(
     model: nn.Module,
     data: ImageSet,
@@ -174,12 +277,8 @@ def fit(
     if len(data) == 0:
         raise TsbdError("the training set is empty; provide at least one image")
     model.to(runtime.device).to(memory_format=torch.channels_last)
-    net = model
-    if step is None and runtime.compile:
-        # only the plain step: custom steps (input gradients, weight perturbation) stay eager.
-        # The compiled module shares the model's parameters, so the optimizer and checkpoints
-        # see the same tensors.
-        net = torch.compile(model)
+    plain = step is None  # only the plain step may be compiled: custom steps (input gradients,
+    # weight perturbation) stay eager
     step = step or cross_entropy_step(cfg.label_smoothing)
     optimizer = optimizer or make_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -208,6 +307,7 @@ def fit(
             start_epoch, history = 0, []
 
     total_steps = cfg.epochs * steps_per_epoch
+    choice = _CompileChoice(model, runtime.compile, plain, total_steps - start_epoch * steps_per_epoch, runtime)
     bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=desc, disable=not progress,
                unit="step", leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -228,7 +328,7 @@ def fit(
                     group["lr"] = base * factor
                 if batch_hook is not None:
                     x, y = batch_hook(x, y, generator)
-                loss = step(net, x, y, optimizer, runtime)
+                loss = choice.run(step, x, y, optimizer, runtime)
                 loss_sum += loss.float()
                 n_batches += 1
                 images += len(y)
@@ -262,7 +362,7 @@ def fit(
         bar.close()
     done = history[-1]["epoch"] if history else 0
     return FitResult(epochs=done, seconds=time.perf_counter() - t0, stopped_early=stopped, history=history,
-                     images=images)
+                     images=images, compile=choice.record if runtime.compile != "off" else None)
 
 
 @torch.no_grad()

@@ -84,11 +84,13 @@ class Runtime:
     device: torch.device
     precision: str  # resolved: "bf16" or "fp32"
     threads: int
-    compile: bool = False  # torch.compile the model for plain cross-entropy training (tsbd.train.fit)
+    # torch.compile for plain cross-entropy training (tsbd.train.fit): "on", "off", or "auto" (long
+    # runs time both and keep the faster)
+    compile: str = "off"
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", threads: int | None = None,
-               compile: bool = False) -> Runtime:
+               compile: bool | str | None = "off") -> Runtime:
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         if threads is None:
@@ -100,7 +102,7 @@ class Runtime:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        return cls(dev, prec, n, bool(compile))
+        return cls(dev, prec, n, compile_mode(compile))
 
     def autocast(self):
         if self.precision == "bf16":
@@ -109,11 +111,25 @@ class Runtime:
 
     def describe(self) -> dict:
         out = {"device": str(self.device), "precision": self.precision, "threads": self.threads, "cpu": cpu_name()}
-        if self.compile:
-            out["compile"] = True
+        if self.compile != "off":
+            out["compile"] = self.compile
         if self.device.type == "cuda":
             out["gpu"] = torch.cuda.get_device_name(self.device)
         return out
+
+
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def compile_mode(value: bool | str | None) -> str:
+    """``--compile`` / ``--no-compile`` / neither (True / False / None) or a mode name, as a mode."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value not in COMPILE_MODES:
+        raise TsbdError(f"compile mode {value!r} is not one of {', '.join(COMPILE_MODES)}")
+    return value
 
 
 def seed_everything(seed: int) -> torch.Generator:
