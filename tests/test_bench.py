@@ -216,6 +216,34 @@ def test_sigkill_in_the_middle_of_a_cell_then_restart_finishes_every_cell_once(t
         sorted(r["id"] for r in rows)
 
 
+@pytest.mark.slow
+def test_sigterm_hands_the_running_cell_back_like_ctrl_c(tmp_path):
+    grid, results = write_grid(tmp_path, epochs=3), tmp_path / "results"
+    cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), *RUNTIME]
+    proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stopped = None
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            running = running_cells(results)
+            if running:
+                time.sleep(0.3)
+                stopped = running[0]
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.05)
+    finally:
+        proc.wait(timeout=60)
+    err = proc.stderr.read().decode()
+    assert stopped is not None, err[-2000:]
+    assert proc.returncode == 143, err[-2000:]
+    assert "tsbd: terminated; finished work is saved -- rerun the same command to resume" in err
+    assert "Traceback" not in err
+    with Store(results) as store:
+        assert store.state(stopped)["status"] == "pending"
+        assert store.runs(stopped)[-1]["outcome"] == "interrupted"
+
+
 # ------------------------------------------------------------------------------------------
 TWO_PROCESS_SCRIPT = """
 import json, sys, time

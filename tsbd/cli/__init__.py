@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 
 from tsbd import __version__
@@ -60,8 +62,29 @@ def command_named(argv: Sequence[str]) -> str | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every command stops the same clean way (a bench hands
+    its running cell back, writes are not left half done)."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     try:
         name = command_named(argv)
         parser = build_parser([name] if name else [])
@@ -72,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except TsbdError as err:
         print(f"tsbd: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tsbd: interrupted; finished work is saved -- rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        how = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"tsbd: {how}; finished work is saved -- rerun the same command to resume", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except BrokenPipeError:  # the reader went away (`tsbd list | head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141  # 128 + SIGPIPE
