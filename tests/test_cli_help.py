@@ -86,6 +86,13 @@ def test_defend_help_shows_only_the_named_defense(capsys):
     assert code == 0 and "u = 3.0" in out and "unlearn_lr" not in out
 
 
+def test_purify_help_shows_only_the_named_defense_after_its_own_text(capsys):
+    code, out = _out(capsys, "purify", "--defense", "anp", "--help")
+    assert code == 0 and "defense anp:" in out and "anp_eps = 0.4" in out
+    assert "defense tsbd" not in out and "neuron_ratio" not in out
+    assert out.index("MODEL_FILE is a BackdoorBench") < out.index("defense anp:")
+
+
 def test_attack_help_shows_the_defaults_a_plain_command_uses(capsys):
     code, out = _out(capsys, "attack", "--help")
     cpu = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ") and " = " in line}

@@ -166,8 +166,10 @@ def configure_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def configure_purify(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = PURIFY_EPILOG
+    from tsbd.defenses import DEFENSES  # lazy: only `tsbd purify` needs the registry
+
+    help_ = common.HelpSections(p, about=lambda _: PURIFY_EPILOG.rstrip("\n").splitlines(),
+                                defense=lambda name: common.method_help(DEFENSES, name, "--defense", "--opt"))
     p.add_argument("model", help="model file or folder (see below)")
     p.add_argument("--clean-data", required=True, help="the defender's clean images (see below)")
     p.add_argument("--labels", default=None, help="labels .npy for a .npy --clean-data")
@@ -186,7 +188,9 @@ def configure_purify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--std", default=None, help="normalization std, e.g. 0.247,0.243,0.261")
     p.add_argument("--image-size", type=int, default=None,
                    help="pixels per side the model was trained on (default: from the file; folders are resized to it)")
-    p.add_argument("--defense", default="tsbd", help="defense name (default: tsbd; see `tsbd list`)")
+    p.add_argument("--defense", default="tsbd", action=common.SelectsHelp, sections=help_,
+                   help=f"defense: {', '.join(DEFENSES.names())} (default: tsbd; `--defense NAME --help` lists "
+                        "its options)")
     common.add_defense_output_args(p, "output model folder for the purified model (new or empty)")
     common.add_data_root(p)
     common.add_runtime_args(p)
