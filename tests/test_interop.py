@@ -404,6 +404,26 @@ def test_cli_purify_a_user_architecture(user_module, tmp_path, clean_npz, capsys
     assert again.num_classes == 10
 
 
+@pytest.mark.parametrize("flag, flips", [([], True), (["--no-flip"], False)])
+def test_cli_purify_mirrors_clean_images_unless_told_not_to(flag, flips, user_module, tmp_path, clean_npz, capsys,
+                                                            monkeypatch):
+    import tsbd.train.engine as engine
+    from tsbd.interop import import_factory
+
+    seen = []
+    real = engine.crop_flip
+    monkeypatch.setattr(engine, "crop_flip", lambda x, g, flip=True: seen.append(flip) or real(x, g, flip=flip))
+    torch.manual_seed(0)
+    torch.save(import_factory(f"{user_module}:make")(10, width=8).state_dict(), tmp_path / "mine.pth")
+    code, _, err = _run(capsys, "purify", tmp_path / "mine.pth", "--arch", f"{user_module}:make", "--num-classes",
+                        10, "--model-opt", "width=8", "--clean-data", clean_npz, *FAST_OPTS, "--opt", "augment=true",
+                        *flag,
+                        "--out", tmp_path / "pure", *RUNTIME)
+    assert code == 0, err
+    assert seen and set(seen) == {flips}  # every augmented batch of the defense
+    assert json.loads((tmp_path / "pure" / "meta.json").read_text())["clean"]["hflip"] is flips
+
+
 @pytest.mark.parametrize("spec,needle", [
     ("no_such_module_xyz:make", "cannot import 'no_such_module_xyz'"),
     ("{mod}:missing", "has no 'missing'"),

@@ -98,6 +98,8 @@ def cmd_purify(args) -> int:
     size = shape[1] if shape else None
     clean = load_images(args.clean_data, labels=args.labels, image_size=size, ratio=args.clean_ratio,
                         seed=args.seed, data_root=args.data_root, cache_dir=args.cache_dir)
+    if args.flip is not None:  # the defense's augmentation mirrors the clean images only where they allow it
+        clean.images.hflip = args.flip
     if imported.stats_source == "none" and clean.mean is not None:
         imported.set_stats(clean.mean, clean.std, f"data set {clean.dataset.name}")
     test = clean.test
@@ -175,6 +177,10 @@ def configure_purify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", default=None, help="labels .npy for a .npy --clean-data")
     p.add_argument("--clean-ratio", type=float, default=0.05,
                    help="fraction of a named data set's training set used as clean data (default: 0.05, paper)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror clean images in the defense's augmentation (default: as the named data set does "
+                        "-- CIFAR-10 yes, GTSRB no -- and yes for files and folders; pass --no-flip for images that "
+                        "mirroring changes, such as traffic signs or text)")
     p.add_argument("--test-data", default=None, help="clean test images for ACC (same forms as --clean-data; "
                                                      "default: the clean data's test split, if it has one)")
     p.add_argument("--test-labels", default=None, help="labels .npy for a .npy --test-data")

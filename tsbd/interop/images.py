@@ -41,7 +41,8 @@ class LoadedImages:
 
     def describe(self) -> dict:
         return {"source": self.source, "count": len(self.images), "image_shape": list(self.images.image_shape),
-                "fingerprint": self.images.fingerprint(), "test_count": len(self.test) if self.test is not None else 0}
+                "fingerprint": self.images.fingerprint(), "test_count": len(self.test) if self.test is not None else 0,
+                "hflip": self.images.hflip}
 
 
 def arrays_to_images(x: Any, y: Any, source: str) -> ImageSet:
