@@ -85,6 +85,7 @@ def test_tiny_grid_end_to_end_then_resume_runs_nothing(tmp_path, monkeypatch):
             assert (results / r["artifact"] / "meta.json").is_file()
             assert (results / r["artifact"] / "model.safetensors").is_file()
             assert r["versions"]["torch"] and r["host"] and r["started"] <= r["finished"]
+            assert 50 < r["timings"]["peak_rss_mb"] < 64_000  # this process's high-water mark, MiB
         for d in defenses:
             assert 0 <= d["metrics"]["der"] <= 1
             meta = json.loads((results / d["artifact"] / "meta.json").read_text())

@@ -74,12 +74,13 @@ def _fill_store(folder, grid, cells, metrics, failed=None):
     """Register ``cells`` as grid ``grid`` and finish each with its ``metrics`` (``failed``: that one fails)."""
     with Store(folder) as store:
         store.register(Plan(grid, {"name": grid}, cells))
-        for c in cells:
+        for i, c in enumerate(cells):
             assert store.claim(c.id) == "claimed"
             if c.id == failed:
                 store.fail(c.id, "RuntimeError: out of memory")
                 continue
-            store.complete(c.id, CellResult(metrics[c.id], {"total": 1.0}, {"tsbd": "0.1"}, f"artifacts/{c.id}",
+            timings = {"total": 1.0, "peak_rss_mb": 1000.0 + i}  # the report shows the largest
+            store.complete(c.id, CellResult(metrics[c.id], timings, {"tsbd": "0.1"}, f"artifacts/{c.id}",
                                             "testhost", now_iso(), now_iso()))
 
 
@@ -158,6 +159,12 @@ def test_report_tables_match_the_database(report):
     # the HTML table has the Markdown table's cells: one group header per defense column, a row per attack
     assert html.count('<th class="group-start" colspan="3">') == 3 and 'colspan="2">No Defense</th>' in html
     assert html.count('<td class="attack">') == 3 and '<tr class="average">' in html
+
+
+def test_report_states_the_peak_memory_of_its_processes(report, results):
+    with Store(results) as store:
+        peaks = [r["timings"]["peak_rss_mb"] for r in store.cells() if r["status"] == "done"]
+    assert f"Peak memory of a process after a cell: {max(peaks):,.0f} MiB." in (report / "report.md").read_text()
 
 
 def test_report_figures_are_heatmaps_and_panels_readable_on_a_screen(report):

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -136,10 +137,21 @@ def run_attack_cell(cell: Cell, ctx: CellContext, cache: DataCache | None = None
     out = artifact_path(ctx.results_dir, cell.id)
     save_model(out, model, meta, overwrite=True)  # a cell redone after a crash replaces its own artifact
     ckpt.unlink(missing_ok=True)
-    timings = {"setup": t_setup, **meta["timings"], "total": time.perf_counter() - t0}
+    timings = {"setup": t_setup, **meta["timings"], "total": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
     return CellResult(metrics=dict(meta["metrics"]), timings=timings, versions=_versions(runtime, provenance()),
                       artifact=str(Path(ARTIFACTS) / cell.id), host=socket.gethostname(), started=started,
                       finished=now_iso())
+
+
+def peak_rss_mb() -> float | None:
+    """The peak resident memory of this process so far, in MiB (a grid worker's high-water mark when
+    recorded after a cell); None where the platform does not say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def run_defense_cell(cell: Cell, parent: Cell, ctx: CellContext, cache: DataCache | None = None) -> CellResult:
@@ -174,7 +186,7 @@ def run_defense_cell(cell: Cell, parent: Cell, ctx: CellContext, cache: DataCach
     metrics = dict(record["metrics"])
     if record["defense"].get("stages"):
         metrics["stages"] = record["defense"]["stages"]
-    timings = {"setup": t_setup, **result.timings, "cell": time.perf_counter() - t0}
+    timings = {"setup": t_setup, **result.timings, "cell": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
     return CellResult(metrics=metrics, timings=timings, versions=_versions(runtime, provenance()),
                       artifact=str(Path(ARTIFACTS) / cell.id), host=socket.gethostname(), started=started,
                       finished=now_iso())

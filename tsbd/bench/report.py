@@ -434,7 +434,9 @@ def _summary_lines(summary: dict, md: bool) -> list[str]:
              "",
              f"Cells: {counts['done']} done, {counts['failed']} failed, {counts['running']} running, "
              f"{counts['pending']} pending. Compute time of done cells: {summary['compute_s'] / 60:.1f} min "
-             f"on {', '.join(summary['hosts']) or '-'}."]
+             f"on {', '.join(summary['hosts']) or '-'}."
+             + (f" Peak memory of a process after a cell: {summary['peak_rss_mb']:,.0f} MiB."
+                if summary.get("peak_rss_mb") else "")]
     return lines
 
 
@@ -560,6 +562,7 @@ def summarize(store: Store, grid: str | None, results: Path) -> dict:
     rows = store.cells(grid)
     counts = {s: 0 for s in ("pending", "running", "done", "failed")}
     compute = 0.0
+    peak = 0.0  # the largest peak resident memory a process had after a cell, MiB
     hosts = set()
     failures = []
     by_id = {r["id"]: r for r in rows}
@@ -568,6 +571,7 @@ def summarize(store: Store, grid: str | None, results: Path) -> dict:
         if r["status"] == "done":
             t = r["timings"] or {}
             compute += float(t.get("cell", t.get("total", 0.0)) or 0.0)
+            peak = max(peak, float(t.get("peak_rss_mb") or 0.0))
             if r["host"]:
                 hosts.add(r["host"])
         if r["status"] == "failed":
@@ -580,7 +584,7 @@ def summarize(store: Store, grid: str | None, results: Path) -> dict:
                 what = f"{c['defense']['name']} against {pa}, clean {c['clean_ratio']:g}"
             failures.append({"id": r["id"], "kind": r["kind"], "what": what, "error": r["error"] or ""})
     return {"results": str(results), "grid": grid, "grids": store.grids(), "counts": counts, "compute_s": compute,
-            "hosts": sorted(hosts), "failures": failures}
+            "peak_rss_mb": peak or None, "hosts": sorted(hosts), "failures": failures}
 
 
 def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, grid: str | None = None,
