@@ -49,6 +49,23 @@ def running_cells(results: Path) -> list[str]:
         return []
 
 
+def signal_inside_a_cell(proc: subprocess.Popen, results: Path, sig: int, timeout_s: float = 120) -> str | None:
+    """Send ``sig`` to ``proc`` a moment after the store in ``results`` shows a cell running; wait for
+    the process to end and return that cell's id (None if no cell ran before ``timeout_s``)."""
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            running = running_cells(results)
+            if running:
+                time.sleep(0.3)  # well inside the cell
+                proc.send_signal(sig)
+                return running[0]
+            time.sleep(0.05)
+        return None
+    finally:
+        proc.wait(timeout=60)
+
+
 def runs_by_cell(store: Store) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for r in store.runs():
@@ -177,19 +194,7 @@ def test_sigkill_in_the_middle_of_a_cell_then_restart_finishes_every_cell_once(t
     grid, results = write_grid(tmp_path, epochs=3), tmp_path / "results"
     cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), *RUNTIME]
     proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed = None
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            running = running_cells(results)
-            if running:
-                time.sleep(0.3)  # well inside the cell
-                killed = running[0]
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        proc.wait(timeout=60)
+    killed = signal_inside_a_cell(proc, results, signal.SIGKILL)
     assert killed is not None, proc.stderr.read().decode()[-2000:]
     assert proc.returncode == -signal.SIGKILL
 
@@ -222,19 +227,7 @@ def test_sigterm_hands_the_running_cell_back_like_ctrl_c(tmp_path):
     grid, results = write_grid(tmp_path, epochs=3), tmp_path / "results"
     cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), *RUNTIME]
     proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stopped = None
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            running = running_cells(results)
-            if running:
-                time.sleep(0.3)
-                stopped = running[0]
-                proc.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.05)
-    finally:
-        proc.wait(timeout=60)
+    stopped = signal_inside_a_cell(proc, results, signal.SIGTERM)
     err = proc.stderr.read().decode()
     assert stopped is not None, err[-2000:]
     assert proc.returncode == 143, err[-2000:]
