@@ -49,9 +49,14 @@ def running_cells(results: Path) -> list[str]:
         return []
 
 
-def signal_inside_a_cell(proc: subprocess.Popen, results: Path, sig: int, timeout_s: float = 120) -> str | None:
-    """Send ``sig`` to ``proc`` a moment after the store in ``results`` shows a cell running; wait for
-    the process to end and return that cell's id (None if no cell ran before ``timeout_s``)."""
+def bench_signalled_inside_a_cell(tmp_path: Path, sig: int, timeout_s: float = 120):
+    """Start `tsbd bench` on a tiny 3-epoch grid, send ``sig`` a moment after the store shows a cell
+    running, and wait for the process to end: (command, results folder, process, that cell's id or
+    None if none ran before ``timeout_s``, its stderr)."""
+    grid, results = write_grid(tmp_path, epochs=3), tmp_path / "results"
+    cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), *RUNTIME]
+    proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cell = None
     deadline = time.time() + timeout_s
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -59,11 +64,12 @@ def signal_inside_a_cell(proc: subprocess.Popen, results: Path, sig: int, timeou
             if running:
                 time.sleep(0.3)  # well inside the cell
                 proc.send_signal(sig)
-                return running[0]
+                cell = running[0]
+                break
             time.sleep(0.05)
-        return None
     finally:
         proc.wait(timeout=60)
+    return cmd, results, proc, cell, proc.stderr.read().decode()
 
 
 def runs_by_cell(store: Store) -> dict[str, list[str]]:
@@ -191,11 +197,8 @@ def test_ctrl_c_hands_the_running_cell_back(tmp_path):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_cell_then_restart_finishes_every_cell_once(tmp_path):
-    grid, results = write_grid(tmp_path, epochs=3), tmp_path / "results"
-    cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), *RUNTIME]
-    proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed = signal_inside_a_cell(proc, results, signal.SIGKILL)
-    assert killed is not None, proc.stderr.read().decode()[-2000:]
+    cmd, results, proc, killed, err = bench_signalled_inside_a_cell(tmp_path, signal.SIGKILL)
+    assert killed is not None, err[-2000:]
     assert proc.returncode == -signal.SIGKILL
 
     with Store(results) as store:
@@ -224,11 +227,7 @@ def test_sigkill_in_the_middle_of_a_cell_then_restart_finishes_every_cell_once(t
 
 @pytest.mark.slow
 def test_sigterm_hands_the_running_cell_back_like_ctrl_c(tmp_path):
-    grid, results = write_grid(tmp_path, epochs=3), tmp_path / "results"
-    cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), *RUNTIME]
-    proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stopped = signal_inside_a_cell(proc, results, signal.SIGTERM)
-    err = proc.stderr.read().decode()
+    _, results, proc, stopped, err = bench_signalled_inside_a_cell(tmp_path, signal.SIGTERM)
     assert stopped is not None, err[-2000:]
     assert proc.returncode == 143, err[-2000:]
     assert "tsbd: terminated; finished work is saved -- rerun the same command to resume" in err
