@@ -225,6 +225,21 @@ def test_synthetic_cells_for_other_tests():
     assert d.parent == a.id and d.id != a.id
 
 
+def test_defense_seed_adds_defense_cells_and_keeps_every_other_id():
+    base = expand(spec(seed=[0, 1]))
+    seeded = expand(spec(seed=[0, 1], defense_seed=[0, 1, 2]))
+    assert [c.id for c in seeded.attack_cells] == [c.id for c in base.attack_cells]
+    base_ids = {c.id for c in base.cells}
+    for a in seeded.attack_cells:
+        defs = seeded.defenses_of(a.id)
+        assert sorted(d.config["seed"] for d in defs) == [0, 1, 2]
+        own = [d for d in defs if d.config["seed"] == a.config["seed"]]
+        assert len(own) == 1 and own[0].id in base_ids  # the default cell is the same cell
+    assert len(seeded.cells) - len(base.cells) == 2 * len(base.attack_cells)  # two new defense cells per model
+    with pytest.raises(TsbdError, match="'defense_seed' is an empty list"):
+        expand(spec(defense_seed=[]))
+
+
 def test_the_docs_example_grid_loads(tmp_path):
     import re
     from pathlib import Path
@@ -236,7 +251,7 @@ def test_the_docs_example_grid_loads(tmp_path):
     # the example's data set needs a data root; its grid is checked on the embedded demo data
     plan = expand(load_spec(f, {"dataset": "demo", "limit_train": 200, "limit_test": 100}))
     assert len(plan.attack_cells) == 2 * 2  # 2 attacks x 2 seeds
-    assert len(plan.cells) == 4 * (1 + 2)  # each with TSBD at two neuron ratios
+    assert len(plan.cells) == 4 * (1 + 2 * 3)  # each with TSBD at two neuron ratios x three defense seeds
     blended = next(c for c in plan.attack_cells if c.config["attack"]["name"] == "blended")
     assert blended.config["attack"]["config"]["blend_ratio"] == 0.2 and blended.config["train"]["epochs"] == 20
 

@@ -94,7 +94,7 @@ def md_rows(text: str) -> dict[str, list[str]]:
 
 
 def ours(cell: str) -> float:
-    return float(re.sub(r"\s*\(.*\)", "", cell).strip("*"))
+    return float(re.sub(r"\s*(±.*|\(.*\))$", "", cell).strip("*"))
 
 
 def paper(cell: str) -> float | None:
@@ -300,6 +300,30 @@ def test_a_partial_table_says_its_averages_cover_different_attacks(tmp_path):
     assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Incomplete table: each Average is over the attacks its column has (No Defense 2, TSBD 1 of 2)" in md
+
+
+def test_defense_seeds_are_averaged_with_their_spread(tmp_path):
+    import statistics
+
+    a = _attack_cell("lf")
+    cells, metrics = [a], {a.id: {"acc": 0.85, "asr": 0.95}}
+    asrs = [0.02, 0.10, 0.30]
+    for seed, asr in enumerate(asrs):  # TSBD three times on one attacked model
+        d = defense_cell(a, defense={"name": "tsbd", "config": _defaults("defense", "tsbd")}, clean_ratio=0.05,
+                         seed=seed)
+        cells.append(d)
+        metrics[d.id] = {"acc": 0.84, "asr": asr, "der": 0.5}
+    _fill_store(tmp_path / "res", "seeds", cells, metrics)
+    assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    row = md_rows(md)["LF"]
+    header = md_rows(md)["Attack"]
+    mean, sd = 100 * statistics.mean(asrs), 100 * statistics.stdev(asrs)
+    assert row[header.index("TSBD ASR")].startswith(f"{mean:.2f} ± {sd:.2f}")
+    assert row[header.index("TSBD ACC")].startswith("84.00 ± 0.00")
+    assert row[header.index("No Defense ASR")].startswith("95.00") and "±" not in row[header.index("No Defense ASR")]
+    assert "mean over 1/3 seeds, ± the sample standard deviation where there are several" in md
+    assert f"{mean:.2f}<span class=\"sd\"> &plusmn; {sd:.2f}</span>" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_n_selected_on_test_data_is_a_labelled_column_never_ranked(tmp_path):

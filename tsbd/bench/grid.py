@@ -13,6 +13,7 @@ list of values, and option tables whose list values are axes too::
     poison_ratio = 0.1
     clean_ratio = 0.05
     seed = [0, 1]
+    defense_seed = [0, 1, 2]             # defense cells per attacked model (default: its seed)
     limit_train = 0                      # 0 = whole split; N = a class-balanced N-image subset
 
     [train]                              # TrainConfig overrides for attack training
@@ -72,7 +73,7 @@ from tsbd.train.presets import TRAIN_PRESETS, train_config
 
 NO_DEFENSE = "none"
 AXES = ("dataset", "model", "preset", "attack", "defense", "poison_ratio", "clean_ratio", "seed",
-        "limit_train", "limit_test")
+        "defense_seed", "limit_train", "limit_test")
 TABLES = ("train", "model_opts", "attack_opts", "defense_opts", "dataset_opts")
 SETTINGS = ("name", "description", "save_defended_models")
 DEFAULTS: dict[str, Any] = {
@@ -547,6 +548,11 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
     name = str(spec.get("name", "grid"))
     versions = relevant_versions()
     seeds = seeds if seeds is not None else [int(s) for s in _axis(spec, "seed")]
+    # the defense cells' own seeds (clean-set draw, batch order) on every attacked model: the spread of
+    # a defense without retraining the model; by default each defense cell takes its model's seed
+    defense_seeds = [int(s) for s in _as_list(spec["defense_seed"])] if "defense_seed" in spec else None
+    if defense_seeds == []:
+        raise TsbdError("grid axis 'defense_seed' is an empty list; give at least one value or leave it out")
     trainings = _expand(spec.get("train", {}), _config_sequence_fields(TrainConfig), "[train]")
     label = f"grid {name}"  # where an option came from, in errors
     defenses = _defenses(spec, label)
@@ -567,8 +573,8 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
             continue
         seen.add(a.id)
         cells.append(a)
-        for d in defenses:
-            dc = defense_cell(a, defense={"name": d.name, "config": d.config}, clean_ratio=d.clean_ratio, seed=seed)
+        for d, d_seed in itertools.product(defenses, defense_seeds or [seed]):
+            dc = defense_cell(a, defense={"name": d.name, "config": d.config}, clean_ratio=d.clean_ratio, seed=d_seed)
             if dc.id not in seen:
                 seen.add(dc.id)
                 cells.append(dc)

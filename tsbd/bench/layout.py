@@ -17,6 +17,7 @@ class Entry:
     value: float | None  # ours, in %; None where the cell was not run
     paper: float | None = None  # the paper's value for the same cell, in %
     best: bool = False  # the best defense of its row for this metric
+    sd: float | None = None  # the sample standard deviation over the cell's seeds, in % points (n > 1)
 
 
 @dataclasses.dataclass(frozen=True)

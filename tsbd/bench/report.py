@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,11 @@ class ResultTable:
     def value(self, row: str, col: str, metric: str) -> float | None:
         v = self.values.get((row, col))
         return None if v is None else v.get(metric)
+
+    def spread(self, row: str, col: str, metric: str) -> float | None:
+        """The sample standard deviation over the seeds of a cell (None for a single seed)."""
+        v = self.values.get((row, col))
+        return None if v is None else v.get(f"{metric}_sd")
 
     def average(self, col: str, metric: str) -> float | None:
         vals = [self.value(r.key, col, metric) for r in self.rows]
@@ -226,6 +232,8 @@ def collect(store: Store, grid: str | None = None, paper: PaperIndex | None = No
             for metric in METRICS:
                 vals = [i[metric] for i in items if i[metric] is not None and not math.isnan(i[metric])]
                 entry[metric] = 100 * sum(vals) / len(vals) if vals else None
+                if len(vals) > 1:
+                    entry[f"{metric}_sd"] = 100 * statistics.stdev(vals)
             values[k] = entry
         row_list = sorted(rows_.values(), key=lambda r: (attack_order(r.attack), r.key))
         col_list = sorted(cols.values(), key=lambda c: (defense_order(c.defense), c.selected_on_test,
@@ -353,7 +361,8 @@ def _settings_lines(t: ResultTable) -> list[str]:
              f"Versions: tsbd {k['versions'].get('tsbd')}, torch {k['versions'].get('torch')}."]
     seeds = {v["n"] for v in t.values.values()}
     if seeds != {1}:
-        lines.append(f"Each value is the mean over {'/'.join(str(s) for s in sorted(seeds))} seeds.")
+        lines.append(f"Each value is the mean over {'/'.join(str(s) for s in sorted(seeds))} seeds, "
+                     "± the sample standard deviation where there are several.")
     for c in t.columns:
         if c.defense == NO_DEFENSE:
             continue
@@ -382,7 +391,8 @@ def table_grid(t: ResultTable, metrics: tuple[str, ...] = METRICS) -> TableGrid:
         entries = []
         for c, m in pairs:
             v = t.average(c.key, m) if row is None else t.value(row, c.key, m)
-            entries.append(Entry(v, _paper_value(t, row, c.key, m), v is not None and c.key in t.best(row, m)))
+            entries.append(Entry(v, _paper_value(t, row, c.key, m), v is not None and c.key in t.best(row, m),
+                                 None if row is None else t.spread(row, c.key, m)))
         rows.append(GridRow("Average" if r is None else r.label, tuple(entries), average=r is None))
     return TableGrid(columns, tuple(rows))
 
@@ -390,7 +400,8 @@ def table_grid(t: ResultTable, metrics: tuple[str, ...] = METRICS) -> TableGrid:
 def _markdown_table(grid: TableGrid) -> list[str]:
     def cell(e: Entry) -> str:
         text = f"**{_num(e.value)}**" if e.best else _num(e.value)
-        return text + (f" ({e.paper:.2f})" if e.paper is not None else "")
+        return text + (f" ± {e.sd:.2f}" if e.sd is not None else "") + (f" ({e.paper:.2f})" if e.paper is not None
+                                                                         else "")
 
     lines = ["| " + " | ".join(["Attack", *(f"{c.group} {c.metric.upper()}" for c in grid.columns)]) + " |",
              "| " + " | ".join(["---", *("---:" for _ in grid.columns)]) + " |"]
@@ -457,6 +468,7 @@ table.results tbody tr:nth-child(even) td { background: #fafafa; }
 table.results tr.average td { border-top: 2px solid #555; font-weight: 600; background: #f3f4f6; }
 table.results td b { color: #0b5cad; }
 span.paper { display: block; color: #8a8f98; font-size: .74rem; }
+span.sd { color: #555; font-size: .8rem; }
 ul.settings { color: #444; font-size: .84rem; }
 p.note { color: #555; font-size: .84rem; max-width: 1100px; }
 .plots { display: flex; flex-wrap: wrap; gap: 1.2rem; align-items: flex-start; margin-top: 1rem; }
@@ -476,6 +488,7 @@ def _html_table(grid: TableGrid) -> str:
 
     def cell(entry: Entry) -> str:
         text = f"<b>{_num(entry.value)}</b>" if entry.best else _num(entry.value)
+        text += f'<span class="sd"> &plusmn; {entry.sd:.2f}</span>' if entry.sd is not None else ""
         return text + (f"<span class=\"paper\">{entry.paper:.2f}</span>" if entry.paper is not None else "")
 
     parts = ['<div class="wrap"><table class="results"><thead><tr><th class="attack" rowspan="2">Attack</th>']
