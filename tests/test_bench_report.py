@@ -70,8 +70,9 @@ def _attack_cell(att):
                        versions=relevant_versions())
 
 
-def _fill_store(folder, grid, cells, metrics, failed=None):
-    """Register ``cells`` as grid ``grid`` and finish each with its ``metrics`` (``failed``: that one fails)."""
+def _fill_store(folder, grid, cells, metrics, failed=None, seconds=None):
+    """Register ``cells`` as grid ``grid`` and finish each with its ``metrics`` (``failed``: that one fails;
+    ``seconds``: {cell id: its recorded time}, else 1 s)."""
     with Store(folder) as store:
         store.register(Plan(grid, {"name": grid}, cells))
         for i, c in enumerate(cells):
@@ -79,7 +80,7 @@ def _fill_store(folder, grid, cells, metrics, failed=None):
             if c.id == failed:
                 store.fail(c.id, "RuntimeError: out of memory")
                 continue
-            timings = {"total": 1.0, "peak_rss_mb": 1000.0 + i}  # the report shows the largest
+            timings = {"total": (seconds or {}).get(c.id, 1.0), "peak_rss_mb": 1000.0 + i}  # the largest is shown
             store.complete(c.id, CellResult(metrics[c.id], timings, {"tsbd": "0.1"}, f"artifacts/{c.id}",
                                             "testhost", now_iso(), now_iso()))
 
@@ -313,7 +314,8 @@ def test_defense_seeds_are_averaged_with_their_spread(tmp_path):
                          seed=seed)
         cells.append(d)
         metrics[d.id] = {"acc": 0.84, "asr": asr, "der": 0.5}
-    _fill_store(tmp_path / "res", "seeds", cells, metrics)
+    seconds = {a.id: 5400.0, **{c.id: 60.0 * (2 + i) for i, c in enumerate(cells[1:])}}  # TSBD: 2, 3, 4 min
+    _fill_store(tmp_path / "res", "seeds", cells, metrics, seconds=seconds)
     assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
     md = (tmp_path / "out" / "report.md").read_text()
     row = md_rows(md)["LF"]
@@ -323,6 +325,7 @@ def test_defense_seeds_are_averaged_with_their_spread(tmp_path):
     assert row[header.index("TSBD ACC")].startswith("84.00 ± 0.00")
     assert row[header.index("No Defense ASR")].startswith("95.00") and "±" not in row[header.index("No Defense ASR")]
     assert "mean over 1/3 seeds, ± the sample standard deviation where there are several" in md
+    assert "Minutes per cell, mean over the attacks: No Defense (training the attacked model) 90.0, TSBD 3.0." in md
     assert f"{mean:.2f}<span class=\"sd\"> &plusmn; {sd:.2f}</span>" in (tmp_path / "out" / "report.html").read_text()
 
 

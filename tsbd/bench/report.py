@@ -209,9 +209,11 @@ def collect(store: Store, grid: str | None = None, paper: PaperIndex | None = No
                     cols[ckey] = Column(ckey, dd["name"], d["config"]["clean_ratio"], dd["config"],
                                         non_default(dd["config"], _defaults("defense", dd["name"])))
             m = (d or a)["metrics"] or {}
+            t_cell = (d or a)["timings"] or {}
             acc.setdefault((rkey, ckey), []).append({"acc": m.get("acc"), "asr": m.get("asr"),
                                                       "der": m.get("der") if d is not None else None,
-                                                      "cell": (d or a)["id"]})
+                                                      "cell": (d or a)["id"],
+                                                      "seconds": t_cell.get("cell", t_cell.get("total"))})
             picked = (m.get("stages") or {}).get(SELECTED_ON_TEST) if d is not None else None
             if picked:
                 skey = ckey + "|" + SELECTED_ON_TEST
@@ -227,6 +229,9 @@ def collect(store: Store, grid: str | None = None, paper: PaperIndex | None = No
         values = {}
         for k, items in acc.items():
             entry: dict[str, Any] = {"n": len(items), "cells": [i["cell"] for i in items]}
+            secs = [i["seconds"] for i in items if i.get("seconds") is not None]
+            if secs:
+                entry["seconds"] = sum(secs) / len(secs)
             if any("n" in i for i in items):  # the neuron ratios picked on test data, per seed
                 entry["selected_n"] = [i.get("n") for i in items]
             for metric in METRICS:
@@ -346,6 +351,21 @@ def _paper_note(t: ResultTable) -> str:
             + model_note + (" " + " ".join(notes) if notes else ""))
 
 
+def _cost_line(t: ResultTable) -> str:
+    """Minutes per cell, by column, averaged over the attacks (No Defense: training the attacked
+    model), with the host's CPU time as the cells recorded it; "" when no cell recorded a time."""
+    parts = []
+    for c in t.columns:
+        if c.selected_on_test:  # timed inside its defense cell
+            continue
+        secs = [t.values[(r.key, c.key)].get("seconds") for r in t.rows if (r.key, c.key) in t.values]
+        secs = [x for x in secs if x is not None]
+        if secs:
+            what = "No Defense (training the attacked model)" if c.defense == NO_DEFENSE else c.label
+            parts.append(f"{what} {sum(secs) / len(secs) / 60:.1f}")
+    return ("Minutes per cell, mean over the attacks: " + ", ".join(parts) + ".") if parts else ""
+
+
 def _settings_lines(t: ResultTable) -> list[str]:
     k = t.key
     ds = k["dataset"]
@@ -372,6 +392,9 @@ def _settings_lines(t: ResultTable) -> list[str]:
     for r in t.rows:
         if r.changed:
             lines.append(f"{r.label}: attack options {_describe(r.changed)}.")
+    cost = _cost_line(t)
+    if cost:
+        lines.append(cost)
     have = {c.label: sum((r.key, c.key) in t.values for r in t.rows) for c in t.columns}
     if len(set(have.values())) > 1:  # a partial grid: the averages cover different attacks
         lines.append("Incomplete table: each Average is over the attacks its column has ("
