@@ -151,6 +151,24 @@ def test_clean_unlearning_stops_at_threshold(small, runtime):
     assert accuracy(predict(model, small.train.x, runtime), small.train.y) == pytest.approx(acc0)
 
 
+def test_clean_unlearning_warns_once_when_accuracy_stops_falling(small, runtime, monkeypatch, caplog):
+    import tsbd.defenses.tsbd as tsbd_mod
+    from tsbd.models import build_model
+
+    monkeypatch.setattr(tsbd_mod, "UNLEARN_STALL_EPOCHS", 2)
+    seen = iter([0.6, 0.5, 0.55, 0.5, 0.52, 0.51])  # lowest at epoch 2, never lower again
+    monkeypatch.setattr(tsbd_mod, "accuracy", lambda pred, y: next(seen))
+    torch.manual_seed(0)
+    model = build_model("airbench", 10, mean=small.mean, std=small.std, widths=(8, 8, 8))
+    data = small.train.subset(torch.arange(128))
+    cfg = TSBDConfig(unlearn_lr=1e-3, unlearn_max_epochs=6, batch_size=64)
+    _, info = clean_unlearn(model, data, cfg, runtime)
+    assert info["clean_acc_per_epoch"] == [0.6, 0.5, 0.55, 0.5, 0.52, 0.51] and not info["reached_threshold"]
+    stalls = [r for r in caplog.records if "has not fallen for 2 epochs (lowest 0.500" in r.getMessage()]
+    assert len(stalls) == 1  # at epoch 4, once; the end-of-run warning follows
+    assert "did not reach clean accuracy <= 0.10 within 6 epochs" in caplog.text
+
+
 def test_zero_reinit_on_channels_last_weights(tiny_net):
     """fit() leaves weights channels_last; zeroing must still hit exactly the chosen subweights."""
     other = _known_change(tiny_net)

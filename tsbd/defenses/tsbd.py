@@ -87,6 +87,7 @@ class TSBDConfig(DefenseConfig):
 
 # ------------------------------------------------------------------------------------------
 # Stage 1a
+UNLEARN_STALL_EPOCHS = 50  # epochs without a new lowest clean accuracy before clean_unlearn warns
 def clean_unlearn(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Runtime, *, seed: int = 0,
                   progress: bool = False,
                   on_epoch: Callable[[int, nn.Module, float], None] | None = None) -> tuple[nn.Module, dict]:
@@ -107,6 +108,13 @@ def clean_unlearn(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: R
         acc = accuracy(predict(m, clean.x, runtime), clean.y)
         stats["clean_acc"] = acc
         accs.append(acc)
+        best = accs.index(min(accs)) + 1  # the first epoch at the lowest accuracy so far
+        if epoch - best == UNLEARN_STALL_EPOCHS and acc > cfg.unlearn_acc_threshold:
+            # the authors' loop goes on until the threshold or the epoch limit; say early that it may not come
+            log.warning("clean unlearning: clean accuracy has not fallen for %d epochs (lowest %.3f, threshold "
+                        "%.2f); it goes on until unlearn_max_epochs=%d -- if it stays there, raise unlearn_lr "
+                        "or lower unlearn_max_epochs", UNLEARN_STALL_EPOCHS, min(accs), cfg.unlearn_acc_threshold,
+                        cfg.unlearn_max_epochs)
         for k, v in m.state_dict().items():
             last_state[k].copy_(v)
         if on_epoch is not None:

@@ -313,6 +313,7 @@ def fit(
     t0 = time.perf_counter()
     images = 0
     stopped = False
+    shown: dict[str, str] = {}
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -339,7 +340,7 @@ def fit(
                             f"{desc}: the loss became {value} at epoch {epoch + 1}, batch {n_batches}; "
                             f"lower the learning rate (now {base_lrs[0]:g})"
                         )
-                    bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{value:.3f}", refresh=False)
+                    bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{value:.3f}", **shown, refresh=False)
                 bar.update(1)
             mean_loss = float(loss_sum) / max(1, n_batches)
             if not math.isfinite(mean_loss):
@@ -351,6 +352,9 @@ def fit(
                      "seconds": time.perf_counter() - t_epoch}
             if on_epoch_end is not None and on_epoch_end(epoch + 1, model, stats):
                 stopped = True
+            # what the callback measured (e.g. clean accuracy) stays on the progress bar
+            shown = {k: f"{v:.3g}" for k, v in stats.items()
+                     if k not in ("epoch", "loss", "lr", "seconds") and isinstance(v, (int, float))}
             history.append(stats)
             if ckpt_path:
                 _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
