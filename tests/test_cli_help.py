@@ -202,3 +202,21 @@ def test_a_closed_pipe_ends_quietly():
     proc.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     assert proc.returncode == 141  # 128 + SIGPIPE, as a tool killed by the signal
+
+
+@pytest.mark.parametrize("command, resumable", [("list", False), ("bench", True)])
+def test_ctrl_c_says_whether_the_command_resumes(command, resumable, monkeypatch, capsys):
+    import tsbd.cli.bench
+    import tsbd.cli.methods
+
+    def stop(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tsbd.cli.methods, "cmd_list", stop)
+    monkeypatch.setattr(tsbd.cli.bench, "cmd_bench", stop)
+    assert main([command, *(["demo"] if command == "bench" else [])]) == 130
+    err = capsys.readouterr().err.strip()
+    if resumable:
+        assert err == "tsbd: interrupted; finished work is saved -- rerun the same command to resume"
+    else:
+        assert err == "tsbd: interrupted; no output was left half-written -- rerun the command to start again"

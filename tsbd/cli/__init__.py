@@ -62,6 +62,9 @@ def command_named(argv: Sequence[str]) -> str | None:
     return None
 
 
+RESUMABLE = ("bench", "attack")  # commands that keep finished work (cells, epoch checkpoints) when stopped
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every command stops the same clean way (a bench hands
     its running cell back, writes are not left half done)."""
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    name = None
     try:
         name = command_named(argv)
         parser = build_parser([name] if name else [])
@@ -97,7 +101,10 @@ def _main(argv: list[str]) -> int:
         return 2
     except KeyboardInterrupt as err:
         how = "terminated" if isinstance(err, Terminated) else "interrupted"
-        print(f"tsbd: {how}; finished work is saved -- rerun the same command to resume", file=sys.stderr)
+        if name in RESUMABLE:
+            print(f"tsbd: {how}; finished work is saved -- rerun the same command to resume", file=sys.stderr)
+        else:
+            print(f"tsbd: {how}; no output was left half-written -- rerun the command to start again", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
     except BrokenPipeError:  # the reader went away (`tsbd list | head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
