@@ -109,7 +109,11 @@ def test_attack_ctrl_c_then_rerun_resumes_without_losing_finished_epochs(tiny_de
     with caplog.at_level(logging.INFO, logger="tsbd.train.engine"):
         assert main(attack_argv(out, 4)) == 0
     assert "at epoch 2" in caplog.text and not _checkpoints(out)
+    timings = json.loads((out / "meta.json").read_text())["timings"]
+    # the recorded training time is all four epochs', the two before the resume included
+    assert timings["resumed_at_epoch"] == 2 and timings["train"] > timings["train_this_run"] > 0
     assert main(attack_argv(tmp_path / "ref", 4)) == 0  # never interrupted
+    assert "resumed_at_epoch" not in json.loads((tmp_path / "ref" / "meta.json").read_text())["timings"]
     resumed, ref = load_state(out / "model.safetensors"), load_state(tmp_path / "ref" / "model.safetensors")
     for k in ref:
         torch.testing.assert_close(resumed[k], ref[k])

@@ -93,7 +93,9 @@ def train_attacked_model(setup: AttackSetup, arch: str, cfg: TrainConfig, runtim
         "seed": setup.seed,
         "runtime": runtime.describe(),
         "metrics": metrics,
-        "timings": {"train": res.seconds, "eval": time.perf_counter() - t0},
+        # "train": every epoch's time, those before a resume included ("train_this_run": since it)
+        "timings": {"train": res.epoch_seconds if res.resumed_at else res.seconds, "eval": time.perf_counter() - t0,
+                    **({"train_this_run": res.seconds, "resumed_at_epoch": res.resumed_at} if res.resumed_at else {})},
         **({"compile": res.compile} if res.compile else {}),
         "train_images_per_second": res.images_per_second,
         "provenance": provenance(),

@@ -64,6 +64,12 @@ class FitResult:
     history: list[dict]
     images: int  # images processed
     compile: dict | None = None  # what --compile decided for this run (plain training only)
+    resumed_at: int = 0  # the epoch a checkpoint resumed from (0: trained from the start)
+
+    @property
+    def epoch_seconds(self) -> float:
+        """Seconds of all completed epochs, those of earlier runs resumed from a checkpoint included."""
+        return sum(float(h.get("seconds", 0.0)) for h in self.history)
 
     @property
     def images_per_second(self) -> float:
@@ -366,7 +372,8 @@ def fit(
         bar.close()
     done = history[-1]["epoch"] if history else 0
     return FitResult(epochs=done, seconds=time.perf_counter() - t0, stopped_early=stopped, history=history,
-                     images=images, compile=choice.record if runtime.compile != "off" else None)
+                     images=images, compile=choice.record if runtime.compile != "off" else None,
+                     resumed_at=start_epoch)
 
 
 @torch.no_grad()
