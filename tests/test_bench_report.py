@@ -329,6 +329,21 @@ def test_defense_seeds_are_averaged_with_their_spread(tmp_path):
     assert f"{mean:.2f}<span class=\"sd\"> &plusmn; {sd:.2f}</span>" in (tmp_path / "out" / "report.html").read_text()
 
 
+@pytest.mark.parametrize("trigger, matched", [("cifar10_preactresnet18_0_255.npy", True), ("my_lf.npy", False)])
+def test_backdoorbench_trigger_files_are_the_papers_attack(trigger, matched):
+    from tsbd.bench.paper import PaperIndex
+
+    paper = PaperIndex()
+    tables = paper.candidates("cifar10", "preact_resnet18", 0.1)
+    changed = {"trigger_file": "{data_root}/backdoorbench-triggers/" + trigger}
+    hit = paper.lookup(tables, "lf", changed, "tsbd", 0.05, {}, _defaults("defense", "tsbd"))
+    assert (hit is not None) == matched
+    if matched:
+        assert hit[0][:2] == [91.2, 2.64]  # Table 1's TSBD on LF
+    assert paper.lookup(tables, "lf", {**changed, "trigger_scale": 255.0}, "tsbd", 0.05, {},
+                        _defaults("defense", "tsbd")) is None  # a rescaled file is not the paper's
+
+
 def test_n_selected_on_test_data_is_a_labelled_column_never_ranked(tmp_path):
     from tsbd.bench.report import collect
     from tsbd.metrics import der

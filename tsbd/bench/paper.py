@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,18 @@ def _close(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
     return a == b
+
+
+def backdoorbench_file(attack: str, option: str, value: Any) -> bool:
+    """Whether ``option = value`` points ``attack`` at BackdoorBench's own trigger file (the paper's
+    resource, e.g. LF's ``cifar10_preactresnet18_0_255.npy``): a cell that uses it is the paper's attack."""
+    from tsbd.attacks.resources import BACKDOORBENCH_TRIGGERS
+
+    if attack not in BACKDOORBENCH_TRIGGERS or not isinstance(value, str):
+        return False
+    name_option, pattern = BACKDOORBENCH_TRIGGERS[attack]
+    regex = re.escape(pattern).replace(re.escape("{dataset}"), r"[\w-]+").replace(re.escape("{model}"), r"[\w-]+")
+    return option == name_option and re.fullmatch(regex, Path(value).name) is not None
 
 
 def non_default(config: dict, defaults: dict | None) -> dict:
@@ -96,6 +109,7 @@ class PaperIndex:
     def lookup(self, tables: list[dict], attack: str, attack_changed: dict, defense: str,
                clean_ratio: float | None, defense_changed: dict, defense_config: dict) -> tuple[list, dict] | None:
         """([ACC, ASR, DER] in %, the table) for one of our cells, or None where the paper has none."""
+        attack_changed = {k: v for k, v in attack_changed.items() if not backdoorbench_file(attack, k, v)}
         if attack_changed:  # a non-default attack is not the paper's
             return None
         for table in tables:
