@@ -87,7 +87,7 @@ def train_attacked_model(setup: AttackSetup, arch: str, cfg: TrainConfig, runtim
         "dataset": ds.describe(),
         "attack": setup.attack.describe(),
         "poison": {"count": len(setup.poisoned_train.poison_index), "seed": setup.seed,
-                   "requested": round(setup.attack.config.poison_ratio * len(ds.train)),
+                   "requested": setup.attack.requested_poison_count(len(ds.train)),
                    "mode": "batch" if setup.attack.poisons_per_batch else "stored"},
         "train": to_dict(cfg),
         "seed": setup.seed,

@@ -85,10 +85,15 @@ class Attack:
         """Poison uint8 images ``x`` (N x C x H x W); ``index`` are their dataset indices."""
         raise NotImplementedError
 
+    def requested_poison_count(self, n_train: int) -> int:
+        """round(ratio * N): how many of ``n_train`` training images the poison ratio asks for (a
+        clean-label attack poisons fewer when its target class is smaller; see :meth:`poison_indices`)."""
+        return round(self.config.poison_ratio * n_train)
+
     def poison_indices(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
         """The training indices to poison: round(ratio * N) drawn from all samples (dirty-label,
         BackdoorBench includes the target class) or from the target class (clean-label)."""
-        count = round(self.config.poison_ratio * len(labels))
+        count = self.requested_poison_count(len(labels))
         if self.clean_label:
             pool = torch.nonzero(labels == self.config.target).flatten()
             if count > len(pool):

@@ -321,7 +321,7 @@ def _as_list(value: Any) -> list:
 
 
 def _axis(spec: dict, key: str) -> list:
-    values = _as_list(spec.get(key, DEFAULTS[key]))
+    values = _as_list(spec[key] if key in spec else DEFAULTS[key])
     if not values:
         raise TsbdError(f"grid axis {key!r} is an empty list; give at least one value")
     return values
@@ -550,9 +550,7 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
     seeds = seeds if seeds is not None else [int(s) for s in _axis(spec, "seed")]
     # the defense cells' own seeds (clean-set draw, batch order) on every attacked model: the spread of
     # a defense without retraining the model; by default each defense cell takes its model's seed
-    defense_seeds = [int(s) for s in _as_list(spec["defense_seed"])] if "defense_seed" in spec else None
-    if defense_seeds == []:
-        raise TsbdError("grid axis 'defense_seed' is an empty list; give at least one value or leave it out")
+    defense_seeds = [int(s) for s in _axis(spec, "defense_seed")] if "defense_seed" in spec else None
     trainings = _expand(spec.get("train", {}), _config_sequence_fields(TrainConfig), "[train]")
     label = f"grid {name}"  # where an option came from, in errors
     defenses = _defenses(spec, label)
