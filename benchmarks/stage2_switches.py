@@ -14,9 +14,17 @@ clean set, and then fine-tunes copies of that one reinitialized model with these
   ``authors-shuffled``: the authors' stage 2 with one switch turned to the other value;
 * ``live``: all four switched (both passes update the statistics, no post-step forward, 20
   epochs, shuffled) -- tsbd's stage 2 before it followed the authors' code;
+* ``vanilla``: the authors' loop with plain cross-entropy steps instead of Aa-FT (the paper's
+  Table 4 ablation);
+* ``global-norm``: g1 divided by the norm of the whole gradient (paper Eq. 5) instead of each
+  tensor's own norm (authors' code);
 * ``authors-lr-x8``: labelled variant, fine-tuning lr 0.08 instead of 0.01 (airbench scales its
   logits by 1/8, so every gradient is 8x smaller; stage 1's lr is rescaled the same way with
   ``--tsbd-opt unlearn_lr=8e-4``).
+
+``--attacked DIR`` takes an attacked model written by ``tsbd attack`` or a grid (its
+``artifacts/ID`` folder) instead of training one: the data set, attack and seed come from its
+meta.json, and ``--attacks``, ``--dataset``, ``--model`` and ``--epochs`` are ignored.
 
 A rerun with the same --out skips the (attack, seed) rows already in it.
 
@@ -24,6 +32,10 @@ A rerun with the same --out skips the (attack, seed) rows already in it.
         --trigger-dir DATA_ROOT/backdoorbench-triggers --dataset demo --epochs 12 \
         --attacks lf,trojan,blended,badnets --seeds 0,1,2 --tsbd-opt unlearn_lr=8e-4 \
         --out benchmarks/results/stage2_switches.json
+
+    python benchmarks/stage2_switches.py --data-root DATA_ROOT --trigger-dir DATA_ROOT/backdoorbench-triggers \
+        --attacked RESULTS/artifacts/ID --seeds 0 --variants authors,vanilla,global-norm \
+        --out benchmarks/results/stage2_r18_lf.json
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ from tsbd.data import load_dataset
 from tsbd.defenses.tsbd import TSBDConfig, activeness_aware_finetune, clean_unlearn, zero_reinit
 from tsbd.metrics import der, evaluate
 from tsbd.models.surgery import recompute_bn_stats, subweight_change
-from tsbd.pipeline import setup_attack, train_attacked_model, train_config
+from tsbd.pipeline import load_setup_from_meta, setup_attack, train_attacked_model, train_config
 from tsbd.train.runtime import Runtime
 
 AUTHORS = {"passes_update_bn": False, "post_step_bn": True, "finetune_epochs": 21, "finetune_shuffle": False}
@@ -57,6 +69,8 @@ VARIANTS = {
     "authors-shuffled": {"finetune_shuffle": True},
     "live": {"passes_update_bn": True, "post_step_bn": False, "finetune_epochs": 20, "finetune_shuffle": True},
     "authors-lr-x8": {"finetune_lr": 0.08},
+    "vanilla": {"finetune_mode": "vanilla"},
+    "global-norm": {"perturbation_norm": "global"},
 }
 
 
@@ -94,6 +108,20 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + f"\n\nSeeds per attack: {seeds}.\n"
 
 
+def attacked(ds, attack, seed: int, rt: Runtime, args) -> tuple:
+    """The attacked model for (attack, seed), trained once and cached under --work (resumable)."""
+    setup = setup_attack(ds, attack, seed, rt, arch=args.model)
+    folder = Path(args.work) / f"{args.dataset}-{attack.name}-{args.model}-e{args.epochs}-s{seed}"
+    if folder.exists():
+        return (setup, *load_model(folder, rt.device))
+    ckpt = folder.with_name(folder.name + ".resume.pt")
+    model, meta = train_attacked_model(setup, args.model, train_config("cpu", {"epochs": args.epochs}), rt,
+                                       checkpoint=ckpt)
+    save_model(folder, model, meta)
+    ckpt.unlink(missing_ok=True)
+    return setup, model, meta
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=None)
@@ -110,6 +138,8 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", default="runs/stage2_switches")
+    ap.add_argument("--attacked", default=None, metavar="DIR",
+                    help="an attacked model folder (tsbd attack / a grid's artifacts/ID) to use instead of training")
     ap.add_argument("--out", required=True)
     ap.add_argument("--markdown", action="store_true", help="print the summary of --out as a Markdown table and stop")
     args = ap.parse_args()
@@ -121,7 +151,9 @@ def main() -> None:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
     rt = Runtime.create("cpu", args.precision, args.threads)
-    ds = load_dataset(args.dataset, root=args.data_root)
+    given = load_model(args.attacked, rt.device) if args.attacked else None
+    given_setup = load_setup_from_meta(given[1], rt, data_root=args.data_root) if given else None
+    ds = given_setup.dataset if given else load_dataset(args.dataset, root=args.data_root)
     base = override(TSBDConfig(), {**AUTHORS, **parse_set(args.tsbd_opt)})
     prev = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     out = {"command": "python benchmarks/stage2_switches.py " + " ".join(
@@ -132,23 +164,16 @@ def main() -> None:
            "variants": {v: VARIANTS[v] for v in args.variants.split(",")}, "rows": dict(prev.get("rows", {}))}
     trig = backdoorbench_trigger_options(args.trigger_dir)
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for name in args.attacks.split(","):
+        for name in ([given[1]["attack"]["name"]] if given else args.attacks.split(",")):
             key = f"{name}-s{seed}"
             if key in out["rows"]:
                 print(key, "already in", args.out, "- skipped", flush=True)
                 continue
             t0 = time.perf_counter()
-            attack = build_attack(name, trig.get(name, {}))
-            setup = setup_attack(ds, attack, seed, rt, arch=args.model)
-            folder = Path(args.work) / f"{args.dataset}-{name}-{args.model}-e{args.epochs}-s{seed}"
-            if folder.exists():
-                model, meta = load_model(folder, rt.device)
+            if given:  # one model: the seed varies the defense only (batch order, augmentation)
+                (model, meta), setup = given, given_setup
             else:
-                ckpt = folder.with_name(folder.name + ".resume.pt")
-                model, meta = train_attacked_model(setup, args.model, train_config("cpu", {"epochs": args.epochs}), rt,
-                                                   checkpoint=ckpt)
-                save_model(folder, model, meta)
-                ckpt.unlink(missing_ok=True)
+                setup, model, meta = attacked(ds, build_attack(name, trig.get(name, {})), seed, rt, args)
             before = meta["metrics"]
             clean, clean_info = setup.clean_set(args.clean_ratio)
             unlearned, ul_info = clean_unlearn(model, clean, base, rt, seed=seed)
@@ -166,10 +191,11 @@ def main() -> None:
                 cfg = override(base, VARIANTS[variant])
                 tuned = copy.deepcopy(reinit)
                 t1 = time.perf_counter()
-                activeness_aware_finetune(tuned, clean, cfg, rt, seed=seed)
+                ft = activeness_aware_finetune(tuned, clean, cfg, rt, seed=seed)
                 m = evaluate(tuned, ds.test, setup.poisoned_test, rt)
                 m["der"] = der(before["acc"], before["asr"], m["acc"], m["asr"])
-                row["variants"][variant] = {"metrics": m, "seconds": time.perf_counter() - t1}
+                row["variants"][variant] = {"metrics": m, "final_loss": ft.get("final_loss"),
+                                            "seconds": time.perf_counter() - t1}
                 print(key, variant, {k: round(v * 100, 2) for k, v in m.items()}, flush=True)
             row["seconds"] = time.perf_counter() - t0
             print(key, "no defense", before, "reinit stale", stale, "recomputed", row["after_reinit_bn_recomputed"],

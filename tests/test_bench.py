@@ -278,17 +278,38 @@ def test_two_processes_on_one_store_share_the_work_and_lose_no_row(tmp_path):
 
 
 def test_a_narrowed_run_shares_cells_but_keeps_the_grids_membership(tmp_path):
+    from tsbd.cli.bench import narrowed
+
     grid, results = write_grid(tmp_path), tmp_path / "results"
-    assert main(["bench", str(grid), "--results", str(results), "--dry-run", *RUNTIME]) == 0
-    assert main(["bench", str(grid), "--results", str(results), "--dry-run", "--set", 'attack=["badnets"]',
-                 *RUNTIME]) == 0
+    full_plan = load_grid(str(grid))
+    part_plan = narrowed(load_grid(str(grid), overrides={"attack": ["badnets"]}), ['attack=["badnets"]'], None)
+    assert narrowed(full_plan, [], None) is full_plan
     with Store(results) as store:
+        store.register(full_plan)
+        store.register(part_plan)
         full = {r["id"] for r in store.cells("tiny")}
         subsets = [g for g in store.grids() if g != "tiny"]
         assert len(full) == 4  # the subset did not replace the grid's membership
-        assert len(subsets) == 1 and subsets[0].startswith("tiny+")
+        assert subsets == [part_plan.name] and part_plan.name.startswith("tiny+")
         part = {r["id"] for r in store.cells(subsets[0])}
         assert len(part) == 2 and part < full  # the same cells, shared
+
+
+def test_a_dry_run_creates_and_changes_nothing(tmp_path, capsys):
+    grid, results = write_grid(tmp_path), tmp_path / "results"
+    assert main(["bench", str(grid), "--results", str(results), "--dry-run", *RUNTIME]) == 0
+    assert not results.exists()
+    assert "4 pending; no store there yet" in " ".join(capsys.readouterr().err.split())
+    plan = load_grid(str(grid))
+    with Store(results) as store:
+        store.register(plan)
+        store.claim(plan.cells[0].id)  # an attack cell, now running
+    assert main(["bench", str(grid), "--results", str(results), "--dry-run", "--set", 'attack=["badnets"]',
+                 *RUNTIME]) == 0
+    with Store(results) as store:
+        assert store.grids() == ["tiny"]  # the narrowed dry run registered nothing
+    err = " ".join(capsys.readouterr().err.split())
+    assert "dry run; 0 done, 0 failed, 1 running, 1 pending" in err
 
 
 def test_opening_a_new_store_retries_a_locked_switch_to_wal(tmp_path, monkeypatch):

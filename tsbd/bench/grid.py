@@ -548,8 +548,9 @@ def expand(spec: dict, *, data_root: str | None = None, cache_dir: str | None = 
     name = str(spec.get("name", "grid"))
     versions = relevant_versions()
     seeds = seeds if seeds is not None else [int(s) for s in _axis(spec, "seed")]
-    # the defense cells' own seeds (clean-set draw, batch order) on every attacked model: the spread of
-    # a defense without retraining the model; by default each defense cell takes its model's seed
+    # the defense cells' own seeds (batch order, augmentation; the clean set is drawn with the
+    # model's seed) on every attacked model: the spread of a defense without retraining the model;
+    # by default each defense cell takes its model's seed
     defense_seeds = [int(s) for s in _axis(spec, "defense_seed")] if "defense_seed" in spec else None
     trainings = _expand(spec.get("train", {}), _config_sequence_fields(TrainConfig), "[train]")
     label = f"grid {name}"  # where an option came from, in errors

@@ -4,6 +4,7 @@ benchmark grid into a resumable results store, report on it, merge stores run el
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import hashlib
 import json
@@ -23,7 +24,7 @@ GRID is a TOML file or a preset:
 {presets}
 
 Grid keys (each axis a value or a list): dataset, model, preset, attack, defense, poison_ratio,
-clean_ratio, seed, limit_train, limit_test; tables [train], [model_opts.NAME],
+clean_ratio, seed, defense_seed, limit_train, limit_test; tables [train], [model_opts.NAME],
 [attack_opts(.NAME)], [attack_opts.NAME.train] (one attack's training), [defense_opts(.NAME)],
 [dataset_opts.NAME] whose list values are axes too. See docs/bench.md.
 
@@ -53,12 +54,15 @@ def cmd_bench(args) -> int:
     plan = load_grid(args.grid, overrides=parse_set(args.set_values), data_root=args.data_root,
                      cache_dir=args.cache_dir, seeds=None if args.seed is None else [args.seed])
     results = Path(args.results) if args.results else DEFAULT_RESULTS / re.sub(r"[^A-Za-z0-9._-]+", "-", plan.name)
-    if args.set_values or args.seed is not None:
-        # a narrowed or changed grid shares the folder (and every cell it has in common) but
-        # records its membership under its own name: the grid's own membership, which
-        # `tsbd report --grid NAME` shows, is not replaced by the subset
-        tag = hashlib.sha256(json.dumps([list(args.set_values or []), args.seed]).encode()).hexdigest()[:8]
-        plan = dataclasses.replace(plan, name=f"{plan.name}+{tag}")
+    plan = narrowed(plan, args.set_values, args.seed)
+    if args.dry_run:  # reads the store where there is one; creates and changes nothing
+        existing = Store(results, create=False) if (results / DB_NAME).is_file() else None
+        try:
+            _print_plan(plan, existing, console, results)
+        finally:
+            if existing is not None:
+                existing.close()
+        return 0
     # new, empty or a results store (resumed, never replaced); writable -- before any work
     check_output_folder(results, (DB_NAME,), overwrite=True, flag="--results")
     store = Store(results)
@@ -69,9 +73,6 @@ def cmd_bench(args) -> int:
             counts[store.state(cell.id)["status"]] += 1
         console.print(f"[bold]{plan.describe()}[/] -> {results} ({new} new; {counts['done']} done, "
                       f"{counts['failed']} failed, {counts['running']} running, {counts['pending']} pending)")
-        if args.dry_run:
-            _print_plan(plan, store, console)
-            return 0
         gpus = args.gpus_per_cell
         if gpus is None:
             import torch
@@ -105,16 +106,32 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _print_plan(plan, store, console) -> None:
+def narrowed(plan, set_values: list[str] | None, seed: int | None):
+    """``plan`` renamed NAME+TAG when --set or --seed changed it: a narrowed or changed grid shares
+    the results folder (and every cell it has in common) but records its membership under its own
+    name, so the grid's own membership, which `tsbd report --grid NAME` shows, is not replaced."""
+    if not set_values and seed is None:
+        return plan
+    tag = hashlib.sha256(json.dumps([list(set_values or []), seed]).encode()).hexdigest()[:8]
+    return dataclasses.replace(plan, name=f"{plan.name}+{tag}")
+
+
+def _print_plan(plan, store, console, results: Path) -> None:
+    """The cells of ``plan`` and their status in ``store`` (None: no store yet, all pending)."""
     from rich.table import Table
 
+    states = {cell.id: (store.state(cell.id) if store is not None else None) or {} for cell in plan.cells}
+    counts = collections.Counter(s.get("status", "pending") for s in states.values())
+    console.print(f"[bold]{plan.describe()}[/] -> {results} (dry run; {counts['done']} done, {counts['failed']} "
+                  f"failed, {counts['running']} running, {counts['pending']} pending"
+                  f"{'' if store is not None else '; no store there yet'})")
     table = Table(show_header=True, header_style="bold")
     for col in ("cell", "kind", "what", "status", "attempts"):
         table.add_column(col)
     for cell in plan.cells:
-        row = store.state(cell.id)
+        row = states[cell.id]
         what = cell.label() if cell.kind == "attack" else f"  {cell.label()}"
-        table.add_row(cell.id, cell.kind, what, row["status"], str(row["attempts"]))
+        table.add_row(cell.id, cell.kind, what, row.get("status", "pending"), str(row.get("attempts", 0)))
     console.print(table)
 
 
@@ -172,7 +189,7 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-cell", type=float, default=None,
                    help="Ray: GPUs reserved per cell (default: 1 when the device is CUDA, else 0)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run and write nothing")
     p.add_argument("--report", action="store_true", help="write the report into the results folder at the end")
     common.add_data_root(p)
     common.add_runtime_args(p)
