@@ -57,8 +57,10 @@ class TSBDConfig(DefenseConfig):
     finetune_epochs: int = option(21, "fine-tuning epochs (paper App. C: 20; the authors' loop runs "
                                   "range(ft_epoch + 1) = 21, which produced the paper's numbers)",
                                   "authors' tsbd.py fine-tuning loop", check=NON_NEGATIVE)
-    finetune_shuffle: bool = option(False, "shuffle the clean set every fine-tuning epoch (the authors' clean "
-                                    "loader keeps dataset order)", "authors' tsbd.py (shuffle=False)")
+    finetune_shuffle: bool = option(False, "shuffle the clean set every fine-tuning epoch; off: one seeded order "
+                                    "for every epoch (the authors' clean loader does not shuffle; their clean "
+                                    "set is in the order of its random draw, so its batches mix classes)",
+                                    "authors' tsbd.py (shuffle=False), BackdoorBench choose_index")
     unlearn_shuffle: bool = option(False, "shuffle the clean set every unlearning epoch (same loader)",
                                    "authors' tsbd.py (shuffle=False)")
     passes_update_bn: bool = option(False, "let the two gradient passes of a step update BatchNorm running "
@@ -300,7 +302,7 @@ class TSBD(Defense):
             # the reinit leaves BN statistics that no longer match the weights; how much of the
             # backdoor they hide shows on a copy whose statistics are recomputed on the clean set
             fresh = copy.deepcopy(model)
-            recompute_bn_stats(fresh, clean.x, runtime, batch_size=cfg.batch_size)
+            recompute_bn_stats(fresh, clean.x, runtime, batch_size=cfg.batch_size, seed=seed)
             stages.observe("after_reinit_bn_recomputed", fresh)
             del fresh
         with stages.stage("finetune"):

@@ -70,10 +70,13 @@ def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def recompute_bn_stats(model: nn.Module, images: torch.Tensor, runtime: Runtime, *, batch_size: int = 256) -> int:
+def recompute_bn_stats(model: nn.Module, images: torch.Tensor, runtime: Runtime, *, batch_size: int = 256,
+                       seed: int = 0) -> int:
     """Replace every BatchNorm layer's running statistics, in place, by their average over the batches of
-    ``images`` (uint8) at the present weights: one train-mode pass, weights untouched. Returns the
-    number of BN layers reset (0: nothing to do)."""
+    ``images`` (uint8) at the present weights: one train-mode pass, weights untouched. The batches
+    are drawn in a seeded random order, so each mixes classes even where ``images`` are stored class
+    by class (each batch is normalized by its own statistics on the way). Returns the number of BN
+    layers reset (0: nothing to do)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
@@ -83,10 +86,11 @@ def recompute_bn_stats(model: nn.Module, images: torch.Tensor, runtime: Runtime,
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the pass
     model.train()
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     try:
         for start in range(0, len(images), batch_size):
             with runtime.autocast():
-                model(to_model_input(images[start:start + batch_size], runtime))
+                model(to_model_input(images[order[start:start + batch_size].to(images.device)], runtime))
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom

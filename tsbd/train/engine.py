@@ -131,10 +131,17 @@ def iterate_batches(
     shuffle: bool = True,
     augment: bool = False,
     drop_last: bool = False,
+    order: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (float images in [0, 1], labels) batches on the runtime's device."""
+    """Yield (float images in [0, 1], labels) batches on the runtime's device: in a fresh random
+    order drawn from ``generator`` with ``shuffle``, else in ``order`` (default: dataset order)."""
     n = len(data)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if shuffle:
+        order = torch.randperm(n, generator=generator)
+    elif order is None:
+        order = torch.arange(n)
+    elif len(order) != n:
+        raise ValueError(f"order has {len(order)} indices for {n} images")
     stop = n - (n % batch_size) if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
@@ -278,7 +285,10 @@ def fit(
     With ``checkpoint`` set, state is saved there after every epoch and a rerun resumes.
     ``train_mode=False`` keeps the model in eval mode (frozen BN statistics), for methods that
     optimize something other than the weights (trigger reverse-engineering, masks).
-    ``shuffle=False`` visits the images in dataset order every epoch (an unshuffled loader).
+    ``shuffle=False`` visits the images in one order, drawn from ``seed`` once and kept for every
+    epoch: an unshuffled loader over a randomly drawn set (BackdoorBench's clean subsets are in the
+    order of their random draw). Dataset order itself would give one-class batches on the data
+    sets tsbd stores class by class.
     """
     if len(data) == 0:
         raise TsbdError("the training set is empty; provide at least one image")
@@ -290,6 +300,8 @@ def fit(
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     generator = torch.Generator()
     generator.manual_seed(seed)
+    # the unshuffled order: its own generator, so the augmentation draws do not depend on it
+    fixed_order = None if shuffle else torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     drop_last = cfg.drop_last and len(data) >= cfg.batch_size
     steps_per_epoch = len(data) // cfg.batch_size if drop_last else math.ceil(len(data) / cfg.batch_size)
     if runtime.device.type == "cuda":  # keep the whole uint8 set on the GPU: no per-batch copies
@@ -329,7 +341,7 @@ def fit(
             t_epoch = time.perf_counter()
             for i, (x, y) in enumerate(iterate_batches(data, cfg.batch_size, runtime, generator=generator,
                                                        shuffle=shuffle, augment=cfg.augment,
-                                                       drop_last=drop_last)):
+                                                       drop_last=drop_last, order=fixed_order)):
                 factor = _lr_factor(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
