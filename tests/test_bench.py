@@ -312,6 +312,27 @@ def test_a_dry_run_creates_and_changes_nothing(tmp_path, capsys):
     assert "dry run; 0 done, 0 failed, 1 running, 1 pending" in err
 
 
+def test_redo_reruns_the_named_defenses_cells_and_keeps_the_attacked_models(tmp_path):
+    from tsbd.cli.bench import _redo_cells
+
+    plan = fake_plan(2, 2)
+    ctx = CellContext(str(tmp_path))
+    with Store(tmp_path) as store:
+        assert run_grid(plan, store, ctx, runner=fake_runner()).done == 6
+        redo = _redo_cells(plan, ["defense1"])
+        assert sorted(redo) == sorted(d.id for a in plan.attack_cells for d in plan.defenses_of(a.id)
+                                      if d.config["defense"]["name"] == "defense1")
+        assert store.reopen(redo) == 2
+        assert all(store.state(c)["status"] == "pending" and store.state(c)["metrics"] is None for c in redo)
+        ran = []
+        s = run_grid(plan, store, ctx, runner=fake_runner(log=ran))
+        assert sorted(ran) == sorted(redo) and s.done == 6  # nothing else ran again
+        assert runs_by_cell(store)[redo[0]] == ["done", "done"]  # the earlier attempt stays in the history
+        assert store.reopen([plan.attack_cells[0].id, "no-such-cell"]) == 1  # reopen itself takes any cell
+    with pytest.raises(TsbdError, match="--redo nc: no such defense in this grid; it has defense0, defense1"):
+        _redo_cells(plan, ["nc"])
+
+
 def test_opening_a_new_store_retries_a_locked_switch_to_wal(tmp_path, monkeypatch):
     # two processes opening the same new store at the same moment: one can get "database is
     # locked" from PRAGMA journal_mode at once (SQLite skips the busy handler when both hold a

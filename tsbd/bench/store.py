@@ -293,6 +293,16 @@ class Store:
             conn.execute("UPDATE runs SET outcome = 'interrupted', finished = ? WHERE cell = ? AND owner = ? "
                          "AND outcome = 'running'", (now, cell_id, self.owner))
 
+    def reopen(self, cell_ids: list[str]) -> int:
+        """Put finished (done or failed) cells back to pending, their metrics cleared, so the next run
+        redoes them (e.g. after their method's code changed). Running cells are left alone; each
+        cell's earlier attempts stay in its run history. Returns the number reopened."""
+        with self.transaction() as conn:
+            return sum(conn.execute(
+                "UPDATE cells SET status = 'pending', metrics_json = NULL, timings_json = NULL, error = NULL, "
+                "owner = NULL, heartbeat = NULL WHERE id = ? AND status IN ('done', 'failed')", (cid,)).rowcount
+                for cid in cell_ids)
+
     def beat(self) -> None:
         """Refresh the heartbeat of every cell this process runs."""
         with self.transaction() as conn:

@@ -30,8 +30,9 @@ clean_ratio, seed, defense_seed, limit_train, limit_test; tables [train], [model
 
 Rerunning the same command resumes: finished cells are never redone, a cell that was running
 when the process died is redone (attack training from its last epoch checkpoint), failed cells
-are kept failed unless --retry-failed. Several bench processes may share one results folder;
-`tsbd merge` brings in results folders run elsewhere (e.g. slices on a GPU machine).
+are kept failed unless --retry-failed; --redo DEFENSE runs that defense's finished cells again.
+Several bench processes may share one results folder; `tsbd merge` brings in results folders
+run elsewhere (e.g. slices on a GPU machine).
 """
 
 
@@ -55,6 +56,7 @@ def cmd_bench(args) -> int:
                      cache_dir=args.cache_dir, seeds=None if args.seed is None else [args.seed])
     results = Path(args.results) if args.results else DEFAULT_RESULTS / re.sub(r"[^A-Za-z0-9._-]+", "-", plan.name)
     plan = narrowed(plan, args.set_values, args.seed)
+    redo = _redo_cells(plan, args.redo)
     if args.dry_run:  # reads the store where there is one; creates and changes nothing
         existing = Store(results, create=False) if (results / DB_NAME).is_file() else None
         try:
@@ -68,6 +70,9 @@ def cmd_bench(args) -> int:
     store = Store(results)
     try:
         new = store.register(plan)
+        if redo:
+            console.print(f"--redo: {store.reopen(redo)} finished cell(s) of {', '.join(args.redo)} put back to "
+                          f"pending ({len(redo)} in the grid)")
         counts = {"done": 0, "failed": 0, "running": 0, "pending": 0}
         for cell in plan.cells:
             counts[store.state(cell.id)["status"]] += 1
@@ -104,6 +109,22 @@ def cmd_bench(args) -> int:
         console.print("rerun with --retry-failed to try the failed cells again")
         return 1
     return 0
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _redo_cells(plan, names: list[str] | None) -> list[str]:
+    """The ids of ``plan``'s defense cells whose defense is one of ``names`` (--redo)."""
+    if not names:
+        return []
+    in_grid = {c.config["defense"]["name"] for c in plan.cells if c.kind == "defense"}
+    unknown = sorted(set(names) - in_grid)
+    if unknown:
+        raise TsbdError(f"--redo {', '.join(unknown)}: no such defense in this grid; it has "
+                        f"{', '.join(sorted(in_grid)) or 'no defense cells'}")
+    return [c.id for c in plan.cells if c.kind == "defense" and c.config["defense"]["name"] in names]
 
 
 def narrowed(plan, set_values: list[str] | None, seed: int | None):
@@ -190,6 +211,10 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
                    help="Ray: GPUs reserved per cell (default: 1 when the device is CUDA, else 0)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run and write nothing")
+    p.add_argument("--redo", type=_names, default=None, metavar="DEFENSE[,DEFENSE...]",
+                   help="first put this grid's finished cells of these defenses back to pending, so they run "
+                        "again (after their code changed); attacked models are kept, earlier attempts stay in "
+                        "each cell's run history (not with --dry-run)")
     p.add_argument("--report", action="store_true", help="write the report into the results folder at the end")
     common.add_data_root(p)
     common.add_runtime_args(p)
