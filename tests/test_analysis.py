@@ -77,6 +77,12 @@ def test_nwc_comparison_and_ratio_sweep(trained, small, runtime):
     assert zero["subweights_zeroed"] == 0 and half["subweights_zeroed"] > 0
     assert half["neurons_selected"] == int(0.5 * sum(c.out_channels for _, c in prunable_units(trained)))
     assert {"reinit_acc", "reinit_asr", "reinit_ra"} <= set(zero) and "acc" not in zero
+    # n = 0 changes no weight, and the model's statistics are its clean training set's: recomputing
+    # them on clean images moves ACC a little, never to chance
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in trained.modules())
+    assert ("reinit_bn_acc" in zero) == has_bn
+    if has_bn:
+        assert abs(zero["reinit_bn_acc"] - zero["reinit_acc"]) < 0.25 and 0 <= half["reinit_bn_asr"] <= 1
     with pytest.raises(TsbdError, match="fractions"):
         ratio_sweep(trained, clean, cfg, runtime, lambda m: {}, values=[1.5])
 
@@ -97,7 +103,7 @@ def attacked_folder(tmp_path_factory):
      {"grad_norms.csv": ["layer", "neuron", "grad_norm_backdoored", "grad_norm_clean"]}),
     ("sweep-n", ["sweep_n.csv", "sweep_n.png", "sweep_n.svg"],
      {"sweep_n.csv": ["neuron_ratio", "neurons_selected", "subweights_zeroed", "reinit_acc", "reinit_asr",
-                      "reinit_ra", "acc", "asr", "ra", "seconds"]}),
+                      "reinit_ra", "reinit_bn_acc", "reinit_bn_asr", "reinit_bn_ra", "acc", "asr", "ra", "seconds"]}),
     ("sweep-m", ["sweep_m.csv", "sweep_m.png"], {"sweep_m.csv": ["weight_ratio", "neurons_selected"]}),
 ])
 def test_analyze_commands_write_their_files(attacked_folder, tmp_path, name, files, columns, monkeypatch):

@@ -186,6 +186,10 @@ def render_sweep(ctx: AnalysisContext, options: SweepNOptions | SweepMOptions, m
     xs = [r[parameter] * 100 for r in rows]
     ax.plot(xs, [r["reinit_acc"] * 100 for r in rows], "o--", color="C0", label="ACC after reinit")
     ax.plot(xs, [r["reinit_asr"] * 100 for r in rows], "s--", color="C3", label="ASR after reinit")
+    recomputed = all("reinit_bn_asr" in r for r in rows)
+    if recomputed:
+        ax.plot(xs, [r["reinit_bn_asr"] * 100 for r in rows], "^:", color="C1",
+                label="ASR after reinit, BN statistics recomputed")
     if finetune:
         ax.plot(xs, [r["acc"] * 100 for r in rows], "o-", color="C0", label="ACC after TSBD")
         ax.plot(xs, [r["asr"] * 100 for r in rows], "s-", color="C3", label="ASR after TSBD")
@@ -204,11 +208,13 @@ def render_sweep(ctx: AnalysisContext, options: SweepNOptions | SweepMOptions, m
           f"Clean unlearning once ({res['unlearn']['epochs']} epochs), then for each {short}: zero reinit "
           + ("and activeness-aware fine-tuning." if finetune else "only (no fine-tuning)."), "",
           f"| {short} | neurons | subweights zeroed | ACC after reinit | ASR after reinit |"
-          + (" ACC | ASR | RA |" if finetune else ""),
-          "|---|---|---|---|---|" + ("---|---|---|" if finetune else "")]
+          + (" ACC / ASR, BN recomputed |" if recomputed else "") + (" ACC | ASR | RA |" if finetune else ""),
+          "|---|---|---|---|---|" + ("---|" if recomputed else "") + ("---|---|---|" if finetune else "")]
     for r in rows:
         line = (f"| {r[parameter]:g} | {r['neurons_selected']} | {r['subweights_zeroed']} | {r['reinit_acc']:.2%} | "
                 f"{r['reinit_asr']:.2%} |")
+        if recomputed:
+            line += f" {r['reinit_bn_acc']:.2%} / {r['reinit_bn_asr']:.2%} |"
         if finetune:
             line += f" {r['acc']:.2%} | {r['asr']:.2%} | {r['ra']:.2%} |"
         md.append(line)

@@ -8,6 +8,7 @@ which n the paper's default picks.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from torch import nn
 from tsbd.data.base import ImageSet
 from tsbd.defenses.tsbd import TSBDConfig, activeness_aware_finetune, clean_unlearn, zero_reinit
 from tsbd.errors import TsbdError
-from tsbd.models.surgery import subweight_change
+from tsbd.models.surgery import recompute_bn_stats, subweight_change
 from tsbd.train.runtime import Runtime
 
 Evaluate = Callable[[nn.Module], dict]
@@ -28,7 +29,9 @@ def ratio_sweep(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Run
                 finetune: bool = True, seed: int = 0, progress: bool = False) -> dict:
     """TSBD with ``parameter`` (``neuron_ratio`` or ``weight_ratio``) set to each of ``values``,
     the other at ``cfg``'s value. Returns {"unlearn": info, "rows": [...]} with one row per value:
-    the ratio, what was zeroed, the metrics after reinit (``reinit_*``) and after fine-tuning."""
+    the ratio, what was zeroed, the metrics after reinit (``reinit_*``), after reinit with the BN
+    statistics recomputed on the clean set (``reinit_bn_*``, models with BatchNorm) and after
+    fine-tuning."""
     if parameter not in ("neuron_ratio", "weight_ratio"):
         raise TsbdError(f"sweep parameter must be neuron_ratio or weight_ratio, got {parameter!r}")
     bad = [v for v in values if not 0 <= v <= 1]
@@ -44,6 +47,12 @@ def ratio_sweep(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Run
         row = {parameter: float(value), "neurons_selected": info["neurons_selected"],
                "subweights_zeroed": info["subweights_zeroed"]}
         row.update({f"reinit_{k}": v for k, v in evaluate(reinit).items()})
+        # the reinit keeps the backdoored model's BN statistics, which can mask what it left: the
+        # same weights with statistics recomputed on the clean set (none without BatchNorm)
+        fresh = copy.deepcopy(reinit)
+        if recompute_bn_stats(fresh, clean.x, runtime, batch_size=cfg.batch_size, seed=seed):
+            row.update({f"reinit_bn_{k}": v for k, v in evaluate(fresh).items()})
+        del fresh
         if finetune:
             activeness_aware_finetune(reinit, clean, run_cfg, runtime, seed=seed, progress=progress)
             row.update(evaluate(reinit))
