@@ -312,6 +312,15 @@ def test_a_dry_run_creates_and_changes_nothing(tmp_path, capsys):
     assert "dry run; 0 done, 0 failed, 1 running, 1 pending" in err
 
 
+def test_register_only_records_the_cells_as_pending_and_runs_nothing(tmp_path):
+    grid, results = write_grid(tmp_path), tmp_path / "results"
+    assert main(["bench", str(grid), "--results", str(results), "--register-only", *RUNTIME]) == 0
+    with Store(results) as store:
+        assert store.counts("tiny") == {"pending": 4, "running": 0, "done": 0, "failed": 0}
+        assert store.runs() == []
+    assert not (results / "artifacts").exists()
+
+
 def test_redo_reruns_the_named_defenses_cells_and_keeps_the_attacked_models(tmp_path):
     from tsbd.cli.bench import _redo_cells
 

@@ -25,7 +25,7 @@ results=${RESULTS:-.device/results}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 list=$(python3 -c 'import json, sys; print(json.dumps(sys.argv[1].split(",")))' "$attacks") || exit 2
 
-python3 -m tsbd bench "$grid" --data-root "$data" --results "$results" --dry-run "$@" > /dev/null || exit $?
+python3 -m tsbd bench "$grid" --data-root "$data" --results "$results" --register-only "$@" > /dev/null || exit $?
 stop=()
 if [ -n "${BUDGET_SECONDS:-}" ]; then stop=(timeout -s INT -k 60 "$BUDGET_SECONDS"); fi
 "${stop[@]}" python3 -m tsbd bench "$grid" --data-root "$data" --results "$results" --set "attack=$list" \

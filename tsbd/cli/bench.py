@@ -78,6 +78,8 @@ def cmd_bench(args) -> int:
             counts[store.state(cell.id)["status"]] += 1
         console.print(f"[bold]{plan.describe()}[/] -> {results} ({new} new; {counts['done']} done, "
                       f"{counts['failed']} failed, {counts['running']} running, {counts['pending']} pending)")
+        if args.register_only:
+            return 0
         gpus = args.gpus_per_cell
         if gpus is None:
             import torch
@@ -211,6 +213,9 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
                    help="Ray: GPUs reserved per cell (default: 1 when the device is CUDA, else 0)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run and write nothing")
+    p.add_argument("--register-only", action="store_true",
+                   help="record the grid's cells in the results store (new ones as pending, creating the store) "
+                        "and run nothing")
     p.add_argument("--redo", type=_names, default=None, metavar="DEFENSE[,DEFENSE...]",
                    help="first put this grid's finished cells of these defenses back to pending, so they run "
                         "again (after their code changed); attacked models are kept, earlier attempts stay in "
