@@ -56,7 +56,7 @@ from tsbd.config import override, to_dict
 from tsbd.data import load_dataset
 from tsbd.defenses.tsbd import TSBDConfig, activeness_aware_finetune, clean_unlearn, zero_reinit
 from tsbd.metrics import der, evaluate
-from tsbd.models.surgery import recompute_bn_stats, subweight_change
+from tsbd.models.surgery import bn_recomputed_copy, subweight_change
 from tsbd.pipeline import load_setup_from_meta, setup_attack, train_attacked_model, train_config
 from tsbd.train.runtime import Runtime
 
@@ -180,10 +180,10 @@ def main() -> None:
             reinit, ri_info = zero_reinit(model, subweight_change(model, unlearned), base.neuron_ratio,
                                           base.weight_ratio, base.reinit_scheme)
             stale = evaluate(reinit, ds.test, setup.poisoned_test, rt)
-            fresh = copy.deepcopy(reinit)
-            recompute_bn_stats(fresh, clean.x, rt, batch_size=base.batch_size)
+            fresh = bn_recomputed_copy(reinit, clean.x, rt, batch_size=base.batch_size)
             row = {"no_defense": before, "after_reinit": stale,
-                   "after_reinit_bn_recomputed": evaluate(fresh, ds.test, setup.poisoned_test, rt),
+                   "after_reinit_bn_recomputed": evaluate(reinit if fresh is None else fresh, ds.test,
+                                                          setup.poisoned_test, rt),
                    "unlearn": {k: ul_info[k] for k in ("epochs", "reached_threshold")},
                    "reinit": {k: ri_info[k] for k in ("neurons_selected", "subweights_zeroed")},
                    "clean": clean_info, "variants": {}}

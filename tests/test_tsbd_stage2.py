@@ -10,7 +10,7 @@ from torch import nn
 
 from tests.conftest import TinyNet
 from tsbd.defenses.tsbd import TSBD, TSBDConfig, activeness_aware_step, select_n_on_test
-from tsbd.models.surgery import batchnorm_buffers, recompute_bn_stats, subweight_change
+from tsbd.models.surgery import batchnorm_buffers, bn_recomputed_copy, recompute_bn_stats, subweight_change
 from tsbd.train import TrainConfig, fit
 
 
@@ -125,6 +125,20 @@ def test_unshuffled_fit_visits_one_seeded_order_every_epoch(small, runtime):
     seen.clear()
     fit(TinyNet(), data, cfg, runtime, step=record, progress=False, seed=5)
     assert not torch.equal(torch.cat([p for p, _ in seen[:4]]), torch.cat([p for p, _ in seen[4:]]))
+
+
+def test_bn_recomputed_copy_leaves_the_model_alone_and_needs_batchnorm(small, runtime):
+    torch.manual_seed(0)
+    model = TinyNet()
+    before = [b.clone() for b in batchnorm_buffers(model)]
+    images = small.train.x[:200]
+    fresh = bn_recomputed_copy(model, images, runtime, batch_size=50)
+    assert all(torch.equal(a, b) for a, b in zip(before, batchnorm_buffers(model)))  # untouched
+    expected = copy.deepcopy(model)
+    recompute_bn_stats(expected, images, runtime, batch_size=50)
+    assert all(torch.equal(a, b) for a, b in zip(batchnorm_buffers(fresh), batchnorm_buffers(expected)))
+    assert not torch.equal(fresh.bn1.running_mean, model.bn1.running_mean)
+    assert bn_recomputed_copy(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), images, runtime) is None
 
 
 def test_recompute_bn_stats_matches_the_clean_set_statistics(small, runtime):

@@ -8,7 +8,6 @@ which n the paper's default picks.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ from torch import nn
 from tsbd.data.base import ImageSet
 from tsbd.defenses.tsbd import TSBDConfig, activeness_aware_finetune, clean_unlearn, zero_reinit
 from tsbd.errors import TsbdError
-from tsbd.models.surgery import recompute_bn_stats, subweight_change
+from tsbd.models.surgery import bn_recomputed_copy, subweight_change
 from tsbd.train.runtime import Runtime
 
 Evaluate = Callable[[nn.Module], dict]
@@ -49,8 +48,8 @@ def ratio_sweep(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Run
         row.update({f"reinit_{k}": v for k, v in evaluate(reinit).items()})
         # the reinit keeps the backdoored model's BN statistics, which can mask what it left: the
         # same weights with statistics recomputed on the clean set (none without BatchNorm)
-        fresh = copy.deepcopy(reinit)
-        if recompute_bn_stats(fresh, clean.x, runtime, batch_size=cfg.batch_size, seed=seed):
+        fresh = bn_recomputed_copy(reinit, clean.x, runtime, batch_size=cfg.batch_size, seed=seed)
+        if fresh is not None:
             row.update({f"reinit_bn_{k}": v for k, v in evaluate(fresh).items()})
         del fresh
         if finetune:

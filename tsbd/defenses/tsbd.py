@@ -27,7 +27,7 @@ from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.errors import DivergedError
 from tsbd.metrics import accuracy
-from tsbd.models.surgery import batchnorm_buffers, rank_neurons, recompute_bn_stats, subweight_change, zero_subweights
+from tsbd.models.surgery import batchnorm_buffers, bn_recomputed_copy, rank_neurons, subweight_change, zero_subweights
 from tsbd.train.engine import TrainConfig, cross_entropy_step, fit, predict
 from tsbd.train.runtime import Runtime
 
@@ -301,9 +301,8 @@ class TSBD(Defense):
         if stages.monitor is not None:
             # the reinit leaves BN statistics that no longer match the weights; how much of the
             # backdoor they hide shows on a copy whose statistics are recomputed on the clean set
-            fresh = copy.deepcopy(model)
-            recompute_bn_stats(fresh, clean.x, runtime, batch_size=cfg.batch_size, seed=seed)
-            stages.observe("after_reinit_bn_recomputed", fresh)
+            fresh = bn_recomputed_copy(model, clean.x, runtime, batch_size=cfg.batch_size, seed=seed)
+            stages.observe("after_reinit_bn_recomputed", model if fresh is None else fresh)
             del fresh
         with stages.stage("finetune"):
             result.info["finetune"] = activeness_aware_finetune(model, clean, cfg, runtime, seed=seed,

@@ -7,6 +7,7 @@ K x I weight matrix); its *subweights* are the I = C_in * kh * kw weights of tha
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -96,6 +97,19 @@ def recompute_bn_stats(model: nn.Module, images: torch.Tensor, runtime: Runtime,
             m.momentum = mom
         model.train(was_training)
     return len(bns)
+
+
+def bn_recomputed_copy(model: nn.Module, images: torch.Tensor, runtime: Runtime, *, batch_size: int = 256,
+                       seed: int = 0) -> nn.Module | None:
+    """A copy of ``model`` with its BatchNorm running statistics recomputed on ``images``
+    (:func:`recompute_bn_stats`), ``model`` untouched; None, and no copy made, when it has no
+    BatchNorm layer. Shows how much of a model's behaviour its statistics carry, e.g. a backdoor
+    that a surgery only masks because the old statistics no longer match the new weights."""
+    if not batchnorm_buffers(model):  # no BatchNorm layer that keeps running statistics
+        return None
+    fresh = copy.deepcopy(model)
+    recompute_bn_stats(fresh, images, runtime, batch_size=batch_size, seed=seed)
+    return fresh
 
 
 def zero_subweights(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
