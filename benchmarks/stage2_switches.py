@@ -55,6 +55,7 @@ from tsbd.bench.grid import parse_set
 from tsbd.config import override, to_dict
 from tsbd.data import load_dataset
 from tsbd.defenses.tsbd import TSBDConfig, activeness_aware_finetune, clean_unlearn, zero_reinit
+from tsbd.errors import TsbdError
 from tsbd.metrics import der, evaluate
 from tsbd.models.surgery import bn_recomputed_copy, subweight_change
 from tsbd.pipeline import load_setup_from_meta, setup_attack, train_attacked_model, train_config
@@ -125,7 +126,8 @@ def attacked(ds, attack, seed: int, rt: Runtime, args) -> tuple:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=None)
-    ap.add_argument("--trigger-dir", required=True, help="BackdoorBench's resource files (trigger_image.png, ...)")
+    ap.add_argument("--trigger-dir", default=None,
+                    help="BackdoorBench's resource files (trigger_image.png, ...); needed unless --attacked")
     ap.add_argument("--dataset", default="demo")
     ap.add_argument("--model", default="airbench")
     ap.add_argument("--epochs", type=int, default=12, help="attack training epochs (cpu preset)")
@@ -146,15 +148,20 @@ def main() -> None:
     if args.markdown:
         print(markdown(json.loads(Path(args.out).read_text())))
         return
+    if not args.attacked and not args.trigger_dir:
+        ap.error("--trigger-dir is needed to train attacked models (or give one with --attacked DIR)")
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
     rt = Runtime.create("cpu", args.precision, args.threads)
-    given = load_model(args.attacked, rt.device) if args.attacked else None
-    given_setup = load_setup_from_meta(given[1], rt, data_root=args.data_root) if given else None
-    ds = given_setup.dataset if given else load_dataset(args.dataset, root=args.data_root)
-    base = override(TSBDConfig(), {**AUTHORS, **parse_set(args.tsbd_opt)})
+    try:  # a bad folder, data root or option: tsbd's one-line error, not a traceback
+        given = load_model(args.attacked, rt.device) if args.attacked else None
+        given_setup = load_setup_from_meta(given[1], rt, data_root=args.data_root) if given else None
+        ds = given_setup.dataset if given else load_dataset(args.dataset, root=args.data_root)
+        base = override(TSBDConfig(), {**AUTHORS, **parse_set(args.tsbd_opt)})
+    except TsbdError as err:
+        ap.error(str(err))
     prev = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     out = {"command": "python benchmarks/stage2_switches.py " + " ".join(
                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, []) and k != "tsbd_opt")
@@ -162,7 +169,7 @@ def main() -> None:
            "machine": {**rt.describe(), "cpu": platform.processor() or platform.machine()},
            "dataset": ds.describe(), "provenance": provenance(), "base_config": to_dict(base),
            "variants": {v: VARIANTS[v] for v in args.variants.split(",")}, "rows": dict(prev.get("rows", {}))}
-    trig = backdoorbench_trigger_options(args.trigger_dir)
+    trig = backdoorbench_trigger_options(args.trigger_dir) if args.trigger_dir else {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in ([given[1]["attack"]["name"]] if given else args.attacks.split(",")):
             key = f"{name}-s{seed}"

@@ -95,3 +95,30 @@ def test_measuring_runs_from_python_on_an_options_object_and_rendering_writes_th
         rows = list(csv.DictReader(fh))
     assert len(rows) == tac.result["neurons"] and list(rows[0]) == ["layer", "neuron", "tac", *METRICS]
     assert "Coverage of TAC" in markdown and (tmp_path / "tac.png").stat().st_size > 0
+
+
+def test_sweep_without_finetuning_reads_the_reinit_with_bn_statistics_recomputed(tmp_path):
+    """Stale statistics after the reinit read 0% ASR at every n; the summary and the suggested n
+    must come from the recomputed columns (here n 0.3 keeps ACC under the stale reading only)."""
+    import types
+
+    from tsbd.analysis.paper import render_sweep, sweep_readout
+    from tsbd.analysis.sweeps import largest_ratio_within_acc
+
+    rows = [{"neuron_ratio": n, "neurons_selected": 10, "subweights_zeroed": 70, "reinit_acc": 0.86,
+             "reinit_asr": 0.0, "reinit_ra": 0.1, "reinit_bn_acc": bn_acc, "reinit_bn_asr": bn_asr}
+            for n, bn_acc, bn_asr in ((0.1, 0.85, 0.6), (0.3, 0.70, 0.3))]
+    assert sweep_readout(rows, finetune=False) == ("reinit_bn_acc", "reinit_bn_asr",
+                                                   "after the reinit, BN statistics recomputed")
+    assert sweep_readout([{k: v for k, v in r.items() if "_bn_" not in k} for r in rows], False)[0] == "reinit_acc"
+    assert sweep_readout(rows, finetune=True)[:2] == ("acc", "asr")
+    pick = largest_ratio_within_acc(rows, 0.87, 0.02, acc_key="reinit_bn_acc")
+    assert pick["neuron_ratio"] == 0.1  # the stale column would have given 0.3
+    result = {"parameter": "neuron_ratio", "rows": rows, "default": 0.15, "unlearn": {"epochs": 3},
+              "suggestion": {"max_acc_drop": 2.0, "acc_before": 0.87, "acc_column": "reinit_bn_acc",
+                             "neuron_ratio": 0.1}}
+    ctx = types.SimpleNamespace(setup=types.SimpleNamespace(attack=types.SimpleNamespace(name="lf")))
+    md = render_sweep(ctx, SweepNOptions(values=(0.1, 0.3), finetune=False), Measurement(result, {"pick": pick}),
+                      tmp_path)
+    assert "lowest ASR after the reinit, BN statistics recomputed comes at n = 0.3 (70.00% ACC, 30.00% ASR)" in md
+    assert "**n = 0.1** (85.00% ACC, 60.00% ASR)" in md and (tmp_path / "sweep_n.csv").exists()

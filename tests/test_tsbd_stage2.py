@@ -219,3 +219,22 @@ def test_unflipped_sets_are_only_cropped(small, runtime):
     (xf, _), = iterate_batches(data, 64, runtime, generator=torch.Generator().manual_seed(3), shuffle=False,
                                augment=True)
     assert not torch.allclose(xf, expected)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attacked", "no-such-folder"], "model 'no-such-folder' not found"),
+    ([], "--trigger-dir is needed to train attacked models"),
+    (["--attacked", "x", "--variants", "authors,nosuch"], "unknown variant(s) nosuch"),
+])
+def test_stage2_switches_refuses_bad_input_in_one_line(tmp_path, args, message):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "stage2_switches.py"), *args, "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -86,9 +86,10 @@ DEFAULTS: dict[str, Any] = {
 DATA_ROOT = "{data_root}"  # placeholder for the data root in grid options that name files
 PAPER_ATTACKS = ["badnets", "blended", "inputaware", "lf", "sig", "ssba", "trojan", "wanet"]  # paper Sec. 4.1
 PAPER_DEFENSES = [NO_DEFENSE, "tsbd", "ft", "fp", "nad", "nc", "anp", "clp", "ibau", "rnp"]  # paper App. C
+# paper App. C: "for RNP ... the clean data ratio is set to 0.5%"
+PAPER_DEFENSE_OPTS: dict[str, dict[str, Any]] = {"rnp": {"clean_ratio": 0.005}}
 _PAPER = {"attack": PAPER_ATTACKS, "defense": PAPER_DEFENSES, "poison_ratio": 0.1, "clean_ratio": 0.05, "seed": 0,
-          # paper App. C: "for RNP ... the clean data ratio is set to 0.5%"
-          "defense_opts": {"rnp": {"clean_ratio": 0.005}}}
+          "defense_opts": {name: dict(opts) for name, opts in PAPER_DEFENSE_OPTS.items()}}
 
 
 def backdoorbench_triggers(dataset: str = "cifar10", model: str = "preactresnet18") -> dict[str, dict[str, str]]:
