@@ -62,6 +62,10 @@ from tsbd.pipeline import load_setup_from_meta, setup_attack, train_attacked_mod
 from tsbd.train.runtime import Runtime
 
 AUTHORS = {"passes_update_bn": False, "post_step_bn": True, "finetune_epochs": 21, "finetune_shuffle": False}
+# the models every row measures besides the variants: the attacked model as trained and with its BN
+# statistics recomputed on the clean set (the control for the recompute: clean, unaugmented images
+# give other statistics than the poisoned, augmented training set), and the reinit both ways
+FIXED_ROWS = ("no_defense", "no_defense_bn_recomputed", "after_reinit", "after_reinit_bn_recomputed")
 VARIANTS = {
     "authors": {},
     "authors-passes-update-bn": {"passes_update_bn": True},
@@ -84,7 +88,9 @@ def summarize(rows: dict) -> dict:
             out.setdefault(attack, {}).setdefault(name, {"asr": [], "acc": []})
             out[attack][name]["asr"].append(rec["metrics"]["asr"])
             out[attack][name]["acc"].append(rec["metrics"]["acc"])
-        for name in ("no_defense", "after_reinit", "after_reinit_bn_recomputed"):
+        for name in FIXED_ROWS:
+            if name not in row:  # rows written before the control was recorded
+                continue
             out[attack].setdefault(name, {"asr": [], "acc": []})
             out[attack][name]["asr"].append(row[name]["asr"])
             out[attack][name]["acc"].append(row[name]["acc"])
@@ -95,7 +101,7 @@ def summarize(rows: dict) -> dict:
 def markdown(doc: dict) -> str:
     """The summary as a Markdown table: ASR / ACC (mean +- std over seeds, %) per attack and variant."""
     summary = doc.get("summary", {})
-    names = ["no_defense", "after_reinit", "after_reinit_bn_recomputed", *doc.get("variants", {})]
+    names = [*FIXED_ROWS, *doc.get("variants", {})]
     lines = ["| variant | " + " | ".join(f"{a} ASR | {a} ACC" for a in summary) + " |",
              "|---|" + "---:|---:|" * len(summary)]
     for name in names:
@@ -188,7 +194,10 @@ def main() -> None:
                                           base.weight_ratio, base.reinit_scheme)
             stale = evaluate(reinit, ds.test, setup.poisoned_test, rt)
             fresh = bn_recomputed_copy(reinit, clean.x, rt, batch_size=base.batch_size)
+            control = bn_recomputed_copy(model, clean.x, rt, batch_size=base.batch_size)
             row = {"no_defense": before, "after_reinit": stale,
+                   "no_defense_bn_recomputed": evaluate(model if control is None else control, ds.test,
+                                                        setup.poisoned_test, rt),
                    "after_reinit_bn_recomputed": evaluate(reinit if fresh is None else fresh, ds.test,
                                                           setup.poisoned_test, rt),
                    "unlearn": {k: ul_info[k] for k in ("epochs", "reached_threshold")},

@@ -83,6 +83,10 @@ def test_nwc_comparison_and_ratio_sweep(trained, small, runtime):
     assert ("reinit_bn_acc" in zero) == has_bn
     if has_bn:
         assert abs(zero["reinit_bn_acc"] - zero["reinit_acc"]) < 0.25 and 0 <= half["reinit_bn_asr"] <= 1
+        # the control is the backdoored model under the same recompute: the n = 0 row exactly
+        assert res["bn_control"] == {k[len("reinit_bn_"):]: v for k, v in zero.items() if k.startswith("reinit_bn_")}
+    else:
+        assert res["bn_control"] is None
     with pytest.raises(TsbdError, match="fractions"):
         ratio_sweep(trained, clean, cfg, runtime, lambda m: {}, values=[1.5])
 

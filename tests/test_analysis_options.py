@@ -115,6 +115,7 @@ def test_sweep_without_finetuning_reads_the_reinit_with_bn_statistics_recomputed
     pick = largest_ratio_within_acc(rows, 0.87, 0.02, acc_key="reinit_bn_acc")
     assert pick["neuron_ratio"] == 0.1  # the stale column would have given 0.3
     result = {"parameter": "neuron_ratio", "rows": rows, "default": 0.15, "unlearn": {"epochs": 3},
+              "bn_control": {"acc": 0.87, "asr": 0.99, "ra": 0.0},
               "suggestion": {"max_acc_drop": 2.0, "acc_before": 0.87, "acc_column": "reinit_bn_acc",
                              "neuron_ratio": 0.1}}
     ctx = types.SimpleNamespace(setup=types.SimpleNamespace(attack=types.SimpleNamespace(name="lf")))
@@ -122,3 +123,5 @@ def test_sweep_without_finetuning_reads_the_reinit_with_bn_statistics_recomputed
                       tmp_path)
     assert "lowest ASR after the reinit, BN statistics recomputed comes at n = 0.3 (70.00% ACC, 30.00% ASR)" in md
     assert "**n = 0.1** (85.00% ACC, 60.00% ASR)" in md and (tmp_path / "sweep_n.csv").exists()
+    assert "statistics recomputed the same way, reads 87.00% ACC / 99.00% ASR" in md
+    assert "(87.00%, statistics recomputed likewise)" in md

@@ -52,7 +52,8 @@ def test_eval_and_defend_json(attacked, tmp_path, capsys):
     assert {"acc", "asr", "ra", "der", "timings", "before"} <= set(res)
     assert 0 <= res["der"] <= 1 and res["timings"]["total"] > 0
     # TSBD's stages: metrics after the zero reinit, and after fine-tuning = the final ones
-    assert set(res["stages"]) == {"after_reinit", "after_reinit_bn_recomputed", "after_finetune"}
+    assert set(res["stages"]) == {"after_reinit", "after_reinit_bn_recomputed", "backdoored_bn_recomputed",
+                                  "after_finetune"}
     assert res["stages"]["after_finetune"]["acc"] == pytest.approx(res["acc"])
     meta = json.loads((tmp_path / "pure" / "meta.json").read_text())
     assert meta["kind"] == "defended" and meta["defense"]["config"]["finetune_epochs"] == 1

@@ -174,15 +174,27 @@ def test_select_n_on_test_picks_the_first_n_under_the_threshold(trained, small, 
 
 def test_tsbd_reports_reinit_both_ways_and_the_test_selected_n(trained, small, runtime):
     clean = small.train.subset(range(256))
-    calls = []
+    calls, seen = [], {}
 
     def monitor(stage, m):
         calls.append(stage)
+        seen[stage] = copy.deepcopy(m.state_dict())
         return {"acc": 0.5, "asr": 0.0}
 
+    original = copy.deepcopy(trained.state_dict())
     res = TSBD(unlearn_lr=0.05, unlearn_max_epochs=3, finetune_epochs=1, test_selected_n=(0.1, 0.3)).purify(
         trained, clean, runtime=runtime, monitor=monitor)
-    assert {"after_reinit", "after_reinit_bn_recomputed", "after_finetune"} <= set(res.stages)
+    assert {"after_reinit", "after_reinit_bn_recomputed", "backdoored_bn_recomputed", "after_finetune"} <= set(
+        res.stages)
+    # the control: the backdoored weights, with statistics recomputed like the reinit's
+    control, reinit_bn = seen["backdoored_bn_recomputed"], seen["after_reinit_bn_recomputed"]
+    weights = [k for k in original if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(control[k], original[k]) for k in weights)
+    assert not all(torch.equal(reinit_bn[k], original[k]) for k in weights)
+    expected = bn_recomputed_copy(trained, clean.x, runtime, batch_size=TSBDConfig().batch_size, seed=0).state_dict()
+    stats = [k for k in original if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.allclose(control[k], expected[k]) for k in stats)
+    assert not all(torch.equal(control[k], original[k]) for k in stats)
     assert res.stages["n_selected_on_test"]["n"] == 0.1
     assert calls.count("n=0.1") == 1 and calls.count("n=0.3") == 1
     # without a monitor (no test data) nothing is selected

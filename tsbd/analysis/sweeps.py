@@ -30,7 +30,10 @@ def ratio_sweep(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Run
     the other at ``cfg``'s value. Returns {"unlearn": info, "rows": [...]} with one row per value:
     the ratio, what was zeroed, the metrics after reinit (``reinit_*``), after reinit with the BN
     statistics recomputed on the clean set (``reinit_bn_*``, models with BatchNorm) and after
-    fine-tuning."""
+    fine-tuning. ``bn_control``: the backdoored model itself with its statistics recomputed the same
+    way (None without BatchNorm) -- the baseline the ``reinit_bn_*`` columns compare with, since
+    statistics of clean, unaugmented images differ from those the model was trained with (poisoned
+    images and augmentation included) and move ACC and ASR on their own."""
     if parameter not in ("neuron_ratio", "weight_ratio"):
         raise TsbdError(f"sweep parameter must be neuron_ratio or weight_ratio, got {parameter!r}")
     bad = [v for v in values if not 0 <= v <= 1]
@@ -38,6 +41,9 @@ def ratio_sweep(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Run
         raise TsbdError(f"sweep values must be fractions in [0, 1], got {list(values)}")
     unlearned, unlearn_info = clean_unlearn(model, clean, cfg, runtime, seed=seed, progress=progress)
     change = subweight_change(model, unlearned)
+    control = bn_recomputed_copy(model, clean.x, runtime, batch_size=cfg.batch_size, seed=seed)
+    bn_control = None if control is None else evaluate(control)
+    del control
     rows = []
     for value in values:
         run_cfg = dataclasses.replace(cfg, **{parameter: float(value)})
@@ -57,7 +63,8 @@ def ratio_sweep(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Run
             row.update(evaluate(reinit))
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-    return {"parameter": parameter, "unlearn": unlearn_info, "rows": rows, "default": getattr(cfg, parameter)}
+    return {"parameter": parameter, "unlearn": unlearn_info, "rows": rows, "default": getattr(cfg, parameter),
+            "bn_control": bn_control}
 
 
 def largest_ratio_within_acc(rows: Sequence[dict], acc_before: float, max_acc_drop: float, *,

@@ -303,6 +303,11 @@ class TSBD(Defense):
             # backdoor they hide shows on a copy whose statistics are recomputed on the clean set
             fresh = bn_recomputed_copy(model, clean.x, runtime, batch_size=cfg.batch_size, seed=seed)
             stages.observe("after_reinit_bn_recomputed", model if fresh is None else fresh)
+            # ... compared with the backdoored model under the same recompute: clean, unaugmented
+            # images give other statistics than the poisoned, augmented training set did
+            if fresh is not None:
+                fresh = bn_recomputed_copy(backdoored, clean.x, runtime, batch_size=cfg.batch_size, seed=seed)
+                stages.observe("backdoored_bn_recomputed", fresh)
             del fresh
         with stages.stage("finetune"):
             result.info["finetune"] = activeness_aware_finetune(model, clean, cfg, runtime, seed=seed,
