@@ -47,7 +47,7 @@ from tsbd.bench.grid import PAPER_DEFENSE_OPTS  # noqa: E402
 from tsbd.config import parse_key_values  # noqa: E402
 from tsbd.data import load_dataset  # noqa: E402
 from tsbd.defenses import DEFENSES, build_defense  # noqa: E402
-from tsbd.pipeline import setup_attack, train_attacked_model, train_config  # noqa: E402
+from tsbd.pipeline import cached_attacked_model, setup_attack, train_config  # noqa: E402
 from tsbd.train.engine import to_model_input  # noqa: E402
 from tsbd.train.runtime import Runtime  # noqa: E402
 
@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per kernel and batch size")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cache-dir", default=None, help="where the attacked model is kept (default: tsbd's cache)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     # a full backward hook on a model whose inputs need no gradient still fires (on the outputs' gradients)
@@ -171,8 +172,11 @@ def main() -> None:
     model_opts = parse_key_values(args.model_opt, "--model-opt")
     cfg = train_config("cpu", {"epochs": args.epochs})
     t0 = time.perf_counter()
-    model, meta = train_attacked_model(setup, args.model, cfg, runtime, arch_kwargs=model_opts)
-    print(f"attacked model: {meta['metrics']} in {time.perf_counter() - t0:.0f} s", flush=True)
+    # trained once per configuration and kept under --cache-dir (a rerun measures the same model)
+    model, meta, cached = cached_attacked_model(setup, args.model, cfg, runtime, arch_kwargs=model_opts,
+                                                cache_dir=args.cache_dir)
+    print(f"attacked model: {meta['metrics']} ({'cache' if cached else 'trained'}, "
+          f"{time.perf_counter() - t0:.0f} s)", flush=True)
     opts: dict[str, dict] = collections.defaultdict(dict)
     for name, table in PAPER_DEFENSE_OPTS.items():  # RNP's 0.5% clean data, as the paper grids run it
         opts[name].update(table)

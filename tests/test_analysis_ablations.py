@@ -3,7 +3,9 @@ clean sets, the paper lookups and every `tsbd analyze` ablation command end to e
 
 import csv
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +223,28 @@ def test_bad_input_is_one_line_naming_the_fix(attacked, tmp_path, capsys, name, 
     assert analyze(attacked, name, tmp_path / "x", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_bn_recompute_sources_reads_the_model_under_each_source_of_statistics(attacked, tmp_path):
+    """benchmarks/bn_recompute_sources.py: one row per source, the first the saved model's own metrics."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "sources.json"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    script = str(root / "benchmarks" / "bn_recompute_sources.py")
+    proc = subprocess.run([sys.executable, script, str(attacked), "--train-sample", "1000", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    meta = json.loads((attacked / "meta.json").read_text())
+    rows = doc["rows"]
+    assert list(rows) == ["as_trained", "clean", "clean_augmented", "train_sample", "train_sample_augmented"]
+    assert rows["as_trained"]["acc"] == pytest.approx(meta["metrics"]["acc"])
+    assert all(0 <= r["acc"] <= 1 and 0 <= r["asr"] <= 1 for r in rows.values())
+    assert 0.04 <= doc["train_sample"]["poisoned_share"] <= 0.16  # BadNets at 10%, a sample of 1,000
+    bad = subprocess.run([sys.executable, script, str(tmp_path / "missing"), "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "x.json").exists()
