@@ -205,6 +205,9 @@ def render_sweep(ctx: AnalysisContext, options: SweepNOptions | SweepMOptions, m
     if recomputed:
         ax.plot(xs, [r["reinit_bn_asr"] * 100 for r in rows], "^:", color="C1",
                 label="ASR after reinit, BN statistics recomputed")
+        if res.get("bn_control"):  # the baseline of that curve
+            ax.axhline(res["bn_control"]["asr"] * 100, color="C1", lw=0.8, ls="-.",
+                       label="ASR of the backdoored model, BN statistics recomputed")
     if finetune:
         ax.plot(xs, [r["acc"] * 100 for r in rows], "o-", color="C0", label="ACC after TSBD")
         ax.plot(xs, [r["asr"] * 100 for r in rows], "s-", color="C3", label="ASR after TSBD")
