@@ -1,8 +1,9 @@
 """Each defense against its own floor: the passes it makes through the model, timed at the engine's speed.
 
 Per defense, on one attacked model and one clean set: ``Defense.purify`` runs with hooks on the
-model that count every image forwarded and every image back-propagated (split by whether weight
-gradients were computed, since trigger and mask optimizers need only input gradients). In the same
+model that count every image forwarded and every image back-propagated (split by whether any conv
+or linear weight required a gradient, since trigger and mask optimizers need only the gradients of
+activations: NC and ANP freeze the model's weights while they optimize). In the same
 run and on the same model, three bare kernels are timed at every batch size the defenses used:
 an inference forward, a training step (forward, backward with weight gradients, SGD step) and a
 forward plus input-only backward. The floor is
@@ -66,7 +67,9 @@ class PassCounter:
             forward[(torch.is_grad_enabled(), int(inputs[0].shape[0]))] += 1
 
         def on_backward(module, grad_input, grad_output) -> None:
-            weights = any(p.requires_grad for p in module.parameters())
+            # weight gradients are the expensive part: conv and linear weights (2-D and up);
+            # 1-D parameters (BN affine, ANP/RNP channel masks) cost next to nothing
+            weights = any(p.requires_grad and p.dim() >= 2 for p in module.parameters())
             backward[(weights, int(grad_output[0].shape[0]))] += 1
 
         self.handles = [model.register_forward_hook(on_forward), model.register_full_backward_hook(on_backward)]
@@ -74,6 +77,11 @@ class PassCounter:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+    def raw(self) -> dict[str, dict[str, int]]:
+        """The counts by batch size, as recorded (forward: autograd on?; backward: weight grads?)."""
+        return {"forward": {f"grad={g} batch={bs}": n for (g, bs), n in sorted(self.forward.items())},
+                "backward": {f"weights={w} batch={bs}": n for (w, bs), n in sorted(self.backward.items())}}
 
     def images(self) -> dict[str, int]:
         fwd = sum(n * bs for (_, bs), n in self.forward.items())
@@ -206,7 +214,7 @@ def main() -> None:
         floor = floor_seconds(counter, per_image)
         rows[name] = {"seconds": seconds, "floor_seconds": floor, "clean": clean_info,
                       "measured_over_floor": seconds / floor if floor else None,
-                      "images": counter.images(), "config": result.config}
+                      "images": counter.images(), "passes": counter.raw(), "config": result.config}
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "config"}), flush=True)
 
     # the BackdoorBench-style loop's training step per image (its default batch size 128), same run

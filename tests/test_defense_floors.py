@@ -39,13 +39,15 @@ def test_pass_counter_splits_weight_and_input_gradients_and_follows_deep_copies(
     model(x).sum().backward()  # training: 6 forward, 6 back-propagated with weight grads
     copy.deepcopy(model)(x[:4]).sum().backward()  # a defense's copy counts into the same counter
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(p.dim() < 2)  # a mask-like 1-D parameter still trains (BN affine here)
     xi = x[:2].clone().requires_grad_(True)
-    model(xi).sum().backward()  # trigger optimization: 2 back-propagated with input grads only
+    model(xi).sum().backward()  # trigger / mask optimization: 2 back-propagated without weight grads
     counter.remove()
     model(x)  # after remove: not counted
     assert counter.images() == {"forward": 18, "backward_weight_grads": 10, "backward_input_grads": 2,
                                 "forward_only": 6}
+    assert counter.raw()["backward"] == {"weights=True batch=6": 1, "weights=True batch=4": 1,
+                                         "weights=False batch=2": 1}
     per_image = {6: {"inference": 1.0, "train_step": 10.0, "input_step": 5.0},
                  4: {"inference": 1.0, "train_step": 20.0, "input_step": 5.0},
                  2: {"inference": 3.0, "train_step": 10.0, "input_step": 7.0}}

@@ -262,6 +262,20 @@ def test_nc_recovers_the_badnets_patch_location(backdoored, runtime):
     assert trig.reached
 
 
+def test_nc_optimizes_the_trigger_through_frozen_weights_and_restores_their_flags(backdoored, runtime):
+    model, clean, attack = backdoored
+    flags = [p.requires_grad for p in model.parameters()]
+    seen = []
+    handle = model.register_forward_hook(lambda m, i, o: seen.append(any(p.requires_grad for p in m.parameters())))
+    try:
+        reverse_engineer_trigger(model, _subset(clean, 32), attack.config.target, NCConfig(nc_epoch=1, batch_size=16),
+                                 runtime, seed=0)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)  # no weight gradient is ever asked for
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
 def _planted_triggers(l1_by_label):
     """A stand-in for the reverse engineering: the true BadNets patch for label 0, given L1s."""
 

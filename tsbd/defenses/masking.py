@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tsbd.errors import TsbdError
+from tsbd.models.surgery import frozen
 
 
 class MaskedBatchNorm2d(nn.Module):
@@ -119,18 +120,14 @@ def masked_batchnorm(model: nn.Module, perturbable: bool = False) -> Iterator[BN
     and everything is restored on exit: modules, ``requires_grad`` flags, ``state_dict`` keys.
     """
     layers = {name: MaskedBatchNorm2d(bn, perturbable) for name, bn in bn_layers(model).items()}
-    own = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in own:
-        p.requires_grad_(False)
-    for name, wrapper in layers.items():
-        _set_submodule(model, name, wrapper)
-    try:
-        yield BNMasks(layers)
-    finally:
+    with frozen(model):  # before the wrappers go in: their masks stay trainable
         for name, wrapper in layers.items():
-            _set_submodule(model, name, wrapper.bn)
-        for p, flag in own:
-            p.requires_grad_(flag)
+            _set_submodule(model, name, wrapper)
+        try:
+            yield BNMasks(layers)
+        finally:
+            for name, wrapper in layers.items():
+                _set_submodule(model, name, wrapper.bn)
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from torch import nn
 from tsbd.config import AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, Range, option
 from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
+from tsbd.models.surgery import frozen
 from tsbd.train.engine import TrainConfig, fit
 from tsbd.train.runtime import Runtime
 
@@ -190,8 +191,9 @@ def reverse_engineer_trigger(model: nn.Module, clean: ImageSet, label: int, cfg:
 
     train_cfg = TrainConfig(epochs=cfg.nc_epoch, batch_size=cfg.batch_size, lr=cfg.mask_lr, schedule="constant",
                             augment=cfg.augment, drop_last=False)
-    res = fit(model, clean, train_cfg, runtime, seed=seed, step=step, optimizer=opt, on_epoch_end=end_epoch,
-              train_mode=False, desc=f"NC label {label}", progress=progress)
+    with frozen(model):  # only the trigger trains: no weight gradient is needed
+        res = fit(model, clean, train_cfg, runtime, seed=seed, step=step, optimizer=opt, on_epoch_end=end_epoch,
+                  train_mode=False, desc=f"NC label {label}", progress=progress)
     if schedule.best is None:  # nc_epoch == 0
         with torch.no_grad():
             schedule.best = (_squash(theta_mask).cpu(), _squash(theta_pattern).cpu())

@@ -64,6 +64,20 @@ def rank_neurons(nwc: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
     return [keys[i] for i in order.tolist()]
 
 
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block no parameter of ``model`` requires a gradient (for optimizing something
+    else through it: a trigger, masks); each parameter's flag is restored on exit."""
+    own = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in own:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in own:
+            p.requires_grad_(flag)
+
+
 def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
     """The running statistics (mean, var, batch count) of every BatchNorm layer of ``model``."""
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
