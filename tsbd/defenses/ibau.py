@@ -34,6 +34,7 @@ from tsbd.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, option
 from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.models.normalize import Normalize
+from tsbd.models.surgery import frozen
 from tsbd.train.augment import crop_flip
 from tsbd.train.engine import TrainConfig, fit
 from tsbd.train.runtime import Runtime
@@ -155,10 +156,11 @@ def ibau_unlearn(model: nn.Module, clean: ImageSet, cfg: IBAUConfig, runtime: Ru
     for r in range(cfg.n_rounds):
         delta = torch.zeros(1, c, h, w, device=runtime.device, requires_grad=True)
         delta_ref["delta"] = delta
-        pert = fit(model, clean, TrainConfig(lr=cfg.perturbation_lr, augment=cfg.augment, **one_pass), runtime,
-                   seed=seed + 1 + r, step=universal_perturbation_step(delta, cfg.perturbation_penalty, scale),
-                   optimizer=torch.optim.SGD([delta], lr=cfg.perturbation_lr), train_mode=False,
-                   desc=f"i-BAU round {r + 1} perturbation", progress=progress)
+        with frozen(model):  # only the perturbation trains here
+            pert = fit(model, clean, TrainConfig(lr=cfg.perturbation_lr, augment=cfg.augment, **one_pass), runtime,
+                       seed=seed + 1 + r, step=universal_perturbation_step(delta, cfg.perturbation_penalty, scale),
+                       optimizer=torch.optim.SGD([delta], lr=cfg.perturbation_lr), train_mode=False,
+                       desc=f"i-BAU round {r + 1} perturbation", progress=progress)
         if outer_step is None:
             outer_step = hypergradient_step(delta_ref, cfg, scale, generator)
         # the same seed every round: the cached batches come in the same order each time
