@@ -170,7 +170,8 @@ def main() -> None:
         ap.error(str(err))
     prev = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     out = {"command": "python benchmarks/stage2_switches.py " + " ".join(
-               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, []) and k != "tsbd_opt")
+               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+               if v not in (None, [], False) and k != "tsbd_opt")
            + "".join(f" --tsbd-opt {o}" for o in args.tsbd_opt),
            "machine": {**rt.describe(), "cpu": platform.processor() or platform.machine()},
            "dataset": ds.describe(), "provenance": provenance(), "base_config": to_dict(base),
