@@ -108,14 +108,18 @@ def test_sweep_without_finetuning_reads_the_reinit_with_bn_statistics_recomputed
     rows = [{"neuron_ratio": n, "neurons_selected": 10, "subweights_zeroed": 70, "reinit_acc": 0.86,
              "reinit_asr": 0.0, "reinit_ra": 0.1, "reinit_bn_acc": bn_acc, "reinit_bn_asr": bn_asr}
             for n, bn_acc, bn_asr in ((0.1, 0.85, 0.6), (0.3, 0.70, 0.3))]
-    assert sweep_readout(rows, finetune=False) == ("reinit_bn_acc", "reinit_bn_asr",
-                                                   "after the reinit, BN statistics recomputed")
-    assert sweep_readout([{k: v for k, v in r.items() if "_bn_" not in k} for r in rows], False)[0] == "reinit_acc"
-    assert sweep_readout(rows, finetune=True)[:2] == ("acc", "asr")
+    control = {"acc": 0.87, "asr": 0.99, "ra": 0.0}
+    assert sweep_readout({"rows": rows, "bn_control": control}, finetune=False) == (
+        "reinit_bn_acc", "reinit_bn_asr", "after the reinit, BN statistics recomputed")
+    stale_only = [{k: v for k, v in r.items() if "_bn_" not in k} for r in rows]
+    assert sweep_readout({"rows": stale_only, "bn_control": None}, False)[0] == "reinit_acc"
+    # recomputed columns without their baseline are not read
+    assert sweep_readout({"rows": rows}, False)[0] == "reinit_acc"
+    assert sweep_readout({"rows": rows, "bn_control": control}, finetune=True)[:2] == ("acc", "asr")
     pick = largest_ratio_within_acc(rows, 0.87, 0.02, acc_key="reinit_bn_acc")
     assert pick["neuron_ratio"] == 0.1  # the stale column would have given 0.3
     result = {"parameter": "neuron_ratio", "rows": rows, "default": 0.15, "unlearn": {"epochs": 3},
-              "bn_control": {"acc": 0.87, "asr": 0.99, "ra": 0.0},
+              "bn_control": control,
               "suggestion": {"max_acc_drop": 2.0, "acc_before": 0.87, "acc_column": "reinit_bn_acc",
                              "neuron_ratio": 0.1}}
     ctx = types.SimpleNamespace(setup=types.SimpleNamespace(attack=types.SimpleNamespace(name="lf")))

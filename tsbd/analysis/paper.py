@@ -161,14 +161,16 @@ def measure_sweep(ctx: AnalysisContext, parameter: str, values, finetune: bool) 
                                    values=list(values), finetune=finetune, seed=ctx.seed, progress=ctx.progress))
 
 
-def sweep_readout(rows: list[dict], finetune: bool) -> tuple[str, str, str]:
+def sweep_readout(res: dict, finetune: bool) -> tuple[str, str, str]:
     """(ACC column, ASR column, what they measure) a sweep's summary reads: after fine-tuning when it
     ran, else after the reinit with the BN statistics recomputed on the clean set where the rows have
-    them -- the statistics left from before the reinit no longer match the weights and can hide a
-    backdoor (docs/analysis/README.md), so a reading taken with them would suggest too large an n."""
+    them and the sweep has their baseline (``bn_control``) -- the statistics left from before the
+    reinit no longer match the weights and can hide a backdoor (docs/analysis/README.md), so a
+    reading taken with them would suggest too large an n."""
+    rows = res["rows"]
     if finetune:
         return "acc", "asr", "after TSBD"
-    if rows and all("reinit_bn_acc" in r for r in rows):
+    if res.get("bn_control") and rows and all("reinit_bn_acc" in r for r in rows):
         return "reinit_bn_acc", "reinit_bn_asr", "after the reinit, BN statistics recomputed"
     return "reinit_acc", "reinit_asr", "after the reinit"
 
@@ -177,10 +179,9 @@ def measure_sweep_n(ctx: AnalysisContext, options: SweepNOptions) -> Measurement
     """The n sweep, and the n a defender would pick: the largest whose ACC (:func:`sweep_readout`)
     stays within ``options.max_acc_drop`` points of the backdoored model's."""
     res = measure_sweep(ctx, "neuron_ratio", options.values, options.finetune).result
-    acc_key, _, _ = sweep_readout(res["rows"], options.finetune)
+    acc_key, _, _ = sweep_readout(res, options.finetune)
     # recomputed columns compare with the backdoored model under the same recompute
-    acc_before = (res["bn_control"]["acc"] if acc_key == "reinit_bn_acc" and res.get("bn_control")
-                  else ctx.evaluate(ctx.model)["acc"])
+    acc_before = res["bn_control"]["acc"] if acc_key == "reinit_bn_acc" else ctx.evaluate(ctx.model)["acc"]
     pick = largest_ratio_within_acc(res["rows"], acc_before, options.max_acc_drop / 100, acc_key=acc_key)
     res["suggestion"] = {"max_acc_drop": options.max_acc_drop, "acc_before": acc_before, "acc_column": acc_key,
                          "neuron_ratio": pick and pick["neuron_ratio"]}
@@ -219,7 +220,7 @@ def render_sweep(ctx: AnalysisContext, options: SweepNOptions | SweepMOptions, m
     fig.tight_layout()
     save_figure(fig, out / f"sweep_{short}")
     plt.close(fig)
-    acc_key, key, readout = sweep_readout(rows, finetune)
+    acc_key, key, readout = sweep_readout(res, finetune)
     best = min(rows, key=lambda r: (r[key], -r[acc_key]))
     md = [f"### TSBD over {parameter.replace('_', ' ')} ({ctx.setup.attack.name})", "",
           f"Clean unlearning once ({res['unlearn']['epochs']} epochs), then for each {short}: zero reinit "
@@ -257,7 +258,7 @@ def render_sweep(ctx: AnalysisContext, options: SweepNOptions | SweepMOptions, m
                + "A defender knows no ASR (it needs the trigger), but can measure ACC on clean data, and more "
                f"neurons reinitialized remove more of the backdoor; so take the largest n whose ACC stays within "
                f"{max_drop:g} points of the backdoored model's ({acc_before:.2%}"
-               + (", statistics recomputed likewise" if res["suggestion"].get("acc_column") == "reinit_bn_acc" else "")
+               + (", statistics recomputed likewise" if acc_key == "reinit_bn_acc" else "")
                + "): "
                + (f"**n = {pick[parameter]:g}** ({pick[acc_key]:.2%} ACC, {pick[key]:.2%} ASR)." if pick else
                   "no n here does; try smaller values or a larger --max-acc-drop.")
