@@ -299,7 +299,9 @@ def test_a_dry_run_creates_and_changes_nothing(tmp_path, capsys):
     grid, results = write_grid(tmp_path), tmp_path / "results"
     assert main(["bench", str(grid), "--results", str(results), "--dry-run", *RUNTIME]) == 0
     assert not results.exists()
-    assert "4 pending; no store there yet" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "4 pending; no store there yet" in err
+    assert "Not done: 4 cells; no done cell like them, so no estimate." in err
     plan = load_grid(str(grid))
     with Store(results) as store:
         store.register(plan)

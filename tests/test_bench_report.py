@@ -162,6 +162,19 @@ def test_report_tables_match_the_database(report):
     assert html.count('<td class="attack">') == 3 and '<tr class="average">' in html
 
 
+def test_report_names_each_cell_not_done_with_its_estimated_time(report, results):
+    """The failed otherdef cell (batch 1) is estimated from the done otherdef cells (batch 256, 1 s
+    each): another option, so marked; the summary line sums it."""
+    md = (report / "report.md").read_text()
+    assert "Not done: 1 cell, about 0.0 h of compute at the times the done cells like them took (1 estimated " \
+           "from a cell with another attack or other options)." in md
+    rows = md_rows(md.split("## Cells not done", 1)[1])
+    with Store(results) as store:
+        (failed,) = store.cells(status="failed")
+    assert rows[failed["id"]] == ["defense", "otherdef against badnets, clean 0.05, seed 0", "failed", "0~"]
+    assert "<h2>Cells not done</h2>" in (report / "report.html").read_text()
+
+
 def test_report_states_the_peak_memory_of_its_processes(report, results):
     with Store(results) as store:
         peaks = [r["timings"]["peak_rss_mb"] for r in store.cells() if r["status"] == "done"]

@@ -27,6 +27,7 @@ from typing import Any
 
 from tsbd.artifacts import pyplot, save_figure
 from tsbd.attacks import ATTACKS
+from tsbd.bench.estimate import Estimator, cell_seconds, remaining, remaining_line
 from tsbd.bench.figures import acc_asr_panels, heatmap
 from tsbd.bench.grid import NO_DEFENSE, canonical_json
 from tsbd.bench.layout import Entry, GridColumn, GridRow, TableGrid
@@ -457,7 +458,23 @@ def render_markdown(tables: list[ResultTable], summary: dict) -> str:
         out += ["", "## Failed cells", "", "| cell | kind | what | error |", "|---|---|---|---|"]
         for f in summary["failures"]:
             out.append(f"| {f['id']} | {f['kind']} | {f['what']} | {f['error'].replace('|', '/')} |")
+    if summary.get("not_done"):
+        header, rows = _not_done_table(summary)
+        out += ["", "## Cells not done", "", NOT_DONE_NOTE, "", "| " + " | ".join(header) + " |",
+                "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(out) + "\n"
+
+
+NOT_DONE_NOTE = ("Estimated minutes: the mean time of the store's done cells of the same attack, or of the same "
+                 "defense with the same options, on the same data set, model and training; ~ marks an estimate "
+                 "from another attack or other options of the defense, - a cell with no done cell like it. "
+                 "Times are those of the hosts above.")
+
+
+def _not_done_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    rows = [[c["id"], c["kind"], c["what"], c["status"], c["estimate"].text()] for c in summary["not_done"]]
+    return ["cell", "kind", "what", "status", "est. minutes"], rows
 
 
 def _summary_lines(summary: dict, md: bool) -> list[str]:
@@ -470,7 +487,8 @@ def _summary_lines(summary: dict, md: bool) -> list[str]:
              f"{counts['pending']} pending. Compute time of done cells: {summary['compute_s'] / 60:.1f} min "
              f"on {', '.join(summary['hosts']) or '-'}."
              + (f" Peak memory of a process after a cell: {summary['peak_rss_mb']:,.0f} MiB."
-                if summary.get("peak_rss_mb") else "")]
+                if summary.get("peak_rss_mb") else "")
+             + (" " + remaining_line(summary["remaining"]) if summary.get("not_done") else "")]
     return lines
 
 
@@ -567,6 +585,12 @@ def render_html(tables: list[ResultTable], summary: dict, out_dir: Path) -> str:
             parts.append(f"<tr><td>{e(f['id'])}</td><td>{e(f['kind'])}</td><td>{e(f['what'])}</td>"
                          f"<td>{e(f['error'])}</td></tr>")
         parts.append("</table>")
+    if summary.get("not_done"):
+        header, rows = _not_done_table(summary)
+        parts.append(f"<h2>Cells not done</h2><p class=\"note\">{e(NOT_DONE_NOTE)}</p><table class=\"failures\"><tr>"
+                     + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in rows]
+        parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -602,25 +626,35 @@ def summarize(store: Store, grid: str | None, results: Path) -> dict:
     hosts = set()
     failures = []
     by_id = {r["id"]: r for r in rows}
+
+    def config_of(cell_id: str) -> dict | None:
+        return (by_id.get(cell_id) or store.state(cell_id) or {}).get("config")
+
+    def what(r: dict) -> str:
+        c = r["config"]
+        if r["kind"] == "attack":
+            return f"{c['attack']['name']} on {c['dataset']['name']} / {c['model']['name']}, seed {c['seed']}"
+        pa = (config_of(r["parent"]) or {}).get("attack", {}).get("name", "?")
+        return f"{c['defense']['name']} against {pa}, clean {c['clean_ratio']:g}, seed {c['seed']}"
+
+    estimate = Estimator(store.cells(), config_of)  # every done cell of the store, not only this grid's
+    not_done = []
     for r in rows:
         counts[r["status"]] += 1
         if r["status"] == "done":
             t = r["timings"] or {}
-            compute += float(t.get("cell", t.get("total", 0.0)) or 0.0)
+            compute += cell_seconds(r) or 0.0
             peak = max(peak, float(t.get("peak_rss_mb") or 0.0))
             if r["host"]:
                 hosts.add(r["host"])
+            continue
         if r["status"] == "failed":
-            c = r["config"]
-            if r["kind"] == "attack":
-                what = f"{c['attack']['name']} on {c['dataset']['name']} / {c['model']['name']}, seed {c['seed']}"
-            else:
-                parent = by_id.get(r["parent"]) or store.state(r["parent"]) or {}
-                pa = (parent.get("config") or {}).get("attack", {}).get("name", "?")
-                what = f"{c['defense']['name']} against {pa}, clean {c['clean_ratio']:g}"
-            failures.append({"id": r["id"], "kind": r["kind"], "what": what, "error": r["error"] or ""})
+            failures.append({"id": r["id"], "kind": r["kind"], "what": what(r), "error": r["error"] or ""})
+        not_done.append({"id": r["id"], "kind": r["kind"], "what": what(r), "status": r["status"],
+                         "estimate": estimate(r["kind"], r["config"], r["parent"])})
     return {"results": str(results), "grid": grid, "grids": store.grids(), "counts": counts, "compute_s": compute,
-            "peak_rss_mb": peak or None, "hosts": sorted(hosts), "failures": failures}
+            "peak_rss_mb": peak or None, "hosts": sorted(hosts), "failures": failures, "not_done": not_done,
+            "remaining": remaining(c["estimate"] for c in not_done)}
 
 
 def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, grid: str | None = None,

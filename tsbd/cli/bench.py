@@ -143,19 +143,38 @@ def _print_plan(plan, store, console, results: Path) -> None:
     """The cells of ``plan`` and their status in ``store`` (None: no store yet, all pending)."""
     from rich.table import Table
 
+    from tsbd.bench.estimate import Estimator, remaining, remaining_line
+
     states = {cell.id: (store.state(cell.id) if store is not None else None) or {} for cell in plan.cells}
     counts = collections.Counter(s.get("status", "pending") for s in states.values())
     console.print(f"[bold]{plan.describe()}[/] -> {results} (dry run; {counts['done']} done, {counts['failed']} "
                   f"failed, {counts['running']} running, {counts['pending']} pending"
                   f"{'' if store is not None else '; no store there yet'})")
+    planned = {cell.id: cell.config for cell in plan.cells}
+
+    def config_of(cell_id: str) -> dict | None:
+        if cell_id in planned or store is None:
+            return planned.get(cell_id)
+        return (store.state(cell_id) or {}).get("config")
+
+    estimate = Estimator(store.cells() if store is not None else [], config_of)
     table = Table(show_header=True, header_style="bold")
-    for col in ("cell", "kind", "what", "status", "attempts"):
+    for col in ("cell", "kind", "what", "status", "attempts", "est. min"):
         table.add_column(col)
+    left = []
     for cell in plan.cells:
         row = states[cell.id]
         what = cell.label() if cell.kind == "attack" else f"  {cell.label()}"
-        table.add_row(cell.id, cell.kind, what, row.get("status", "pending"), str(row.get("attempts", 0)))
+        status = row.get("status", "pending")
+        est = ""
+        if status != "done":
+            e = estimate(cell.kind, cell.config, cell.parent)
+            left.append(e)
+            est = e.text()
+        table.add_row(cell.id, cell.kind, what, status, str(row.get("attempts", 0)), est)
     console.print(table)
+    console.print(remaining_line(remaining(left)) + " est. min: from done cells of the same attack or defense "
+                  "and options (~: another attack or other options; -: none)")
 
 
 def cmd_report(args) -> int:

@@ -1,0 +1,78 @@
+"""Estimates of the work a grid has left: read off the done cells most like each cell, basis said."""
+
+from __future__ import annotations
+
+import pytest
+
+from tsbd.bench.estimate import Estimate, Estimator, remaining, remaining_line
+from tsbd.bench.grid import attack_cell, defense_cell
+
+
+def _attack(name: str, epochs: int = 40, model: str = "preact_resnet18"):
+    return attack_cell(dataset={"name": "cifar10", "options": {}, "limit_train": 0, "limit_test": 0},
+                       model={"name": model, "options": {"width": 16}}, attack={"name": name, "config": {}},
+                       train={"epochs": epochs}, seed=0)
+
+
+def _defense(parent, name: str = "tsbd", clean: float = 0.05, seed: int = 0, **config):
+    return defense_cell(parent, defense={"name": name, "config": config}, clean_ratio=clean, seed=seed)
+
+
+def _row(cell, status: str = "done", seconds: float | None = None, key: str = "total") -> dict:
+    return {"id": cell.id, "kind": cell.kind, "config": cell.config, "parent": cell.parent, "status": status,
+            "timings": {key: seconds} if seconds is not None else None}
+
+
+@pytest.fixture()
+def store_rows():
+    lf, trojan = _attack("lf"), _attack("trojan")
+    cells = {"lf": lf, "trojan": trojan, "blended": _attack("blended"),
+             "tsbd_lf_0": _defense(lf, seed=0), "tsbd_lf_1": _defense(lf, seed=1),
+             "anp_lf": _defense(lf, "anp"), "anp_trojan": _defense(trojan, "anp")}
+    rows = [_row(cells["lf"], seconds=6000.0), _row(cells["trojan"], seconds=8000.0),
+            _row(cells["tsbd_lf_0"], seconds=800.0), _row(cells["tsbd_lf_1"], seconds=1000.0, key="cell"),
+            _row(cells["anp_lf"], "failed"), _row(cells["blended"], "pending"), _row(cells["anp_trojan"], "running")]
+    by_id = {c.id: c.config for c in cells.values()}
+    return Estimator(rows, by_id.get), cells
+
+
+def test_a_defense_cell_is_estimated_from_the_same_defense_on_any_attack_of_the_same_model(store_rows):
+    estimate, cells = store_rows
+    e = estimate("defense", _defense(cells["blended"], seed=2).config, cells["blended"].id)
+    assert e == Estimate(900.0, "same", 2)  # mean of 800 s (total) and 1000 s (cell time)
+    assert e.text() == "15"
+
+
+def test_other_options_of_the_defense_give_a_marked_estimate_and_an_unrun_defense_none(store_rows):
+    estimate, cells = store_rows
+    variant = _defense(cells["trojan"], finetune_lr=0.08)
+    assert estimate("defense", variant.config, cells["trojan"].id) == Estimate(900.0, "like", 2)
+    assert estimate("defense", variant.config, cells["trojan"].id).text() == "15~"
+    # a failed or running cell's time is no measurement: ANP has none
+    assert estimate("defense", _defense(cells["blended"], "anp").config, cells["blended"].id) == Estimate(None, "")
+    assert estimate("defense", _defense(cells["blended"], "nc").config, cells["blended"].id).text() == "-"
+    # another clean ratio is another cost
+    rnp = _defense(cells["lf"], clean=0.005)
+    assert estimate("defense", rnp.config, cells["lf"].id).seconds is None
+    # and without the attack cell's config the data set and model are unknown
+    assert estimate("defense", _defense(cells["blended"]).config, "unknown-parent").seconds is None
+
+
+def test_an_attack_cell_is_estimated_from_itself_else_from_other_attacks_with_the_same_training(store_rows):
+    estimate, cells = store_rows
+    assert estimate("attack", cells["trojan"].config) == Estimate(8000.0, "same", 1)
+    assert estimate("attack", cells["blended"].config) == Estimate(7000.0, "like", 2)
+    assert estimate("attack", _attack("blended", epochs=20).config).seconds is None  # other training
+    assert estimate("attack", _attack("lf", model="vgg19_bn").config).seconds is None  # other model
+
+
+def test_the_remaining_work_sums_the_estimates_and_says_what_it_leaves_out():
+    total = remaining([Estimate(3600.0, "same", 1), Estimate(1800.0, "like", 2), Estimate(None, "")])
+    assert total == {"cells": 3, "seconds": 5400.0, "unknown": 1, "like": 1}
+    line = remaining_line(total)
+    assert line.startswith("Not done: 3 cells, about 1.5 h of compute")
+    assert "1 estimated from a cell with another attack or other options" in line
+    assert "1 with no done cell like it, not counted" in line
+    assert remaining_line(remaining([Estimate(None, ""), Estimate(None, "")])) == (
+        "Not done: 2 cells; no done cell like them, so no estimate.")
+    assert remaining_line(remaining([])) == "Not done: none."

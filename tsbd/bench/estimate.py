@@ -1,0 +1,122 @@
+"""How long the cells a grid has not finished would take, read off the cells of the same kind it
+has finished: a planning number for ``tsbd bench --dry-run`` and the report, never a result.
+
+A cell's estimate is the mean recorded time (``timings.cell``, else ``timings.total``, as the report
+counts compute) of the done cells most like it, with the basis said:
+
+* ``same``: the same attack (or defense with the same options and clean ratio) on the same data set,
+  model and training settings;
+* ``like``: an attack cell with another attack but the same data set, model and training (attacks
+  that make their own trigger first, such as Trojan, take longer), or a defense cell of the same
+  defense and clean ratio on the same data set and model but with other options;
+* no estimate where the store has no done cell like it.
+
+The times are those of the machines and thread counts the cells ran on (the report names the
+hosts), so the estimate holds for the same kind of run there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from tsbd.bench.grid import canonical_json
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    seconds: float | None  # None: no done cell like it
+    basis: str  # "same" | "like" | ""
+    n: int = 0  # done cells the mean is over
+
+    def text(self) -> str:
+        if self.seconds is None:
+            return "-"
+        return f"{self.seconds / 60:.0f}" + ("" if self.basis == "same" else "~")
+
+
+def cell_seconds(row: dict) -> float | None:
+    """The time a done cell recorded (what the report sums as compute), or None."""
+    t = row.get("timings") or {}
+    value = t.get("cell", t.get("total"))
+    return float(value) if value is not None else None
+
+
+def _setting(config: dict) -> dict:
+    """What of an attack cell's config sets the cost of its defenses too: data set, model, training."""
+    ds = config.get("dataset", {})
+    return {"dataset": [ds.get("name"), ds.get("options"), ds.get("limit_train"), ds.get("limit_test")],
+            "model": config.get("model"), "train": config.get("train")}
+
+
+def _keys(kind: str, config: dict, parent: dict | None) -> tuple[str, str] | None:
+    """(same, like) keys of a cell; None for a defense cell whose attack cell is unknown."""
+    if kind == "attack":
+        setting = _setting(config)
+        return (canonical_json(["attack", config["attack"], setting]), canonical_json(["attack", setting]))
+    if parent is None:
+        return None
+    setting, d = _setting(parent), config["defense"]
+    return (canonical_json(["defense", d["name"], d.get("config"), config.get("clean_ratio"), setting]),
+            canonical_json(["defense", d["name"], config.get("clean_ratio"), setting]))
+
+
+class Estimator:
+    """Estimates from ``rows`` (store rows: kind, config, parent, status, timings); ``config_of(id)``
+    gives the config of an attack cell, for the defense cells' data set and model."""
+
+    def __init__(self, rows: Iterable[dict], config_of: Callable[[str], dict | None]):
+        self._config_of = config_of
+        self._times: dict[str, list[float]] = {}
+        for row in rows:
+            secs = cell_seconds(row) if row.get("status") == "done" else None
+            keys = self._keys_of(row["kind"], row["config"], row.get("parent")) if secs is not None else None
+            for key in keys or ():
+                self._times.setdefault(key, []).append(secs)
+
+    def _keys_of(self, kind: str, config: dict, parent_id: str | None) -> tuple[str, str] | None:
+        parent = self._config_of(parent_id) if kind == "defense" and parent_id else None
+        return _keys(kind, config, parent)
+
+    def __call__(self, kind: str, config: dict, parent_id: str | None = None) -> Estimate:
+        keys = self._keys_of(kind, config, parent_id)
+        for key, basis in zip(keys or (), ("same", "like")):
+            times = self._times.get(key)
+            if times:
+                return Estimate(sum(times) / len(times), basis, len(times))
+        return Estimate(None, "")
+
+
+def remaining(estimates: Iterable[Estimate]) -> dict[str, Any]:
+    """Sum of the estimates: {"cells", "seconds", "unknown" (cells without one), "like" (by a like cell)}."""
+    out = {"cells": 0, "seconds": 0.0, "unknown": 0, "like": 0}
+    for e in estimates:
+        out["cells"] += 1
+        if e.seconds is None:
+            out["unknown"] += 1
+        else:
+            out["seconds"] += e.seconds
+            out["like"] += e.basis == "like"
+    return out
+
+
+def remaining_line(total: dict[str, Any]) -> str:
+    """One sentence on the work left, e.g. for 3 cells: 'Not done: 3 cells, about 2.5 h of compute at the
+    times the done cells like them took (1 by a cell with other options or attack; 1 with no such cell).'"""
+    if not total["cells"]:
+        return "Not done: none."
+    known = total["cells"] - total["unknown"]
+    text = f"Not done: {total['cells']} cell{'s' * (total['cells'] != 1)}"
+    if known:
+        text += f", about {total['seconds'] / 3600:.1f} h of compute at the times the done cells like them took"
+        notes = []
+        if total["like"]:
+            notes.append(f"{total['like']} estimated from a cell with another attack or other options")
+        if total["unknown"]:
+            notes.append(f"{total['unknown']} with no done cell like {'it' if total['unknown'] == 1 else 'them'}, "
+                         f"not counted")
+        text += f" ({'; '.join(notes)})" if notes else ""
+    else:
+        text += "; no done cell like them, so no estimate"
+    return text + "."
