@@ -455,15 +455,31 @@ def render_markdown(tables: list[ResultTable], summary: dict) -> str:
         out += [f"- {line}" for line in _settings_lines(t)]
         out += _figure_lines(t)
     if summary.get("failures"):
-        out += ["", "## Failed cells", "", "| cell | kind | what | error |", "|---|---|---|---|"]
-        for f in summary["failures"]:
-            out.append(f"| {f['id']} | {f['kind']} | {f['what']} | {f['error'].replace('|', '/')} |")
+        header, rows = _failures_table(summary)
+        out += ["", "## Failed cells", "", *_plain_markdown_table(header, rows)]
     if summary.get("not_done"):
         header, rows = _not_done_table(summary)
-        out += ["", "## Cells not done", "", NOT_DONE_NOTE, "", "| " + " | ".join(header) + " |",
-                "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(row) + " |" for row in rows]
+        out += ["", "## Cells not done", "", NOT_DONE_NOTE, "", *_plain_markdown_table(header, rows)]
     return "\n".join(out) + "\n"
+
+
+def _plain_markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table of text cells ('|' in a cell becomes '/')."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
+
+
+def _plain_html_table(header: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    return ("<table class=\"failures\"><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in rows) + "</table>")
+
+
+def _failures_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    rows = [[f["id"], f["kind"], f["what"], f["error"]] for f in summary["failures"]]
+    return ["cell", "kind", "what", "error"], rows
 
 
 NOT_DONE_NOTE = ("Estimated minutes: the mean time of the store's done cells of the same attack, or of the same "
@@ -579,18 +595,10 @@ def render_html(tables: list[ResultTable], summary: dict, out_dir: Path) -> str:
         if t.plots:
             parts.append(_html_figures(t, out_dir))
     if summary.get("failures"):
-        parts.append("<h2>Failed cells</h2><table class=\"failures\"><tr><th>cell</th><th>kind</th><th>what</th>"
-                     "<th>error</th></tr>")
-        for f in summary["failures"]:
-            parts.append(f"<tr><td>{e(f['id'])}</td><td>{e(f['kind'])}</td><td>{e(f['what'])}</td>"
-                         f"<td>{e(f['error'])}</td></tr>")
-        parts.append("</table>")
+        parts.append("<h2>Failed cells</h2>" + _plain_html_table(*_failures_table(summary)))
     if summary.get("not_done"):
-        header, rows = _not_done_table(summary)
-        parts.append(f"<h2>Cells not done</h2><p class=\"note\">{e(NOT_DONE_NOTE)}</p><table class=\"failures\"><tr>"
-                     + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in rows]
-        parts.append("</table>")
+        parts.append(f"<h2>Cells not done</h2><p class=\"note\">{e(NOT_DONE_NOTE)}</p>"
+                     + _plain_html_table(*_not_done_table(summary)))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -619,25 +627,23 @@ def _save(fig, folder: Path, stem: str) -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------------------
 def summarize(store: Store, grid: str | None, results: Path) -> dict:
-    rows = store.cells(grid)
+    every = store.cells()  # the whole store: parents of this grid's cells, and the times estimates read
+    rows = every if grid is None else store.cells(grid)
+    configs = {r["id"]: r["config"] for r in every}
     counts = {s: 0 for s in ("pending", "running", "done", "failed")}
     compute = 0.0
     peak = 0.0  # the largest peak resident memory a process had after a cell, MiB
     hosts = set()
     failures = []
-    by_id = {r["id"]: r for r in rows}
-
-    def config_of(cell_id: str) -> dict | None:
-        return (by_id.get(cell_id) or store.state(cell_id) or {}).get("config")
 
     def what(r: dict) -> str:
         c = r["config"]
         if r["kind"] == "attack":
             return f"{c['attack']['name']} on {c['dataset']['name']} / {c['model']['name']}, seed {c['seed']}"
-        pa = (config_of(r["parent"]) or {}).get("attack", {}).get("name", "?")
+        pa = (configs.get(r["parent"]) or {}).get("attack", {}).get("name", "?")
         return f"{c['defense']['name']} against {pa}, clean {c['clean_ratio']:g}, seed {c['seed']}"
 
-    estimate = Estimator(store.cells(), config_of)  # every done cell of the store, not only this grid's
+    estimate = Estimator(every, configs.get)  # every done cell of the store, not only this grid's
     not_done = []
     for r in rows:
         counts[r["status"]] += 1

@@ -150,14 +150,9 @@ def _print_plan(plan, store, console, results: Path) -> None:
     console.print(f"[bold]{plan.describe()}[/] -> {results} (dry run; {counts['done']} done, {counts['failed']} "
                   f"failed, {counts['running']} running, {counts['pending']} pending"
                   f"{'' if store is not None else '; no store there yet'})")
-    planned = {cell.id: cell.config for cell in plan.cells}
-
-    def config_of(cell_id: str) -> dict | None:
-        if cell_id in planned or store is None:
-            return planned.get(cell_id)
-        return (store.state(cell_id) or {}).get("config")
-
-    estimate = Estimator(store.cells() if store is not None else [], config_of)
+    stored = store.cells() if store is not None else []
+    configs = {r["id"]: r["config"] for r in stored} | {cell.id: cell.config for cell in plan.cells}
+    estimate = Estimator(stored, configs.get)
     table = Table(show_header=True, header_style="bold")
     for col in ("cell", "kind", "what", "status", "attempts", "est. min"):
         table.add_column(col)
