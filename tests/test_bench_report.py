@@ -395,3 +395,12 @@ def test_no_defense_is_marked_best_where_every_defense_has_the_same_value(tmp_pa
     row = table.rows[0].key
     assert table.best(row, "asr") == set() and table.best(None, "asr") == set()
     assert {c.defense for c in table.columns if c.key in table.best(row, "acc")} == {"otherdef"}
+
+
+def test_grid_list_counts_set_variants_under_their_grid():
+    from tsbd.bench.report import grid_list
+
+    assert grid_list(["g"]) == "`g`"
+    assert grid_list(["g", "g+1a2b3c4d", "g+5e6f7a8b", "h+00000000"]) == \
+        "`g` and 2 `--set`/`--seed` variants of it, 1 `--set`/`--seed` variant of `h`"
+    assert grid_list(["a", "b"]) == "`a`, `b`"

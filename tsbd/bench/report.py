@@ -493,10 +493,28 @@ def _not_done_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return ["cell", "kind", "what", "status", "est. minutes"], rows
 
 
+def grid_list(names: list[str]) -> str:
+    """The store's grid names for a reader: ``NAME+TAG`` (``tsbd bench NAME --set ...`` or ``--seed``)
+    counted under its NAME, e.g. "`paper-cifar10-r18-cpu` and 9 `--set`/`--seed` variants of it"."""
+    variants: dict[str, int] = {}
+    for name in names:
+        base, sep, _ = name.partition("+")
+        variants[base] = variants.get(base, 0) + bool(sep)
+    parts = []
+    for base, k in variants.items():
+        own = base in names
+        text = f"`{base}`" if own else ""
+        if k:
+            many = f"{k} `--set`/`--seed` variant{'s' * (k != 1)}"
+            text = f"{text} and {many} of it" if own else f"{many} of `{base}`"
+        parts.append(text)
+    return ", ".join(parts)
+
+
 def _summary_lines(summary: dict, md: bool) -> list[str]:
     counts = summary["counts"]
     lines = [f"Results: `{summary['results']}`" + (f", grid `{summary['grid']}`" if summary.get("grid") else
-                                                   (f", grids {', '.join(summary['grids'])}"
+                                                   (f", grids {grid_list(summary['grids'])}"
                                                     if summary['grids'] else "")),
              "",
              f"Cells: {counts['done']} done, {counts['failed']} failed, {counts['running']} running, "
