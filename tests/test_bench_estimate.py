@@ -76,3 +76,14 @@ def test_the_remaining_work_sums_the_estimates_and_says_what_it_leaves_out():
     assert remaining_line(remaining([Estimate(None, ""), Estimate(None, "")])) == (
         "Not done: 2 cells; no done cell like them, so no estimate.")
     assert remaining_line(remaining([])) == "Not done: none."
+
+
+def test_cell_seconds_counts_the_epochs_of_runs_before_a_resume():
+    from tsbd.bench.estimate import cell_seconds
+
+    assert cell_seconds({"timings": {"cell": 90.0, "total": 80.0}}) == 90.0
+    assert cell_seconds({"timings": {"total": 80.0, "train": 70.0}}) == 80.0
+    # resumed at an epoch checkpoint: this run 30 s of training in a 40 s total; 300 s over all runs
+    resumed = {"timings": {"total": 40.0, "train": 300.0, "train_this_run": 30.0, "resumed_at_epoch": 25}}
+    assert cell_seconds(resumed) == 310.0
+    assert cell_seconds({"timings": None}) is None

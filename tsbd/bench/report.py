@@ -210,11 +210,9 @@ def collect(store: Store, grid: str | None = None, paper: PaperIndex | None = No
                     cols[ckey] = Column(ckey, dd["name"], d["config"]["clean_ratio"], dd["config"],
                                         non_default(dd["config"], _defaults("defense", dd["name"])))
             m = (d or a)["metrics"] or {}
-            t_cell = (d or a)["timings"] or {}
             acc.setdefault((rkey, ckey), []).append({"acc": m.get("acc"), "asr": m.get("asr"),
                                                       "der": m.get("der") if d is not None else None,
-                                                      "cell": (d or a)["id"],
-                                                      "seconds": t_cell.get("cell", t_cell.get("total"))})
+                                                      "cell": (d or a)["id"], "seconds": cell_seconds(d or a)})
             picked = (m.get("stages") or {}).get(SELECTED_ON_TEST) if d is not None else None
             if picked:
                 skey = ckey + "|" + SELECTED_ON_TEST
