@@ -186,6 +186,15 @@ def bench_backdoorbench(model, data, mean, std, runtime, batch_size, steps, warm
     return steps * batch_size / (time.perf_counter() - t)
 
 
+def model_from_entry(entry: str, ds):
+    """A fresh model from ``NAME`` or ``NAME@KEY=VALUE[@KEY=VALUE...]`` (architecture options, e.g.
+    preact_resnet18@width=16), seeded 0, for ``ds``'s 10 classes and normalization."""
+    name, *pairs = entry.split("@")
+    opts = parse_key_values(pairs, f"--models {entry}")
+    torch.manual_seed(0)
+    return build_model(name, 10, mean=ds.mean, std=ds.std, **opts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=None, help="cifar10 location (default: the embedded demo data)")
@@ -211,11 +220,7 @@ def main() -> None:
               "args": vars(args), "provenance": provenance(), "models": {}}
     print(f"matmul peak at {rt.precision}: {peak:.2f} TFLOP/s on {rt.device}", flush=True)
     for entry in args.models.split(","):
-        # NAME or NAME@KEY=VALUE[@KEY=VALUE...]: architecture options, e.g. preact_resnet18@width=16
-        name, *pairs = entry.split("@")
-        opts = parse_key_values(pairs, f"--models {entry}")
-        torch.manual_seed(0)
-        make = lambda name=name, opts=opts: build_model(name, 10, mean=ds.mean, std=ds.std, **opts)  # noqa: E731
+        make = lambda entry=entry: model_from_entry(entry, ds)  # noqa: E731
         fwd_flops = model_flops_per_image(make())
         row = {"forward_gflops_per_image": fwd_flops / 1e9}
         row["bare"] = bench_bare(make(), rt, args.batch_size, args.steps, args.warmup)

@@ -32,21 +32,15 @@ def child(args) -> None:
     """One measuring process: warm up, say ready, wait for go, time ``--steps`` steps, print img/s."""
     if args.core is not None:
         os.sched_setaffinity(0, {args.core})
-    import torch
-
     sys.path.insert(0, str(HERE))
-    from throughput import bench_ours  # noqa: E402 -- the same measurement as throughput.py's "ours"
+    from throughput import bench_ours, model_from_entry  # noqa: E402 -- throughput.py's "ours" measurement
 
-    from tsbd.config import parse_key_values
     from tsbd.data import load_dataset
-    from tsbd.models import build_model
     from tsbd.train import Runtime
 
     rt = Runtime.create("cpu", args.precision, args.threads, compile="off")
     ds = load_dataset("cifar10", root=args.data_root) if args.data_root else load_dataset("demo")
-    name, *pairs = args.model.split("@")
-    torch.manual_seed(0)
-    model = build_model(name, 10, mean=ds.mean, std=ds.std, **parse_key_values(pairs, f"--models {args.model}"))
+    model = model_from_entry(args.model, ds)
     bench_ours(model, ds.train, rt, args.batch_size, 1, args.warmup)  # warm-up (data, kernels, allocator)
     Path(args.ready).touch()
     while not Path(args.go).exists():
