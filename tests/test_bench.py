@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_grid
 
-from tsbd.bench.cells import CellContext, CellResult, artifact_path, checkpoint_path, now_iso
+from tsbd.bench.cells import CellContext, CellResult, artifact_path, checkpoint_dir, checkpoint_path, now_iso
 from tsbd.bench.executors import run_grid
 from tsbd.bench.grid import Plan, attack_cell, defense_cell, load_grid
 from tsbd.bench.store import Store
@@ -124,6 +124,27 @@ def test_tiny_grid_end_to_end_then_resume_runs_nothing(tmp_path, monkeypatch):
         assert summary.ran == 0 and summary.done == 4
         assert runs_by_cell(store) == {cid: ["done"] for cid in rows}
     assert len(checkpoints) == 2
+
+    # --redo tsbd reruns the TSBD cells from scratch: stage checkpoints an older attempt left are gone
+    # before the defense starts, and the redone cells leave none behind
+    stale = {d["id"]: checkpoint_dir(results, d["id"]) / "finetune.resume.pt" for d in defenses}
+    for path in stale.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"from older code")
+    seen = []
+    real_defend = tsbd.pipeline.defend_model
+
+    def recording_defend(*args, **kwargs):
+        seen.append((kwargs["checkpoint_dir"], kwargs["checkpoint_dir"].exists()))
+        return real_defend(*args, **kwargs)
+
+    monkeypatch.setattr(tsbd.pipeline, "defend_model", recording_defend)
+    assert main(["bench", str(grid), "--results", str(results), "--redo", "tsbd", *RUNTIME]) == 0
+    assert sorted(seen) == sorted((path.parent, False) for path in stale.values())
+    assert not any(path.parent.exists() for path in stale.values())
+    with Store(results) as store:
+        assert runs_by_cell(store) == {cid: ["done", "done"] if cid in stale else ["done"] for cid in rows}
+    assert len(checkpoints) == 2  # the attacked models were kept
 
 
 # ------------------------------------------------------------------------------------------

@@ -105,8 +105,10 @@ def train_attacked_model(setup: AttackSetup, arch: str, cfg: TrainConfig, runtim
 
 def defend_model(model: nn.Module, setup: AttackSetup, defense_name: str, defense_cfg: dict | None,
                  clean_ratio: float, runtime: Runtime, *, seed: int = 0, progress: bool = False,
-                 metrics_before: dict | None = None, monitor_stages: bool = True) -> tuple[DefenseResult, dict]:
-    """Purify ``model`` with a defense on the clean split; evaluate before and after."""
+                 metrics_before: dict | None = None, monitor_stages: bool = True,
+                 checkpoint_dir: str | Path | None = None) -> tuple[DefenseResult, dict]:
+    """Purify ``model`` with a defense on the clean split; evaluate before and after. With
+    ``checkpoint_dir``, the defense's long stages checkpoint there (see :meth:`Defense.purify`)."""
     defense = build_defense(defense_name, defense_cfg)
     clean, clean_info = setup.clean_set(clean_ratio)
     ds = setup.dataset
@@ -116,7 +118,7 @@ def defend_model(model: nn.Module, setup: AttackSetup, defense_name: str, defens
         return evaluate(m, ds.test, setup.poisoned_test, runtime)
 
     result = defense.purify(model, clean, runtime=runtime, seed=seed, progress=progress,
-                            monitor=monitor if monitor_stages else None)
+                            monitor=monitor if monitor_stages else None, checkpoint_dir=checkpoint_dir)
     after = evaluate(result.model, ds.test, setup.poisoned_test, runtime)
     if "asr" in before and "asr" in after:
         after["der"] = der(before["acc"], before["asr"], after["acc"], after["asr"])

@@ -198,8 +198,8 @@ def ranking_scores(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: 
             scores["clp"] = by_conv(uclc, pairs)
             info["clp"] = {"pairing": clp_cfg.pairing, "paired_bn": len(uclc)}
         elif metric == "anp":
-            masks, info["anp"] = optimize_anp_masks(model, clean, build_defense("anp", opts.get("anp")).config, runtime,
-                                                    seed=seed, progress=progress)
+            masks, info["anp"], _ = optimize_anp_masks(model, clean, build_defense("anp", opts.get("anp")).config,
+                                                       runtime, seed=seed, progress=progress)
             scores["anp"] = by_conv(masks, dataflow)
         elif metric == "rnp":
             rnp_cfg = build_defense("rnp", opts.get("rnp")).config

@@ -5,7 +5,8 @@ Both kinds call the pipeline's building blocks (:func:`tsbd.pipeline.setup_attac
 goes to ``RESULTS_DIR/artifacts/<cell id>/`` through :func:`tsbd.artifacts.save_model`, which
 writes a temporary folder and renames it into place; only then does the caller mark the cell
 done. Attack training checkpoints to ``RESULTS_DIR/checkpoints/<cell id>.resume.pt`` after every
-epoch, so a killed run resumes mid-training.
+epoch, so a killed run resumes mid-training; a defense's long stages (ANP's mask optimization)
+checkpoint into ``RESULTS_DIR/checkpoints/<cell id>/`` the same way.
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ def checkpoint_path(results_dir: str | Path, cell_id: str) -> Path:
     return Path(results_dir) / CHECKPOINTS / f"{cell_id}.resume.pt"
 
 
+def checkpoint_dir(results_dir: str | Path, cell_id: str) -> Path:
+    """Where a defense cell's stages checkpoint (removed once the cell is done)."""
+    return Path(results_dir) / CHECKPOINTS / cell_id
+
+
 def run_attack_cell(cell: Cell, ctx: CellContext, cache: DataCache | None = None) -> CellResult:
     started = now_iso()
     t0 = time.perf_counter()
@@ -165,9 +171,10 @@ def run_defense_cell(cell: Cell, parent: Cell, ctx: CellContext, cache: DataCach
     model, parent_meta = load_model(parent_dir, runtime.device)
     setup = cache.setup(parent, ctx, runtime)
     t_setup = time.perf_counter() - t0
+    ckpt_dir = checkpoint_dir(ctx.results_dir, cell.id)
     result, record = pipeline.defend_model(model, setup, c["defense"]["name"], c["defense"]["config"],
                                            c["clean_ratio"], runtime, seed=c["seed"], progress=ctx.progress,
-                                           metrics_before=parent_meta.get("metrics"))
+                                           metrics_before=parent_meta.get("metrics"), checkpoint_dir=ckpt_dir)
     meta = {k: parent_meta[k] for k in ("classes", "dataset", "attack", "poison", "train") if k in parent_meta}
     meta.update({"kind": "defended", "parent": parent.id, **record, "timings": result.timings,
                  "bench": {"cell": cell.id, "kind": "defense", "config": c}})
@@ -183,6 +190,7 @@ def run_defense_cell(cell: Cell, parent: Cell, ctx: CellContext, cache: DataCach
             os.rename(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     metrics = dict(record["metrics"])
     if record["defense"].get("stages"):
         metrics["stages"] = record["defense"]["stages"]

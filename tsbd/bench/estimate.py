@@ -39,11 +39,14 @@ class Estimate:
 def cell_seconds(row: dict) -> float | None:
     """The time a done cell recorded (what the report sums as compute), or None. An attacked model
     resumed from an epoch checkpoint records the run that finished it as ``total`` and its training
-    over every run as ``train`` (``train_this_run``: the last run's); the earlier runs' epochs count."""
+    over every run as ``train`` (``train_this_run``: the last run's); the earlier runs' epochs count.
+    A defense cell resumed from its stage checkpoints records those epochs as ``earlier_runs``."""
     t = row.get("timings") or {}
     value = t.get("cell", t.get("total"))
     if value is not None and "train_this_run" in t and "train" in t:
         value = value - t["train_this_run"] + t["train"]
+    if value is not None:
+        value += t.get("earlier_runs", 0.0)
     return float(value) if value is not None else None
 
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 from tsbd.cli import common
@@ -29,7 +30,8 @@ clean_ratio, seed, defense_seed, limit_train, limit_test; tables [train], [model
 [dataset_opts.NAME] whose list values are axes too. See docs/bench.md.
 
 Rerunning the same command resumes: finished cells are never redone, a cell that was running
-when the process died is redone (attack training from its last epoch checkpoint), failed cells
+when the process died is redone (attack training and ANP's mask optimization from their last
+epoch checkpoint), failed cells
 are kept failed unless --retry-failed; --redo DEFENSE runs that defense's finished cells again.
 Several bench processes may share one results folder; `tsbd merge` brings in results folders
 run elsewhere (e.g. slices on a GPU machine).
@@ -42,7 +44,7 @@ def cmd_bench(args) -> int:
     from rich.console import Console
 
     from tsbd.artifacts import check_output_folder
-    from tsbd.bench.cells import CellContext
+    from tsbd.bench.cells import CellContext, checkpoint_dir
     from tsbd.bench.executors import run_grid, run_workers
     from tsbd.bench.grid import load_grid, parse_set
     from tsbd.bench.store import DB_NAME, Store
@@ -73,6 +75,9 @@ def cmd_bench(args) -> int:
         if redo:
             console.print(f"--redo: {store.reopen(redo)} finished cell(s) of {', '.join(args.redo)} put back to "
                           f"pending ({len(redo)} in the grid)")
+            for cid in redo:  # stage checkpoints from the old code must not seed the redone cells
+                if store.state(cid)["status"] == "pending":
+                    shutil.rmtree(checkpoint_dir(results, cid), ignore_errors=True)
         counts = {"done": 0, "failed": 0, "running": 0, "pending": 0}
         for cell in plan.cells:
             counts[store.state(cell.id)["status"]] += 1

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import logging
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ from tsbd.data.poison import holdout_split
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
 from tsbd.defenses.masking import BNMasks, mask_summary, masked_batchnorm, prune_bn_channels, thresholds
 from tsbd.metrics import accuracy
-from tsbd.train.engine import TrainConfig, fit, predict
+from tsbd.train.engine import FitResult, TrainConfig, fit, predict
 from tsbd.train.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,11 @@ def anp_step(bn: BNMasks, eps: float, steps: int, alpha: float, generator: torch
 
 
 def optimize_anp_masks(model: nn.Module, data: ImageSet, cfg: ANPConfig, runtime: Runtime, *, seed: int = 0,
-                       progress: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """Learn ANP's BN channel masks on a copy of ``model``; returns (masks per BN layer, info)."""
+                       progress: bool = False, checkpoint: str | Path | None = None,
+                       ) -> tuple[dict[str, torch.Tensor], dict, FitResult]:
+    """Learn ANP's BN channel masks on a copy of ``model``; returns (masks per BN layer, info, the
+    fit's result). With ``checkpoint``, every epoch is saved there (masks, their momentum, the BN
+    statistics, the perturbation draws) and a rerun resumes."""
     work = copy.deepcopy(model)
     batch = min(cfg.batch_size, len(data))
     steps_per_epoch = max(1, len(data) // batch)
@@ -115,10 +119,11 @@ def optimize_anp_masks(model: nn.Module, data: ImageSet, cfg: ANPConfig, runtime
         opt = torch.optim.SGD(bn.masks(), lr=cfg.mask_lr, momentum=cfg.mask_momentum)
         res = fit(work, data, train_cfg, runtime, seed=seed, optimizer=opt, progress=progress,
                   step=anp_step(bn, cfg.anp_eps, cfg.anp_steps, cfg.anp_alpha, generator),
-                  desc="ANP mask optimization")
+                  desc="ANP mask optimization", checkpoint=checkpoint,
+                  checkpoint_generators={"perturbation": generator})
         masks = bn.values()
     return masks, {"iterations": res.epochs * steps_per_epoch, "epochs": res.epochs,
-                   "final_loss": res.history[-1]["loss"] if res.history else math.nan}
+                   "final_loss": res.history[-1]["loss"] if res.history else math.nan}, res
 
 
 def select_threshold(model: nn.Module, masks: dict[str, torch.Tensor], heldout: ImageSet, cfg: ANPConfig,
@@ -151,8 +156,10 @@ class ANP(Defense):
         cfg: ANPConfig = self.config
         fit_part, heldout = holdout_split(clean, cfg.holdout_fraction, seed)
         with stages.stage("mask_optimization"):
-            masks, result.info["mask_optimization"] = optimize_anp_masks(model, fit_part, cfg, runtime, seed=seed,
-                                                             progress=progress)
+            masks, result.info["mask_optimization"], res = optimize_anp_masks(
+                model, fit_part, cfg, runtime, seed=seed, progress=progress,
+                checkpoint=stages.checkpoint("mask_optimization"))
+        stages.resumed("mask_optimization", res)
         with stages.stage("threshold_selection"):
             chosen, sweep = select_threshold(model, masks, heldout, cfg, runtime)
         if chosen is None:

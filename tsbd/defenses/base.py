@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -16,6 +17,7 @@ from tsbd.config import AT_LEAST_ONE, Validated, option, override, to_dict
 from tsbd.data.base import ImageSet
 from tsbd.errors import TsbdError
 from tsbd.registry import Registry
+from tsbd.train.engine import FitResult
 from tsbd.train.runtime import Runtime, seed_everything
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", "tsbd.defenses")
@@ -46,10 +48,24 @@ class DefenseResult:
 
 
 class Stages:
-    """Times named stages and runs the optional monitor after each."""
+    """Times named stages, runs the optional monitor after each, and names the checkpoint files of
+    long stages (under ``checkpoint_dir``, when the caller gives one) so a rerun resumes them."""
 
-    def __init__(self, result: DefenseResult, monitor: Monitor | None):
+    def __init__(self, result: DefenseResult, monitor: Monitor | None, checkpoint_dir: str | Path | None = None):
         self.result, self.monitor = result, monitor
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    def checkpoint(self, name: str) -> Path | None:
+        """Where a stage's :func:`~tsbd.train.engine.fit` saves its epochs (None: no checkpoints)."""
+        return None if self.checkpoint_dir is None else self.checkpoint_dir / f"{name}.resume.pt"
+
+    def resumed(self, name: str, fit_result: FitResult) -> None:
+        """Record that a stage's fit resumed from a checkpoint: at which epoch, and the seconds the
+        earlier runs spent (``timings["earlier_runs"]``, which a cell's compute time adds)."""
+        if fit_result.resumed_at:
+            self.result.info.setdefault("resumed", {})[name] = fit_result.resumed_at
+            self.result.timings["earlier_runs"] = (self.result.timings.get("earlier_runs", 0.0)
+                                                   + fit_result.earlier_seconds)
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -75,8 +91,11 @@ class Defense:
         self.config = override(cfg, overrides)
 
     def purify(self, model: nn.Module, clean: ImageSet, *, runtime: Runtime | None = None, seed: int = 0,
-               progress: bool = False, monitor: Monitor | None = None) -> DefenseResult:
-        """Return a purified copy of ``model`` (the input is not modified)."""
+               progress: bool = False, monitor: Monitor | None = None,
+               checkpoint_dir: str | Path | None = None) -> DefenseResult:
+        """Return a purified copy of ``model`` (the input is not modified). With ``checkpoint_dir``,
+        the defense's long stages checkpoint there after every epoch and a rerun with the same model,
+        data, config and seed resumes them; the caller removes the folder once the result is kept."""
         runtime = runtime or Runtime.create()
         check_clean_data(model, clean, runtime)
         seed_everything(seed)
@@ -84,7 +103,7 @@ class Defense:
         result = DefenseResult(model=work, defense=self.name, config=to_dict(self.config))
         total0 = time.perf_counter()
         result.model = self.run(work, clean, runtime=runtime, seed=seed, progress=progress,
-                                stages=Stages(result, monitor), result=result)
+                                stages=Stages(result, monitor, checkpoint_dir), result=result)
         result.timings["total"] = time.perf_counter() - total0
         return result
 

@@ -72,6 +72,11 @@ class FitResult:
         return sum(float(h.get("seconds", 0.0)) for h in self.history)
 
     @property
+    def earlier_seconds(self) -> float:
+        """Seconds of the epochs that earlier runs completed before this one resumed them."""
+        return sum(float(h.get("seconds", 0.0)) for h in self.history[:self.resumed_at])
+
+    @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
@@ -272,6 +277,7 @@ def fit(
     batch_hook: BatchHook | None = None,
     on_epoch_end: EpochEnd | None = None,
     checkpoint: str | Path | None = None,
+    checkpoint_generators: dict[str, torch.Generator] | None = None,
     desc: str = "train",
     progress: bool = True,
     train_mode: bool = True,
@@ -282,7 +288,9 @@ def fit(
     ``step`` does forward/backward/update for one batch and returns the loss (default:
     cross-entropy SGD). ``batch_hook(x, y, generator)`` may rewrite a batch (on-the-fly
     poisoning). ``on_epoch_end(epoch, model, stats)`` returning True stops training.
-    With ``checkpoint`` set, state is saved there after every epoch and a rerun resumes.
+    With ``checkpoint`` set, state is saved there after every epoch and a rerun resumes: the model,
+    the optimizer, the data order and augmentation draws, and ``checkpoint_generators`` (generators
+    the ``step`` draws from, by name). A run that ``on_epoch_end`` stopped resumes as stopped.
     ``train_mode=False`` keeps the model in eval mode (frozen BN statistics), for methods that
     optimize something other than the weights (trigger reverse-engineering, masks).
     ``shuffle=False`` visits the images in one order, drawn from ``seed`` once and kept for every
@@ -309,6 +317,7 @@ def fit(
 
     history: list[dict] = []
     start_epoch = 0
+    resumed_stopped = False  # the checkpoint's run had been stopped by on_epoch_end: nothing left to do
     ckpt_path = Path(checkpoint) if checkpoint else None
     if ckpt_path and ckpt_path.exists():
         try:
@@ -316,13 +325,16 @@ def fit(
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"].cpu())
+            for name, gen in (checkpoint_generators or {}).items():
+                gen.set_state(state["generators"][name].cpu())
             start_epoch, history = int(state["epoch"]), list(state["history"])
+            resumed_stopped = bool(state.get("stopped", False))
             log.info("resumed %s from %s at epoch %d", desc, ckpt_path, start_epoch)
         except Exception as err:  # a torn or foreign checkpoint: start over rather than fail
             # (the exception's type only: torch's text would advise loading it unsafely)
             log.warning("ignoring unreadable checkpoint %s (%s); starting from epoch 0", ckpt_path,
                         err.__class__.__name__)
-            start_epoch, history = 0, []
+            start_epoch, history, resumed_stopped = 0, [], False
 
     total_steps = cfg.epochs * steps_per_epoch
     choice = _CompileChoice(model, runtime.compile, plain, total_steps - start_epoch * steps_per_epoch, runtime)
@@ -330,11 +342,11 @@ def fit(
                unit="step", leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
     images = 0
-    stopped = False
+    stopped = resumed_stopped
     shown: dict[str, str] = {}
     epoch = start_epoch
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, start_epoch if resumed_stopped else cfg.epochs):
             model.train(train_mode)
             loss_sum = torch.zeros((), device=runtime.device)
             n_batches = 0
@@ -377,7 +389,9 @@ def fit(
             if ckpt_path:
                 _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                              "generator": generator.get_state(), "epoch": epoch + 1,
-                                             "history": history})
+                                             "history": history, "stopped": stopped,
+                                             "generators": {name: gen.get_state() for name, gen
+                                                            in (checkpoint_generators or {}).items()}})
             if stopped:
                 break
     finally:

@@ -1,0 +1,111 @@
+"""A defense interrupted mid-stage resumes from its stage checkpoint to the same result, and fit's
+checkpoints keep what a resume needs (the step's generators, an early stop)."""
+
+import pytest
+import torch
+
+import tsbd.train.engine as engine
+from tsbd.bench.estimate import cell_seconds
+from tsbd.defenses import build_defense
+from tsbd.train import TrainConfig, fit
+
+ANP_TINY = {"nb_iter": 6, "batch_size": 64}  # 3 epochs of 2 batches on the 160-image clean part
+
+
+def _clean(small, n=200):
+    return small.train.subset(torch.arange(0, len(small.train), len(small.train) // n)[:n])
+
+
+def _interrupt_after_saves(monkeypatch, n):
+    """Make fit's n-th checkpoint save raise KeyboardInterrupt right after writing the file."""
+    real, calls = engine._save_checkpoint, []
+
+    def save(path, state):
+        real(path, state)
+        calls.append(path)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_save_checkpoint", save)
+    return calls
+
+
+def test_anp_interrupted_mid_optimization_resumes_to_the_same_masks(trained, small, runtime, tmp_path, monkeypatch):
+    clean = _clean(small)
+    whole = build_defense("anp", ANP_TINY).purify(trained, clean, runtime=runtime, seed=3)
+    assert "resumed" not in whole.info and "earlier_runs" not in whole.timings
+
+    ckpt = tmp_path / "ckpt"
+    calls = _interrupt_after_saves(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        build_defense("anp", ANP_TINY).purify(trained, clean, runtime=runtime, seed=3, checkpoint_dir=ckpt)
+    assert calls == [ckpt / "mask_optimization.resume.pt"]
+    monkeypatch.undo()
+
+    resumed = build_defense("anp", ANP_TINY).purify(trained, clean, runtime=runtime, seed=3, checkpoint_dir=ckpt)
+    assert resumed.info["resumed"] == {"mask_optimization": 1}
+    assert resumed.timings["earlier_runs"] > 0
+    assert resumed.info["mask_optimization"]["epochs"] == whole.info["mask_optimization"]["epochs"] == 3
+    # the perturbation draws, data order, mask momentum and BN statistics all carried over
+    assert resumed.info["mask_values"] == whole.info["mask_values"]
+    assert resumed.info["threshold"] == whole.info["threshold"]
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_without_checkpoint_dir_nothing_is_written(trained, small, runtime, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = _interrupt_after_saves(monkeypatch, 99)
+    build_defense("anp", ANP_TINY).purify(trained, _clean(small), runtime=runtime, seed=0)
+    assert calls == [] and list(tmp_path.iterdir()) == []
+
+
+def test_fit_resumes_an_early_stopped_run_as_stopped(trained, small, runtime, tmp_path):
+    cfg = TrainConfig(epochs=5, batch_size=100, lr=0.01, augment=False)
+    ckpt = tmp_path / "fit.pt"
+    model = _copy(trained)
+    first = fit(model, _clean(small), cfg, runtime, checkpoint=ckpt, progress=False,
+                on_epoch_end=lambda epoch, m, stats: epoch == 2)
+    assert first.stopped_early and first.epochs == 2
+
+    again = _copy(trained)
+    seen = []
+    second = fit(again, _clean(small), cfg, runtime, checkpoint=ckpt, progress=False,
+                 on_epoch_end=lambda epoch, m, stats: seen.append(epoch))
+    assert seen == [] and second.stopped_early and second.epochs == 2 and second.resumed_at == 2
+    assert second.images == 0 and second.earlier_seconds == pytest.approx(first.epoch_seconds)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_fit_restores_the_steps_generators(trained, small, runtime, tmp_path):
+    """A step that draws from its own generator continues the draws after a resume."""
+    cfg = TrainConfig(epochs=3, batch_size=100, lr=0.01, augment=False)
+
+    def run(ckpt, stop_at=None):
+        gen, draws = torch.Generator().manual_seed(7), []
+
+        def step(model, x, y, optimizer, runtime):
+            draws.append(torch.rand(1, generator=gen).item())
+            return torch.zeros(())
+
+        fit(_copy(trained), _clean(small), cfg, runtime, step=step, checkpoint=ckpt, progress=False,
+            checkpoint_generators={"noise": gen}, on_epoch_end=lambda e, m, s: e == stop_at)
+        return draws
+
+    whole = run(None)
+    ckpt = tmp_path / "g.pt"
+    head = run(ckpt, stop_at=1)
+    torch.save({**torch.load(ckpt, weights_only=True), "stopped": False}, ckpt)  # as if killed after epoch 1
+    tail = run(ckpt)
+    assert head + tail == whole and len(tail) == 4
+
+
+def test_cell_seconds_adds_the_earlier_runs_of_a_resumed_defense():
+    assert cell_seconds({"timings": {"cell": 100.0, "earlier_runs": 250.0}}) == 350.0
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
