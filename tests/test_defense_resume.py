@@ -18,7 +18,7 @@ def _clean(small, n=200):
 
 def _interrupt_after_saves(monkeypatch, n):
     """Make fit's n-th checkpoint save raise KeyboardInterrupt right after writing the file."""
-    real, calls = engine._save_checkpoint, []
+    real, calls = engine.save_checkpoint, []
 
     def save(path, state):
         real(path, state)
@@ -26,7 +26,7 @@ def _interrupt_after_saves(monkeypatch, n):
         if len(calls) == n:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "_save_checkpoint", save)
+    monkeypatch.setattr(engine, "save_checkpoint", save)
     return calls
 
 
@@ -109,3 +109,41 @@ def _copy(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+NC_TINY = {"nc_epoch": 2, "epochs": 1, "batch_size": 100}
+
+
+def test_nc_interrupted_after_some_labels_reverse_engineers_only_the_rest(trained, small, runtime, tmp_path,
+                                                                          monkeypatch):
+    import tsbd.defenses.nc as nc
+
+    clean = _clean(small)
+    whole = build_defense("nc", NC_TINY).purify(trained, clean, runtime=runtime, seed=1)
+
+    ckpt = tmp_path / "ckpt"
+    saves = []
+    real = nc.save_checkpoint
+
+    def save(path, state):
+        real(path, state)
+        saves.append(sorted(state["labels"]))
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(nc, "save_checkpoint", save)
+    with pytest.raises(KeyboardInterrupt):
+        build_defense("nc", NC_TINY).purify(trained, clean, runtime=runtime, seed=1, checkpoint_dir=ckpt)
+    assert saves[-1] == ["0", "1", "2"]
+
+    labels = []
+    real_one = nc.reverse_engineer_trigger
+    monkeypatch.setattr(nc, "reverse_engineer_trigger", lambda m, c, k, *a, **kw: labels.append(k) or real_one(
+        m, c, k, *a, **kw))
+    resumed = build_defense("nc", NC_TINY).purify(trained, clean, runtime=runtime, seed=1, checkpoint_dir=ckpt)
+    assert labels == list(range(3, 10))  # only the labels left
+    assert resumed.info["resumed"] == {"reverse_engineering": 3} and resumed.timings["earlier_runs"] > 0
+    for key in ("mask_l1", "anomaly_index", "flagged", "reverse_epochs"):
+        assert resumed.info[key] == whole.info[key], key
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k

@@ -31,7 +31,7 @@ clean_ratio, seed, defense_seed, limit_train, limit_test; tables [train], [model
 
 Rerunning the same command resumes: finished cells are never redone, a cell that was running
 when the process died is redone (attack training and ANP's mask optimization from their last
-epoch checkpoint), failed cells
+epoch checkpoint, NC from its last finished label), failed cells
 are kept failed unless --retry-failed; --redo DEFENSE runs that defense's finished cells again.
 Several bench processes may share one results folder; `tsbd merge` brings in results folders
 run elsewhere (e.g. slices on a GPU machine).

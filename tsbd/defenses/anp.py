@@ -159,7 +159,7 @@ class ANP(Defense):
             masks, result.info["mask_optimization"], res = optimize_anp_masks(
                 model, fit_part, cfg, runtime, seed=seed, progress=progress,
                 checkpoint=stages.checkpoint("mask_optimization"))
-        stages.resumed("mask_optimization", res)
+        stages.resumed("mask_optimization", res.resumed_at, res.earlier_seconds)
         with stages.stage("threshold_selection"):
             chosen, sweep = select_threshold(model, masks, heldout, cfg, runtime)
         if chosen is None:

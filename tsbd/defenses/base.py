@@ -17,7 +17,6 @@ from tsbd.config import AT_LEAST_ONE, Validated, option, override, to_dict
 from tsbd.data.base import ImageSet
 from tsbd.errors import TsbdError
 from tsbd.registry import Registry
-from tsbd.train.engine import FitResult
 from tsbd.train.runtime import Runtime, seed_everything
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", "tsbd.defenses")
@@ -59,13 +58,13 @@ class Stages:
         """Where a stage's :func:`~tsbd.train.engine.fit` saves its epochs (None: no checkpoints)."""
         return None if self.checkpoint_dir is None else self.checkpoint_dir / f"{name}.resume.pt"
 
-    def resumed(self, name: str, fit_result: FitResult) -> None:
-        """Record that a stage's fit resumed from a checkpoint: at which epoch, and the seconds the
-        earlier runs spent (``timings["earlier_runs"]``, which a cell's compute time adds)."""
-        if fit_result.resumed_at:
-            self.result.info.setdefault("resumed", {})[name] = fit_result.resumed_at
-            self.result.timings["earlier_runs"] = (self.result.timings.get("earlier_runs", 0.0)
-                                                   + fit_result.earlier_seconds)
+    def resumed(self, name: str, at: int, earlier_seconds: float) -> None:
+        """Record that a stage resumed from its checkpoint: where (an epoch, a count of finished
+        items; 0: not resumed) and the seconds the earlier runs spent on it
+        (``timings["earlier_runs"]``, which a cell's compute time adds)."""
+        if at:
+            self.result.info.setdefault("resumed", {})[name] = at
+            self.result.timings["earlier_runs"] = self.result.timings.get("earlier_runs", 0.0) + earlier_seconds
 
     @contextlib.contextmanager
     def stage(self, name: str):

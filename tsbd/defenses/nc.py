@@ -28,15 +28,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from tsbd.config import AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, Range, option
 from tsbd.data.base import ImageSet
-from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
+from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig, Stages
 from tsbd.models.surgery import frozen
-from tsbd.train.engine import TrainConfig, fit
+from tsbd.train.engine import TrainConfig, fit, save_checkpoint
 from tsbd.train.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -201,6 +203,41 @@ def reverse_engineer_trigger(model: nn.Module, clean: ImageSet, label: int, cfg:
     return RecoveredTrigger(label, mask, pattern, float(mask.abs().sum()), schedule.reached, res.epochs)
 
 
+def reverse_engineer_all(model: nn.Module, clean: ImageSet, num_classes: int, cfg: NCConfig, runtime: Runtime, *,
+                         seed: int = 0, progress: bool = False, checkpoint: Path | None = None,
+                         stages: Stages | None = None) -> list[RecoveredTrigger]:
+    """:func:`reverse_engineer_trigger` for every label, one after another. With ``checkpoint``,
+    each finished label is saved there and a rerun reverse-engineers only the labels left (each
+    label's optimization depends on nothing but the model, data, config and seed, so the result
+    is the same). ``stages`` (a :class:`~tsbd.defenses.base.Stages`) records a resume."""
+    done: dict[int, RecoveredTrigger] = {}
+    seconds: dict[int, float] = {}
+    if checkpoint is not None and checkpoint.exists():
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            if state["num_classes"] != num_classes:
+                raise ValueError("another class count")
+            done = {int(k): RecoveredTrigger(**t) for k, t in state["labels"].items()}
+            seconds = {int(k): float(v) for k, v in state["seconds"].items()}
+            log.info("NC: resumed with %d of %d labels reverse-engineered (%s)", len(done), num_classes, checkpoint)
+        except Exception as err:  # a torn or foreign file: start over rather than fail
+            log.warning("ignoring unreadable checkpoint %s (%s); reverse-engineering every label", checkpoint,
+                        err.__class__.__name__)
+            done, seconds = {}, {}
+    if stages is not None:
+        stages.resumed("reverse_engineering", len(done), sum(seconds.values()))
+    for k in range(num_classes):
+        if k in done:
+            continue
+        t0 = time.perf_counter()
+        done[k] = reverse_engineer_trigger(model, clean, k, cfg, runtime, seed=seed, progress=progress)
+        seconds[k] = time.perf_counter() - t0
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {"num_classes": num_classes, "seconds": {str(j): v for j, v in seconds.items()},
+                                         "labels": {str(j): dataclasses.asdict(t) for j, t in done.items()}})
+    return [done[k] for k in range(num_classes)]
+
+
 def anomaly_index(l1: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     """(|L1 - median| / (1.4826 MAD) per label, median, consistency-scaled MAD)."""
     l1 = torch.as_tensor(l1, dtype=torch.float64)
@@ -258,8 +295,8 @@ class NeuralCleanse(Defense):
         cfg: NCConfig = self.config
         num_classes = _num_classes(model, clean, runtime)
         with stages.stage("reverse_engineering"):
-            triggers = [reverse_engineer_trigger(model, clean, k, cfg, runtime, seed=seed, progress=progress)
-                        for k in range(num_classes)]
+            triggers = reverse_engineer_all(model, clean, num_classes, cfg, runtime, seed=seed, progress=progress,
+                                            checkpoint=stages.checkpoint("reverse_engineering"), stages=stages)
         l1 = torch.tensor([t.l1 for t in triggers], dtype=torch.float64)
         index, median, mad = anomaly_index(l1)
         flagged = flag_outliers(l1, cfg.anomaly_threshold)

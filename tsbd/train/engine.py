@@ -156,7 +156,9 @@ def iterate_batches(
         yield to_model_input(xb, runtime), data.y[idx.to(data.y.device)].to(runtime.device, non_blocking=True)
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` with torch.save to a temporary file and rename it to ``path``: a reader never
+    sees half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(state, tmp)
@@ -387,7 +389,7 @@ def fit(
                      if k not in ("epoch", "loss", "lr", "seconds") and isinstance(v, (int, float))}
             history.append(stats)
             if ckpt_path:
-                _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                              "generator": generator.get_state(), "epoch": epoch + 1,
                                              "history": history, "stopped": stopped,
                                              "generators": {name: gen.get_state() for name, gen
