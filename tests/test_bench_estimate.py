@@ -68,7 +68,7 @@ def test_an_attack_cell_is_estimated_from_itself_else_from_other_attacks_with_th
 
 def test_the_remaining_work_sums_the_estimates_and_says_what_it_leaves_out():
     total = remaining([Estimate(3600.0, "same", 1), Estimate(1800.0, "like", 2), Estimate(None, "")])
-    assert total == {"cells": 3, "seconds": 5400.0, "unknown": 1, "like": 1}
+    assert total == {"cells": 3, "seconds": 5400.0, "unknown": 1, "like": 1, "threads": None}
     line = remaining_line(total)
     assert line.startswith("Not done: 3 cells, about 1.5 h of compute")
     assert "1 estimated from a cell with another attack or other options" in line
@@ -87,3 +87,28 @@ def test_cell_seconds_counts_the_epochs_of_runs_before_a_resume():
     resumed = {"timings": {"total": 40.0, "train": 300.0, "train_this_run": 30.0, "resumed_at_epoch": 25}}
     assert cell_seconds(resumed) == 310.0
     assert cell_seconds({"timings": None}) is None
+
+
+def test_estimates_for_a_thread_count_average_only_cells_run_at_it_where_there_are_any():
+    lf, trojan, blended = _attack("lf"), _attack("trojan"), _attack("blended")
+    by_id = {c.id: c.config for c in (lf, trojan, blended)}
+
+    def at(cell, seconds, threads):
+        return {**_row(cell, seconds=seconds, key="cell"), "versions": {"runtime": {"threads": threads}}}
+
+    rows = [at(_defense(lf, "anp"), 4400.0, 1), at(_defense(trojan, "anp"), 2000.0, 2),
+            at(_defense(lf), 900.0, 2), at(_defense(trojan), 700.0, 2)]
+    anp, tsbd = _defense(blended, "anp"), _defense(blended)
+    mixed = Estimator(rows, by_id.get)
+    assert mixed("defense", anp.config, blended.id) == Estimate(3200.0, "same", 2, None)
+    two = Estimator(rows, by_id.get, threads=2)
+    assert two("defense", anp.config, blended.id) == Estimate(2000.0, "same", 1, 2)
+    one = Estimator(rows, by_id.get, threads=1)
+    assert one("defense", anp.config, blended.id) == Estimate(4400.0, "same", 1, 1)
+    # no TSBD cell ran at 1 thread: the 2-thread ones are used, and the summary says the counts differ
+    assert one("defense", tsbd.config, blended.id) == Estimate(800.0, "same", 2, 2)
+    both = remaining([one("defense", anp.config, blended.id), one("defense", tsbd.config, blended.id)])
+    assert "took (at different or unrecorded thread counts)." in remaining_line(both)
+    same = remaining([two("defense", anp.config, blended.id), two("defense", tsbd.config, blended.id)])
+    assert remaining_line(same).startswith("Not done: 2 cells, about 0.8 h of compute at the times the done cells "
+                                           "like them took at 2 threads.")

@@ -166,7 +166,8 @@ def test_report_names_each_cell_not_done_with_its_estimated_time(report, results
     """The failed otherdef cell (batch 1) is estimated from the done otherdef cells (batch 256, 1 s
     each): another option, so marked; the summary line sums it."""
     md = (report / "report.md").read_text()
-    assert "Not done: 1 cell, about 0.0 h of compute at the times the done cells like them took (1 estimated " \
+    assert "Not done: 1 cell, about 0.0 h of compute at the times the done cells like them took (at different or " \
+           "unrecorded thread counts; 1 estimated " \
            "from a cell with another attack or other options)." in md
     rows = md_rows(md.split("## Cells not done", 1)[1])
     with Store(results) as store:

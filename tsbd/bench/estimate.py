@@ -12,7 +12,9 @@ counts compute) of the done cells most like it, with the basis said:
 * no estimate where the store has no done cell like it.
 
 The times are those of the machines and thread counts the cells ran on (the report names the
-hosts), so the estimate holds for the same kind of run there.
+hosts), so the estimate holds for the same kind of run there. Given the thread count of the run
+planned, an estimate averages only the like cells that ran at it, where there are any, and the
+summary line says which thread count its times are from.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Estimate:
     seconds: float | None  # None: no done cell like it
     basis: str  # "same" | "like" | ""
     n: int = 0  # done cells the mean is over
+    threads: int | None = None  # the thread count those cells all ran at (None: mixed or unrecorded)
 
     def text(self) -> str:
         if self.seconds is None:
@@ -73,14 +76,18 @@ class Estimator:
     """Estimates from ``rows`` (store rows: kind, config, parent, status, timings); ``config_of(id)``
     gives the config of an attack cell, for the defense cells' data set and model."""
 
-    def __init__(self, rows: Iterable[dict], config_of: Callable[[str], dict | None]):
+    def __init__(self, rows: Iterable[dict], config_of: Callable[[str], dict | None], threads: int | None = None):
+        """``threads``: the thread count the estimate is for; where done cells like a cell ran at
+        that count, only those are averaged (a cell's time at 1 thread is not its time at 2)."""
         self._config_of = config_of
-        self._times: dict[str, list[float]] = {}
+        self._threads = threads
+        self._times: dict[str, list[tuple[float, int | None]]] = {}
         for row in rows:
             secs = cell_seconds(row) if row.get("status") == "done" else None
             keys = self._keys_of(row["kind"], row["config"], row.get("parent")) if secs is not None else None
+            ran_at = ((row.get("versions") or {}).get("runtime") or {}).get("threads")
             for key in keys or ():
-                self._times.setdefault(key, []).append(secs)
+                self._times.setdefault(key, []).append((secs, ran_at))
 
     def _keys_of(self, kind: str, config: dict, parent_id: str | None) -> tuple[str, str] | None:
         parent = self._config_of(parent_id) if kind == "defense" and parent_id else None
@@ -91,13 +98,17 @@ class Estimator:
         for key, basis in zip(keys or (), ("same", "like")):
             times = self._times.get(key)
             if times:
-                return Estimate(sum(times) / len(times), basis, len(times))
+                matching = [t for t in times if t[1] == self._threads]
+                times = matching if self._threads is not None and matching else times
+                counts = {t[1] for t in times}
+                return Estimate(sum(t[0] for t in times) / len(times), basis, len(times),
+                                counts.pop() if len(counts) == 1 else None)
         return Estimate(None, "")
 
 
 def remaining(estimates: Iterable[Estimate]) -> dict[str, Any]:
     """Sum of the estimates: {"cells", "seconds", "unknown" (cells without one), "like" (by a like cell)}."""
-    out = {"cells": 0, "seconds": 0.0, "unknown": 0, "like": 0}
+    out = {"cells": 0, "seconds": 0.0, "unknown": 0, "like": 0, "threads": set()}
     for e in estimates:
         out["cells"] += 1
         if e.seconds is None:
@@ -105,6 +116,8 @@ def remaining(estimates: Iterable[Estimate]) -> dict[str, Any]:
         else:
             out["seconds"] += e.seconds
             out["like"] += e.basis == "like"
+            out["threads"].add(e.threads)
+    out["threads"] = out["threads"].pop() if len(out["threads"]) == 1 else None
     return out
 
 
@@ -117,7 +130,12 @@ def remaining_line(total: dict[str, Any]) -> str:
     text = f"Not done: {total['cells']} cell{'s' * (total['cells'] != 1)}"
     if known:
         text += f", about {total['seconds'] / 3600:.1f} h of compute at the times the done cells like them took"
+        threads = total.get("threads")
         notes = []
+        if threads:
+            text += f" at {threads} thread{'s' * (threads != 1)}"
+        elif "threads" in total:
+            notes.append("at different or unrecorded thread counts")
         if total["like"]:
             notes.append(f"{total['like']} estimated from a cell with another attack or other options")
         if total["unknown"]:

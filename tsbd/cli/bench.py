@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -62,7 +63,8 @@ def cmd_bench(args) -> int:
     if args.dry_run:  # reads the store where there is one; creates and changes nothing
         existing = Store(results, create=False) if (results / DB_NAME).is_file() else None
         try:
-            _print_plan(plan, existing, console, results)
+            cores = args.threads or len(os.sched_getaffinity(0))  # as Runtime.create and run_workers count
+            _print_plan(plan, existing, console, results, threads=max(1, cores // args.workers))
         finally:
             if existing is not None:
                 existing.close()
@@ -144,8 +146,9 @@ def narrowed(plan, set_values: list[str] | None, seed: int | None):
     return dataclasses.replace(plan, name=f"{plan.name}+{tag}")
 
 
-def _print_plan(plan, store, console, results: Path) -> None:
-    """The cells of ``plan`` and their status in ``store`` (None: no store yet, all pending)."""
+def _print_plan(plan, store, console, results: Path, threads: int | None = None) -> None:
+    """The cells of ``plan`` and their status in ``store`` (None: no store yet, all pending), with
+    estimates for a run at ``threads`` threads per process."""
     from rich.table import Table
 
     from tsbd.bench.estimate import Estimator, remaining, remaining_line
@@ -157,7 +160,7 @@ def _print_plan(plan, store, console, results: Path) -> None:
                   f"{'' if store is not None else '; no store there yet'})")
     stored = store.cells() if store is not None else []
     configs = {r["id"]: r["config"] for r in stored} | {cell.id: cell.config for cell in plan.cells}
-    estimate = Estimator(stored, configs.get)
+    estimate = Estimator(stored, configs.get, threads=threads)
     table = Table(show_header=True, header_style="bold")
     for col in ("cell", "kind", "what", "status", "attempts", "est. min"):
         table.add_column(col)
