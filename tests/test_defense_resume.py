@@ -147,3 +147,31 @@ def test_nc_interrupted_after_some_labels_reverse_engineers_only_the_rest(traine
         assert resumed.info[key] == whole.info[key], key
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+TSBD_TINY = {"unlearn_lr": 0.01, "unlearn_max_epochs": 4, "finetune_epochs": 3, "batch_size": 64}
+
+
+@pytest.mark.parametrize("stop_after", [1, 5])  # inside the unlearning; inside the fine-tuning
+def test_tsbd_interrupted_resumes_to_the_same_model(trained, small, runtime, tmp_path, monkeypatch, stop_after):
+    clean = _clean(small)
+    whole = build_defense("tsbd", TSBD_TINY).purify(trained, clean, runtime=runtime, seed=2)
+    unlearn_epochs = whole.info["unlearn"]["epochs"]
+    assert unlearn_epochs < stop_after < unlearn_epochs + 3 or stop_after <= unlearn_epochs
+
+    ckpt = tmp_path / "ckpt"
+    calls = _interrupt_after_saves(monkeypatch, stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        build_defense("tsbd", TSBD_TINY).purify(trained, clean, runtime=runtime, seed=2, checkpoint_dir=ckpt)
+    monkeypatch.undo()
+    resumed = build_defense("tsbd", TSBD_TINY).purify(trained, clean, runtime=runtime, seed=2, checkpoint_dir=ckpt)
+
+    if stop_after <= unlearn_epochs:
+        assert resumed.info["resumed"] == {"clean_unlearn": stop_after}
+    else:
+        assert resumed.info["resumed"] == {"clean_unlearn": unlearn_epochs, "finetune": stop_after - unlearn_epochs}
+    assert calls[-1].name == ("clean_unlearn" if stop_after <= unlearn_epochs else "finetune") + ".resume.pt"
+    assert resumed.info["unlearn"] == whole.info["unlearn"]  # the clean accuracy of every epoch, earlier runs' too
+    assert resumed.info["reinit"] == whole.info["reinit"]
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k

@@ -5,8 +5,9 @@ Both kinds call the pipeline's building blocks (:func:`tsbd.pipeline.setup_attac
 goes to ``RESULTS_DIR/artifacts/<cell id>/`` through :func:`tsbd.artifacts.save_model`, which
 writes a temporary folder and renames it into place; only then does the caller mark the cell
 done. Attack training checkpoints to ``RESULTS_DIR/checkpoints/<cell id>.resume.pt`` after every
-epoch, so a killed run resumes mid-training; a defense's long stages (ANP's mask optimization,
-NC's reverse engineering) checkpoint into ``RESULTS_DIR/checkpoints/<cell id>/`` the same way.
+epoch, so a killed run resumes mid-training; a defense's long stages (TSBD's unlearning and
+fine-tuning, ANP's mask optimization, NC's reverse engineering) checkpoint into
+``RESULTS_DIR/checkpoints/<cell id>/`` the same way.
 """
 
 from __future__ import annotations

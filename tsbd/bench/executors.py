@@ -313,8 +313,8 @@ def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, ret
 
     The claim protocol keeps them from running a cell twice. Ctrl-C (SIGINT to the process group,
     as a terminal sends it, or to this process alone) stops every worker; each hands its running
-    cell back, so a rerun resumes it (attack training and ANP's mask optimization from their last
-    epoch checkpoint, NC from its last finished label)."""
+    cell back, so a rerun resumes it from its last checkpoint (attack training, TSBD's stages and
+    ANP's mask optimization after every epoch, NC after every label)."""
     if workers < 1:
         raise TsbdError(f"--workers {workers}: must be >= 1")
     store.register(plan)

@@ -31,9 +31,9 @@ clean_ratio, seed, defense_seed, limit_train, limit_test; tables [train], [model
 [dataset_opts.NAME] whose list values are axes too. See docs/bench.md.
 
 Rerunning the same command resumes: finished cells are never redone, a cell that was running
-when the process died is redone (attack training and ANP's mask optimization from their last
-epoch checkpoint, NC from its last finished label), failed cells
-are kept failed unless --retry-failed; --redo DEFENSE runs that defense's finished cells again.
+when the process died is redone from its last checkpoint (attack training, TSBD's stages and
+ANP's mask optimization after every epoch, NC after every label), failed cells are kept failed
+unless --retry-failed; --redo DEFENSE runs that defense's finished cells again.
 Several bench processes may share one results folder; `tsbd merge` brings in results folders
 run elsewhere (e.g. slices on a GPU machine).
 """

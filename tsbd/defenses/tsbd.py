@@ -24,7 +24,7 @@ from torch import nn
 
 from tsbd.config import AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, option
 from tsbd.data.base import ImageSet
-from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig
+from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig, Stages
 from tsbd.errors import DivergedError
 from tsbd.metrics import accuracy
 from tsbd.models.surgery import batchnorm_buffers, bn_recomputed_copy, rank_neurons, subweight_change, zero_subweights
@@ -92,11 +92,14 @@ class TSBDConfig(DefenseConfig):
 UNLEARN_STALL_EPOCHS = 50  # epochs without a new lowest clean accuracy before clean_unlearn warns
 def clean_unlearn(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Runtime, *, seed: int = 0,
                   progress: bool = False,
-                  on_epoch: Callable[[int, nn.Module, float], None] | None = None) -> tuple[nn.Module, dict]:
+                  on_epoch: Callable[[int, nn.Module, float], None] | None = None,
+                  stages: Stages | None = None) -> tuple[nn.Module, dict]:
     """Gradient ascent on clean cross-entropy (train mode, SGD, no weight decay) on a copy of
     ``model``; stops at the end of the first epoch whose clean accuracy is <= the threshold.
     ``on_epoch(epoch, model, clean_acc)``, if given, sees the unlearning model after every epoch
-    (the analyses record activations there); it must leave the model as it found it."""
+    (the analyses record activations there); it must leave the model as it found it. With
+    ``stages`` that name checkpoints, every epoch is saved and a rerun resumes (a run stopped at
+    the threshold resumes as stopped)."""
     unlearned = copy.deepcopy(model)
     opt = torch.optim.SGD([p for p in unlearned.parameters() if p.requires_grad], lr=cfg.unlearn_lr,
                           momentum=cfg.unlearn_momentum, weight_decay=0.0)
@@ -126,7 +129,10 @@ def clean_unlearn(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: R
     try:
         res = fit(unlearned, clean, train_cfg, runtime, seed=seed, step=cross_entropy_step(ascent=True),
                   optimizer=opt, on_epoch_end=reached_threshold, desc="TSBD 1a clean unlearning", progress=progress,
-                  shuffle=cfg.unlearn_shuffle)
+                  shuffle=cfg.unlearn_shuffle, checkpoint=stages.checkpoint("clean_unlearn") if stages else None)
+        accs[:] = [h["clean_acc"] for h in res.history]  # with the epochs of runs a resume continued
+        if stages is not None:
+            stages.resumed("clean_unlearn", res.resumed_at, res.earlier_seconds)
     except DivergedError:
         # gradient ascent drove the loss to infinity before accuracy reached the threshold (a model
         # already near chance): the unlearning is as complete as it gets; use the last finite epoch
@@ -244,8 +250,9 @@ def activeness_aware_step(r: float, alpha: float, norm: str = "per-tensor", *, p
 
 
 def activeness_aware_finetune(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: Runtime, *,
-                              seed: int = 0, progress: bool = False) -> dict:
-    """Fine-tune ``model`` in place on the clean set (SGD, constant lr, no weight decay)."""
+                              seed: int = 0, progress: bool = False, stages: Stages | None = None) -> dict:
+    """Fine-tune ``model`` in place on the clean set (SGD, constant lr, no weight decay); with
+    ``stages`` that name checkpoints, every epoch is saved and a rerun resumes."""
     if cfg.finetune_mode == "none" or cfg.finetune_epochs == 0:
         return {"epochs": 0}
     train_cfg = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.finetune_lr,
@@ -255,7 +262,10 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet, cfg: TSBDConfig
                                   post_step_bn=cfg.post_step_bn)
             if cfg.finetune_mode == "activeness-aware" else cross_entropy_step())
     res = fit(model, clean, train_cfg, runtime, seed=seed + 1, step=step, desc="TSBD 2 activeness-aware FT",
-              progress=progress, shuffle=cfg.finetune_shuffle)
+              progress=progress, shuffle=cfg.finetune_shuffle,
+              checkpoint=stages.checkpoint("finetune") if stages else None)
+    if stages is not None:
+        stages.resumed("finetune", res.resumed_at, res.earlier_seconds)
     return {"epochs": res.epochs, "final_loss": res.history[-1]["loss"] if res.history else math.nan}
 
 
@@ -289,7 +299,8 @@ class TSBD(Defense):
     def run(self, model, clean, *, runtime, seed, progress, stages, result):
         cfg: TSBDConfig = self.config
         with stages.stage("clean_unlearn"):
-            unlearned, result.info["unlearn"] = clean_unlearn(model, clean, cfg, runtime, seed=seed, progress=progress)
+            unlearned, result.info["unlearn"] = clean_unlearn(model, clean, cfg, runtime, seed=seed, progress=progress,
+                                                              stages=stages)
         with stages.stage("nwc"):
             change = subweight_change(model, unlearned)
         del unlearned
@@ -311,7 +322,7 @@ class TSBD(Defense):
             del fresh
         with stages.stage("finetune"):
             result.info["finetune"] = activeness_aware_finetune(model, clean, cfg, runtime, seed=seed,
-                                                                progress=progress)
+                                                                progress=progress, stages=stages)
         stages.observe("after_finetune", model)
         if cfg.test_selected_n and stages.monitor is not None:
             with stages.stage("test_selected_n"):
