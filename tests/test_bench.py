@@ -365,6 +365,25 @@ def test_redo_reruns_the_named_defenses_cells_and_keeps_the_attacked_models(tmp_
         _redo_cells(plan, ["nc"])
 
 
+def test_a_store_without_its_attacked_models_trains_them_again_only_where_a_defense_needs_one(tmp_path):
+    import shutil
+
+    plan = fake_plan(2, 1)
+    first, second = plan.attack_cells
+    ctx = CellContext(str(tmp_path))
+    with Store(tmp_path) as store:
+        assert run_grid(plan, store, ctx, runner=fake_runner()).done == 4
+        # the models are gone (a store merged from a report folder); a new defense for the first attack
+        shutil.rmtree(tmp_path / "artifacts")
+        more = Plan("fake", {"name": "fake"}, [*plan.cells, defense_cell(first, defense={"name": "new", "config": {}},
+                                                                          clean_ratio=0.05, seed=0)])
+        ran = []
+        s = run_grid(more, store, ctx, runner=fake_runner(log=ran))
+        assert ran == [first.id, more.cells[-1].id] and s.done == 5  # the second attack's defenses are done
+        assert store.state(second.id)["status"] == "done" and not artifact_path(tmp_path, second.id).exists()
+        assert runs_by_cell(store)[first.id] == ["done", "done"]
+
+
 def test_opening_a_new_store_retries_a_locked_switch_to_wal(tmp_path, monkeypatch):
     # two processes opening the same new store at the same moment: one can get "database is
     # locked" from PRAGMA journal_mode at once (SQLite skips the busy handler when both hold a

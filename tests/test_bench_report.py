@@ -247,6 +247,27 @@ def test_report_of_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
     assert "no results store" in capsys.readouterr().err
 
 
+def test_a_report_elsewhere_carries_the_store_index_to_rebuild_and_continue_from(report, results, tmp_path, capsys):
+    copy = report / "results.sqlite"
+    assert copy.is_file() and not (report / "results.sqlite-wal").exists()  # one self-contained file
+    with Store(results, create=False) as live, Store(copy, create=False) as snap:
+        assert snap.cells() == live.cells() and snap.grids() == live.grids()
+    # the results folder gone, the report folder alone rebuilds the same tables
+    alone = tmp_path / "alone"
+    shutil.copytree(report, alone)
+    assert main(["report", str(alone), "--no-plots"]) == 0
+    assert md_rows((alone / "report.md").read_text()) == md_rows((report / "report.md").read_text())
+    # and merges into a new results folder that a grid can continue from
+    assert main(["merge", str(alone), "--into", str(tmp_path / "again")]) == 0
+    with Store(tmp_path / "again", create=False) as again, Store(results, create=False) as live:
+        assert {c["id"]: c["status"] for c in again.cells()} == {c["id"]: c["status"] for c in live.cells()}
+    # a results folder with its own report is never overwritten by another store's copy
+    assert main(["report", str(tmp_path / "again"), "--no-plots"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(results), "--out", str(tmp_path / "again"), "--no-plots", "--overwrite"]) == 2
+    assert "holds a results store of its own" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------
 # the shipped paper numbers
 @pytest.fixture(scope="module")

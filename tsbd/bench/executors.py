@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from tsbd.bench.cells import CellContext, CellResult, DataCache, one_line_error, run_cell
+from tsbd.bench.cells import CellContext, CellResult, DataCache, artifact_path, one_line_error, run_cell
 from tsbd.bench.grid import Cell, Plan
 from tsbd.bench.store import Heartbeat, Store
 from tsbd.errors import TsbdError
@@ -139,6 +139,7 @@ def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "loc
     if executor not in EXECUTORS:
         raise TsbdError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     store.register(plan)
+    retrain_missing_models(plan, store, ctx.results_dir)
     t0 = time.perf_counter()
     summary = Summary(total=len(plan.cells))
     sched = _Scheduler(plan, store, retry_failed, summary)
@@ -152,6 +153,21 @@ def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "loc
     finally:
         bar.close()
     return sched.finalize(t0)
+
+
+def retrain_missing_models(plan: Plan, store: Store, results_dir: str | Path) -> list[str]:
+    """Put back to pending every done attack cell whose model is not in ``results_dir`` but that a
+    defense cell of ``plan`` still needs (a store merged from a report folder or from a slice sent
+    back without artifacts), so it is trained again before its defenses run. Returns their ids."""
+    done = {row["id"] for row in store.cells(status="done")}
+    needed = {cell.parent for cell in plan.cells if cell.parent is not None and cell.id not in done}
+    missing = [cid for cid in sorted(needed & done) if not artifact_path(results_dir, cid).is_dir()]
+    if missing:
+        store.reopen(missing)
+        for cid in missing:
+            log.warning("attack cell %s is done but its model is not in %s: training it again for the defense "
+                        "cells that need it", cid, results_dir)
+    return missing
 
 
 # ------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from tsbd.bench.paper import (
     display,
     non_default,
 )
-from tsbd.bench.store import Store
+from tsbd.bench.store import DB_NAME, Store, is_snapshot
 from tsbd.config import to_dict
 from tsbd.defenses import DEFENSES
 from tsbd.errors import TsbdError
@@ -681,7 +681,8 @@ def summarize(store: Store, grid: str | None, results: Path) -> dict:
 
 def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, grid: str | None = None,
                  plots: bool = True, paper_tables: str | None = None) -> dict[str, Path]:
-    """Write ``report.md``, ``report.html`` and the plots for the store in ``results_dir``."""
+    """Write ``report.md``, ``report.html`` and the plots for the store in ``results_dir``; with an
+    ``out_dir`` elsewhere also a copy of the store's index (``results.sqlite``, no artifacts)."""
     results = Path(results_dir)
     out = Path(out_dir) if out_dir else results
     with Store(results, create=False) as store:
@@ -689,7 +690,14 @@ def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, 
             raise TsbdError(f"no grid {grid!r} in {results}; it has: {', '.join(store.grids()) or 'none'}")
         tables = collect(store, grid, PaperIndex(paper_tables))
         summary = summarize(store, grid, results)
-    out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        # a report away from its results folder carries the store's index, so it can be rebuilt, and
+        # its grid continued (`tsbd merge OUT --into RESULTS`), after the results folder is gone
+        snapshot = None
+        if out.resolve() != store.path.parent.resolve():
+            if (out / DB_NAME).exists() and not is_snapshot(out / DB_NAME):
+                raise TsbdError(f"--out {out} holds a results store of its own ({DB_NAME}); choose another --out")
+            snapshot = store.snapshot(out)
     if plots:
         for t in tables:
             _plot(t, out)
@@ -699,6 +707,8 @@ def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, 
     for t in tables:
         for kind, f in t.plots.items():
             files[f"{t.slug}-{kind}"] = out / f["png"]
+    if snapshot is not None:
+        files["store"] = snapshot
     return files
 
 

@@ -38,6 +38,7 @@ from tsbd.errors import TsbdError
 
 SCHEMA_VERSION = 1
 DB_NAME = "results.sqlite"
+SNAPSHOT_ID = 0x74736264  # PRAGMA application_id of a copy made by Store.snapshot ("tsbd"); 0 in a live store
 STATUSES = ("pending", "running", "done", "failed")
 
 SCHEMA = """
@@ -101,6 +102,17 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def is_snapshot(path: str | Path) -> bool:
+    """Whether the SQLite file ``path`` is a copy made by :meth:`Store.snapshot` (not a live store)."""
+    conn = sqlite3.connect(f"file:{Path(path).as_posix()}?mode=ro", uri=True)
+    try:
+        return conn.execute("PRAGMA application_id").fetchone()[0] == SNAPSHOT_ID
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        conn.close()
 
 
 class Store:
@@ -179,6 +191,34 @@ class Store:
     def close(self) -> None:
         self._conn.close()
 
+    def snapshot(self, dest: str | Path) -> Path:
+        """Copy the store's index -- every cell, its metrics, timings and run history, no
+        artifacts -- into ``dest`` (a folder or a ``.sqlite`` file) as one self-contained SQLite
+        file, consistent even while other processes write (SQLite's online backup). Written to a
+        temporary name and renamed, so ``dest`` is never half a store. ``tsbd report`` and
+        ``tsbd merge`` read the copy like any results folder."""
+        dest = Path(dest)
+        if dest.is_dir() or dest.suffix != ".sqlite":
+            dest = dest / DB_NAME
+        if dest.resolve() == self.path.resolve():
+            raise TsbdError(f"{dest} is this store itself; choose another folder for its copy")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            copy = sqlite3.connect(tmp)
+            try:
+                self._conn.backup(copy)
+                copy.execute("PRAGMA journal_mode = DELETE")  # one file, no -wal beside it
+                copy.execute(f"PRAGMA application_id = {SNAPSHOT_ID}")
+            finally:
+                copy.close()
+            tmp.replace(dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return dest
+
     def __enter__(self) -> Store:
         return self
 
@@ -191,6 +231,7 @@ class Store:
         Returns the number of new cells."""
         now = now_iso()
         with self.transaction() as conn:
+            conn.execute("PRAGMA application_id = 0")  # a copy that a grid runs on is a live store
             before = conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
             conn.executemany(
                 "INSERT OR IGNORE INTO cells (id, kind, parent, config_json, status) VALUES (?, ?, ?, ?, 'pending')",
