@@ -68,7 +68,7 @@ def test_an_attack_cell_is_estimated_from_itself_else_from_other_attacks_with_th
 
 def test_the_remaining_work_sums_the_estimates_and_says_what_it_leaves_out():
     total = remaining([Estimate(3600.0, "same", 1), Estimate(1800.0, "like", 2), Estimate(None, "")])
-    assert total == {"cells": 3, "seconds": 5400.0, "unknown": 1, "like": 1, "threads": None}
+    assert total == {"cells": 3, "seconds": 5400.0, "unknown": 1, "like": 1, "threads": None, "elsewhere": 0}
     line = remaining_line(total)
     assert line.startswith("Not done: 3 cells, about 1.5 h of compute")
     assert "1 estimated from a cell with another attack or other options" in line
@@ -112,3 +112,26 @@ def test_estimates_for_a_thread_count_average_only_cells_run_at_it_where_there_a
     same = remaining([two("defense", anp.config, blended.id), two("defense", tsbd.config, blended.id)])
     assert remaining_line(same).startswith("Not done: 2 cells, about 0.8 h of compute at the times the done cells "
                                            "like them took at 2 threads.")
+
+
+def test_estimates_for_a_machine_prefer_cells_run_on_a_processor_of_that_name_in_that_precision():
+    lf, blended = _attack("lf"), _attack("blended")
+    by_id = {c.id: c.config for c in (lf, blended)}
+
+    def on(cell, seconds, cpu, precision):
+        return {**_row(cell, seconds=seconds, key="cell"),
+                "versions": {"runtime": {"threads": 2, "cpu": cpu, "precision": precision}}}
+
+    rows = [on(_defense(lf, "anp"), 1200.0, "AMD EPYC", "fp32"), on(_defense(lf, "anp"), 400.0, "AMD EPYC", "bf16"),
+            on(_defense(lf), 300.0, "AMD EPYC", "fp32")]
+    anp, tsbd = _defense(blended, "anp"), _defense(blended)
+    bf16 = Estimator(rows, by_id.get, threads=2, machine=("AMD EPYC", "bf16"))
+    assert bf16("defense", anp.config, blended.id) == Estimate(400.0, "same", 1, 2)
+    # no TSBD cell ran in bf16: the fp32 one stands in, marked
+    assert bf16("defense", tsbd.config, blended.id) == Estimate(300.0, "same", 1, 2, elsewhere=True)
+    both = [bf16("defense", anp.config, blended.id), bf16("defense", tsbd.config, blended.id)]
+    line = remaining_line(remaining(both))
+    assert "(1 only from cells run on another processor or in another precision)" in line
+    fp32 = Estimator(rows, by_id.get, threads=2, machine=("AMD EPYC", "fp32"))
+    assert fp32("defense", anp.config, blended.id).seconds == 1200.0
+    assert Estimator(rows, by_id.get, threads=2)("defense", anp.config, blended.id).seconds == 800.0  # no machine

@@ -14,7 +14,10 @@ counts compute) of the done cells most like it, with the basis said:
 The times are those of the machines and thread counts the cells ran on (the report names the
 hosts), so the estimate holds for the same kind of run there. Given the thread count of the run
 planned, an estimate averages only the like cells that ran at it, where there are any, and the
-summary line says which thread count its times are from.
+summary line says which thread count its times are from. Given also the processor and precision
+of the run planned, it prefers the like cells that ran at that thread count on a processor of the
+same name in the same precision (an AVX2-only CPU in fp32 and one with AVX512-BF16 in bf16 differ
+severalfold), and the summary counts the estimates that had to come from another.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Estimate:
     basis: str  # "same" | "like" | ""
     n: int = 0  # done cells the mean is over
     threads: int | None = None  # the thread count those cells all ran at (None: mixed or unrecorded)
+    elsewhere: bool = False  # a machine was planned for and none of those cells ran on one like it
 
     def text(self) -> str:
         if self.seconds is None:
@@ -76,18 +80,23 @@ class Estimator:
     """Estimates from ``rows`` (store rows: kind, config, parent, status, timings); ``config_of(id)``
     gives the config of an attack cell, for the defense cells' data set and model."""
 
-    def __init__(self, rows: Iterable[dict], config_of: Callable[[str], dict | None], threads: int | None = None):
+    def __init__(self, rows: Iterable[dict], config_of: Callable[[str], dict | None], threads: int | None = None,
+                 machine: tuple[str, str] | None = None):
         """``threads``: the thread count the estimate is for; where done cells like a cell ran at
-        that count, only those are averaged (a cell's time at 1 thread is not its time at 2)."""
+        that count, only those are averaged (a cell's time at 1 thread is not its time at 2).
+        ``machine``: (processor name, precision) of the run planned; among those, the cells that
+        ran on such a machine are preferred where there are any."""
         self._config_of = config_of
         self._threads = threads
-        self._times: dict[str, list[tuple[float, int | None]]] = {}
+        self._machine = machine
+        self._times: dict[str, list[tuple[float, int | None, tuple[str, str] | None]]] = {}
         for row in rows:
             secs = cell_seconds(row) if row.get("status") == "done" else None
             keys = self._keys_of(row["kind"], row["config"], row.get("parent")) if secs is not None else None
-            ran_at = ((row.get("versions") or {}).get("runtime") or {}).get("threads")
+            runtime = (row.get("versions") or {}).get("runtime") or {}
+            ran_on = (runtime["cpu"], runtime["precision"]) if "cpu" in runtime and "precision" in runtime else None
             for key in keys or ():
-                self._times.setdefault(key, []).append((secs, ran_at))
+                self._times.setdefault(key, []).append((secs, runtime.get("threads"), ran_on))
 
     def _keys_of(self, kind: str, config: dict, parent_id: str | None) -> tuple[str, str] | None:
         parent = self._config_of(parent_id) if kind == "defense" and parent_id else None
@@ -100,15 +109,19 @@ class Estimator:
             if times:
                 matching = [t for t in times if t[1] == self._threads]
                 times = matching if self._threads is not None and matching else times
+                here = [t for t in times if t[2] == self._machine]
+                times = here if self._machine is not None and here else times
                 counts = {t[1] for t in times}
                 return Estimate(sum(t[0] for t in times) / len(times), basis, len(times),
-                                counts.pop() if len(counts) == 1 else None)
+                                counts.pop() if len(counts) == 1 else None,
+                                elsewhere=self._machine is not None and not here)
         return Estimate(None, "")
 
 
 def remaining(estimates: Iterable[Estimate]) -> dict[str, Any]:
-    """Sum of the estimates: {"cells", "seconds", "unknown" (cells without one), "like" (by a like cell)}."""
-    out = {"cells": 0, "seconds": 0.0, "unknown": 0, "like": 0, "threads": set()}
+    """Sum of the estimates: {"cells", "seconds", "unknown" (cells without one), "like" (by a like cell),
+    "elsewhere" (only from another machine), "threads" (the one thread count they are all from, or None)}."""
+    out = {"cells": 0, "seconds": 0.0, "unknown": 0, "like": 0, "threads": set(), "elsewhere": 0}
     for e in estimates:
         out["cells"] += 1
         if e.seconds is None:
@@ -116,6 +129,7 @@ def remaining(estimates: Iterable[Estimate]) -> dict[str, Any]:
         else:
             out["seconds"] += e.seconds
             out["like"] += e.basis == "like"
+            out["elsewhere"] += e.elsewhere
             out["threads"].add(e.threads)
     out["threads"] = out["threads"].pop() if len(out["threads"]) == 1 else None
     return out
@@ -136,6 +150,8 @@ def remaining_line(total: dict[str, Any]) -> str:
             text += f" at {threads} thread{'s' * (threads != 1)}"
         elif "threads" in total:
             notes.append("at different or unrecorded thread counts")
+        if total.get("elsewhere"):
+            notes.append(f"{total['elsewhere']} only from cells run on another processor or in another precision")
         if total["like"]:
             notes.append(f"{total['like']} estimated from a cell with another attack or other options")
         if total["unknown"]:

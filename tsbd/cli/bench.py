@@ -64,7 +64,8 @@ def cmd_bench(args) -> int:
         existing = Store(results, create=False) if (results / DB_NAME).is_file() else None
         try:
             cores = args.threads or len(os.sched_getaffinity(0))  # as Runtime.create and run_workers count
-            _print_plan(plan, existing, console, results, threads=max(1, cores // args.workers))
+            _print_plan(plan, existing, console, results, threads=max(1, cores // args.workers),
+                        machine=_machine(args.device, args.precision))
         finally:
             if existing is not None:
                 existing.close()
@@ -146,9 +147,17 @@ def narrowed(plan, set_values: list[str] | None, seed: int | None):
     return dataclasses.replace(plan, name=f"{plan.name}+{tag}")
 
 
-def _print_plan(plan, store, console, results: Path, threads: int | None = None) -> None:
+def _machine(device: str, precision: str) -> tuple[str, str]:
+    """(processor name, precision) a run here would record, as Runtime records them."""
+    from tsbd.train.runtime import cpu_name, resolve_device, resolve_precision
+
+    return cpu_name(), resolve_precision(precision, resolve_device(device))
+
+
+def _print_plan(plan, store, console, results: Path, threads: int | None = None,
+                machine: tuple[str, str] | None = None) -> None:
     """The cells of ``plan`` and their status in ``store`` (None: no store yet, all pending), with
-    estimates for a run at ``threads`` threads per process."""
+    estimates for a run at ``threads`` threads per process on ``machine`` (processor, precision)."""
     from rich.table import Table
 
     from tsbd.bench.estimate import Estimator, remaining, remaining_line
@@ -160,7 +169,7 @@ def _print_plan(plan, store, console, results: Path, threads: int | None = None)
                   f"{'' if store is not None else '; no store there yet'})")
     stored = store.cells() if store is not None else []
     configs = {r["id"]: r["config"] for r in stored} | {cell.id: cell.config for cell in plan.cells}
-    estimate = Estimator(stored, configs.get, threads=threads)
+    estimate = Estimator(stored, configs.get, threads=threads, machine=machine)
     table = Table(show_header=True, header_style="bold")
     for col in ("cell", "kind", "what", "status", "attempts", "est. min"):
         table.add_column(col)
