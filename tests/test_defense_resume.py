@@ -78,6 +78,21 @@ def test_fit_resumes_an_early_stopped_run_as_stopped(trained, small, runtime, tm
         assert torch.equal(v, again.state_dict()[k]), k
 
 
+def test_fit_shows_a_resumed_run_the_earlier_epochs_before_its_first(trained, small, runtime, tmp_path):
+    """An epoch-end rule that looks back (TSBD's unlearning-stall warning) sees every epoch, earlier runs' too."""
+    cfg = TrainConfig(epochs=4, batch_size=100, lr=0.01, augment=False)
+    ckpt = tmp_path / "fit.pt"
+    fit(_copy(trained), _clean(small), cfg, runtime, checkpoint=ckpt, progress=False,
+        on_epoch_end=lambda epoch, m, stats: stats.update(mark=10 * epoch))
+    torch.save({**torch.load(ckpt, weights_only=True), "epoch": 2,
+                "history": torch.load(ckpt, weights_only=True)["history"][:2]}, ckpt)  # as if killed after epoch 2
+    order = []
+    fit(_copy(trained), _clean(small), cfg, runtime, checkpoint=ckpt, progress=False,
+        on_resume=lambda earlier: order.append([h["mark"] for h in earlier]),
+        on_epoch_end=lambda epoch, m, stats: order.append(epoch))
+    assert order == [[10, 20], 3, 4]
+
+
 def test_fit_restores_the_steps_generators(trained, small, runtime, tmp_path):
     """A step that draws from its own generator continues the draws after a resume."""
     cfg = TrainConfig(epochs=3, batch_size=100, lr=0.01, augment=False)

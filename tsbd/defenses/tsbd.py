@@ -129,6 +129,7 @@ def clean_unlearn(model: nn.Module, clean: ImageSet, cfg: TSBDConfig, runtime: R
     try:
         res = fit(unlearned, clean, train_cfg, runtime, seed=seed, step=cross_entropy_step(ascent=True),
                   optimizer=opt, on_epoch_end=reached_threshold, desc="TSBD 1a clean unlearning", progress=progress,
+                  on_resume=lambda earlier: accs.extend(e["clean_acc"] for e in earlier),
                   shuffle=cfg.unlearn_shuffle, checkpoint=stages.checkpoint("clean_unlearn") if stages else None)
         accs[:] = [h["clean_acc"] for h in res.history]  # with the epochs of runs a resume continued
         if stages is not None:

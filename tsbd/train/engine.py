@@ -280,6 +280,7 @@ def fit(
     on_epoch_end: EpochEnd | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_generators: dict[str, torch.Generator] | None = None,
+    on_resume: Callable[[list[dict]], None] | None = None,
     desc: str = "train",
     progress: bool = True,
     train_mode: bool = True,
@@ -293,6 +294,8 @@ def fit(
     With ``checkpoint`` set, state is saved there after every epoch and a rerun resumes: the model,
     the optimizer, the data order and augmentation draws, and ``checkpoint_generators`` (generators
     the ``step`` draws from, by name). A run that ``on_epoch_end`` stopped resumes as stopped.
+    ``on_resume(history)`` sees the restored epochs' stats before the first epoch this run trains
+    (for an ``on_epoch_end`` that judges an epoch against the earlier ones).
     ``train_mode=False`` keeps the model in eval mode (frozen BN statistics), for methods that
     optimize something other than the weights (trigger reverse-engineering, masks).
     ``shuffle=False`` visits the images in one order, drawn from ``seed`` once and kept for every
@@ -332,6 +335,8 @@ def fit(
             start_epoch, history = int(state["epoch"]), list(state["history"])
             resumed_stopped = bool(state.get("stopped", False))
             log.info("resumed %s from %s at epoch %d", desc, ckpt_path, start_epoch)
+            if on_resume is not None:
+                on_resume(list(history))
         except Exception as err:  # a torn or foreign checkpoint: start over rather than fail
             # (the exception's type only: torch's text would advise loading it unsafely)
             log.warning("ignoring unreadable checkpoint %s (%s); starting from epoch 0", ckpt_path,
