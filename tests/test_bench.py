@@ -368,20 +368,26 @@ def test_redo_reruns_the_named_defenses_cells_and_keeps_the_attacked_models(tmp_
 def test_a_store_without_its_attacked_models_trains_them_again_only_where_a_defense_needs_one(tmp_path):
     import shutil
 
-    plan = fake_plan(2, 1)
-    first, second = plan.attack_cells
+    plan = fake_plan(3, 1)
+    first, second, third = plan.attack_cells
+    failed = plan.defenses_of(third.id)[0]
     ctx = CellContext(str(tmp_path))
     with Store(tmp_path) as store:
-        assert run_grid(plan, store, ctx, runner=fake_runner()).done == 4
+        assert run_grid(plan, store, ctx, runner=fake_runner({failed.id})).done == 5
         # the models are gone (a store merged from a report folder); a new defense for the first attack
         shutil.rmtree(tmp_path / "artifacts")
         more = Plan("fake", {"name": "fake"}, [*plan.cells, defense_cell(first, defense={"name": "new", "config": {}},
                                                                           clean_ratio=0.05, seed=0)])
         ran = []
         s = run_grid(more, store, ctx, runner=fake_runner(log=ran))
-        assert ran == [first.id, more.cells[-1].id] and s.done == 5  # the second attack's defenses are done
+        assert ran == [first.id, more.cells[-1].id] and s.done == 6  # the second attack's defenses are done
         assert store.state(second.id)["status"] == "done" and not artifact_path(tmp_path, second.id).exists()
         assert runs_by_cell(store)[first.id] == ["done", "done"]
+        # a failed defense is not rerun without --retry-failed, so its attacked model is not retrained for it
+        assert store.state(third.id)["status"] == "done" and not artifact_path(tmp_path, third.id).exists()
+        ran.clear()
+        run_grid(more, store, ctx, runner=fake_runner(log=ran), retry_failed=True)
+        assert ran == [third.id, failed.id]
 
 
 def test_opening_a_new_store_retries_a_locked_switch_to_wal(tmp_path, monkeypatch):

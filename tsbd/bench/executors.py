@@ -139,7 +139,7 @@ def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "loc
     if executor not in EXECUTORS:
         raise TsbdError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     store.register(plan)
-    retrain_missing_models(plan, store, ctx.results_dir)
+    retrain_missing_models(plan, store, ctx.results_dir, retry_failed)
     t0 = time.perf_counter()
     summary = Summary(total=len(plan.cells))
     sched = _Scheduler(plan, store, retry_failed, summary)
@@ -155,13 +155,16 @@ def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "loc
     return sched.finalize(t0)
 
 
-def retrain_missing_models(plan: Plan, store: Store, results_dir: str | Path) -> list[str]:
+def retrain_missing_models(plan: Plan, store: Store, results_dir: str | Path, retry_failed: bool = False) -> list[str]:
     """Put back to pending every done attack cell whose model is not in ``results_dir`` but that a
-    defense cell of ``plan`` still needs (a store merged from a report folder or from a slice sent
-    back without artifacts), so it is trained again before its defenses run. Returns their ids."""
-    done = {row["id"] for row in store.cells(status="done")}
-    needed = {cell.parent for cell in plan.cells if cell.parent is not None and cell.id not in done}
-    missing = [cid for cid in sorted(needed & done) if not artifact_path(results_dir, cid).is_dir()]
+    defense cell of ``plan`` this run will run still needs (a store merged from a report folder or
+    from a slice sent back without artifacts), so it is trained again before its defenses run.
+    Returns their ids."""
+    status = {row["id"]: row["status"] for row in store.cells()}
+    will_run = ("pending", "running", "failed") if retry_failed else ("pending", "running")
+    needed = {cell.parent for cell in plan.cells if cell.parent is not None and status.get(cell.id) in will_run}
+    missing = [cid for cid in sorted(needed)
+               if status.get(cid) == "done" and not artifact_path(results_dir, cid).is_dir()]
     if missing:
         store.reopen(missing)
         for cid in missing:

@@ -104,6 +104,12 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def db_file(path: str | Path) -> Path:
+    """The SQLite file of a results store given as its folder or as the ``.sqlite`` file itself."""
+    path = Path(path)
+    return path / DB_NAME if path.is_dir() or path.suffix != ".sqlite" else path
+
+
 def is_snapshot(path: str | Path) -> bool:
     """Whether the SQLite file ``path`` is a copy made by :meth:`Store.snapshot` (not a live store)."""
     conn = sqlite3.connect(f"file:{Path(path).as_posix()}?mode=ro", uri=True)
@@ -120,9 +126,7 @@ class Store:
 
     def __init__(self, path: str | Path, *, owner: str | None = None, busy_timeout_s: float = 120.0,
                  stale_after_s: float = 600.0, create: bool = True):
-        path = Path(path)
-        if path.is_dir() or path.suffix != ".sqlite":
-            path = path / DB_NAME
+        path = db_file(path)
         if not create and not path.is_file():
             raise TsbdError(f"no results store at {path}; run `tsbd bench` with --results {path.parent} first")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,9 +201,7 @@ class Store:
         file, consistent even while other processes write (SQLite's online backup). Written to a
         temporary name and renamed, so ``dest`` is never half a store. ``tsbd report`` and
         ``tsbd merge`` read the copy like any results folder."""
-        dest = Path(dest)
-        if dest.is_dir() or dest.suffix != ".sqlite":
-            dest = dest / DB_NAME
+        dest = db_file(dest)
         if dest.resolve() == self.path.resolve():
             raise TsbdError(f"{dest} is this store itself; choose another folder for its copy")
         dest.parent.mkdir(parents=True, exist_ok=True)
