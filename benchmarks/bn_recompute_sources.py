@@ -46,9 +46,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="clean-set draw is the model's; this seeds the rest")
     ap.add_argument("--batch-size", type=int, default=256, help="TSBD's batch size, as the analyses recompute")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="evaluation precision; the as_trained row matches the model's saved metrics only in the "
+                         "precision they were measured in")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    rt = Runtime.create("cpu", "auto", args.threads)
+    rt = Runtime.create("cpu", args.precision, args.threads)
     try:
         model, meta = load_model(args.model, rt.device)
         setup = load_setup_from_meta(meta, rt, data_root=args.data_root)
