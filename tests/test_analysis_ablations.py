@@ -235,7 +235,8 @@ def test_bn_recompute_sources_reads_the_model_under_each_source_of_statistics(at
     env = {**os.environ, "PYTHONPATH": str(root)}
     script = str(root / "benchmarks" / "bn_recompute_sources.py")
     proc = subprocess.run([sys.executable, script, str(attacked), "--train-sample", "1000", "--threads", "1",
-                           "--precision", "fp32", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+                           "--precision", "fp32", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     meta = json.loads((attacked / "meta.json").read_text())

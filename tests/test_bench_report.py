@@ -257,14 +257,22 @@ def test_a_report_elsewhere_carries_the_store_index_to_rebuild_and_continue_from
     shutil.copytree(report, alone)
     assert main(["report", str(alone), "--no-plots"]) == 0
     assert md_rows((alone / "report.md").read_text()) == md_rows((report / "report.md").read_text())
+    for text in ((report / "report.md").read_text(), (alone / "report.md").read_text()):  # says what it has, no path
+        assert "Results: a copy of the store's index beside this report" in text and str(results) not in text
     # and merges into a new results folder that a grid can continue from
     assert main(["merge", str(alone), "--into", str(tmp_path / "again")]) == 0
     with Store(tmp_path / "again", create=False) as again, Store(results, create=False) as live:
         assert {c["id"]: c["status"] for c in again.cells()} == {c["id"]: c["status"] for c in live.cells()}
     # a results folder with its own report is never overwritten by another store's copy
     assert main(["report", str(tmp_path / "again"), "--no-plots"]) == 0
+    assert "Results: the store in this folder" in (tmp_path / "again" / "report.md").read_text()
     capsys.readouterr()
     assert main(["report", str(results), "--out", str(tmp_path / "again"), "--no-plots", "--overwrite"]) == 2
+    assert "holds a results store of its own" in capsys.readouterr().err
+    # nor is a report folder that results were merged into
+    assert main(["merge", str(tmp_path / "again"), "--into", str(alone)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(results), "--out", str(alone), "--no-plots", "--overwrite"]) == 2
     assert "holds a results store of its own" in capsys.readouterr().err
 
 

@@ -112,6 +112,9 @@ def merge_results(source: str | Path, into: str | Path, *, artifacts: bool = Tru
         placed: list[Path] = []
         try:
             with store.transaction() as conn:
+                # a report folder's copy of an index that results are merged into holds results of its own now:
+                # a later `tsbd report --out` there must not replace it
+                conn.execute("PRAGMA application_id = 0")
                 for cell in rows["cells"]:
                     _merge_cell(conn, store, cell, runs_by_cell.get(cell["id"], []), staged, dest_dir, summary,
                                 placed)

@@ -511,7 +511,10 @@ def grid_list(names: list[str]) -> str:
 
 def _summary_lines(summary: dict, md: bool) -> list[str]:
     counts = summary["counts"]
-    lines = [f"Results: `{summary['results']}`" + (f", grid `{summary['grid']}`" if summary.get("grid") else
+    where = ("a copy of the store's index beside this report (`results.sqlite`, without the models: "
+             "`tsbd merge` this folder into a results folder to continue the grid)" if summary.get("copy") else
+             "the store in this folder (`results.sqlite`, models under `artifacts/`)")
+    lines = [f"Results: {where}" + (f", grid `{summary['grid']}`" if summary.get("grid") else
                                                    (f", grids {grid_list(summary['grids'])}"
                                                     if summary['grids'] else "")),
              "",
@@ -642,7 +645,7 @@ def _save(fig, folder: Path, stem: str) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------
-def summarize(store: Store, grid: str | None, results: Path) -> dict:
+def summarize(store: Store, grid: str | None) -> dict:
     every = store.cells()  # the whole store: parents of this grid's cells, and the times estimates read
     rows = every if grid is None else store.cells(grid)
     configs = {r["id"]: r["config"] for r in every}
@@ -674,7 +677,7 @@ def summarize(store: Store, grid: str | None, results: Path) -> dict:
             failures.append({"id": r["id"], "kind": r["kind"], "what": what(r), "error": r["error"] or ""})
         not_done.append({"id": r["id"], "kind": r["kind"], "what": what(r), "status": r["status"],
                          "estimate": estimate(r["kind"], r["config"], r["parent"])})
-    return {"results": str(results), "grid": grid, "grids": store.grids(), "counts": counts, "compute_s": compute,
+    return {"grid": grid, "grids": store.grids(), "counts": counts, "compute_s": compute,
             "peak_rss_mb": peak or None, "hosts": sorted(hosts), "failures": failures, "not_done": not_done,
             "remaining": remaining(c["estimate"] for c in not_done)}
 
@@ -689,7 +692,7 @@ def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, 
         if grid is not None and grid not in store.grids():
             raise TsbdError(f"no grid {grid!r} in {results}; it has: {', '.join(store.grids()) or 'none'}")
         tables = collect(store, grid, PaperIndex(paper_tables))
-        summary = summarize(store, grid, results)
+        summary = summarize(store, grid)
         out.mkdir(parents=True, exist_ok=True)
         # a report away from its results folder carries the store's index, so it can be rebuilt, and
         # its grid continued (`tsbd merge OUT --into RESULTS`), after the results folder is gone
@@ -698,6 +701,7 @@ def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, 
             if (out / DB_NAME).exists() and not is_snapshot(out / DB_NAME):
                 raise TsbdError(f"--out {out} holds a results store of its own ({DB_NAME}); choose another --out")
             snapshot = store.snapshot(out)
+        summary["copy"] = snapshot is not None or is_snapshot(store.path)
     if plots:
         for t in tables:
             _plot(t, out)
