@@ -434,3 +434,27 @@ def test_grid_list_counts_set_variants_under_their_grid():
     assert grid_list(["g", "g+1a2b3c4d", "g+5e6f7a8b", "h+00000000"]) == \
         "`g` and 2 `--set`/`--seed` variants of it, 1 `--set`/`--seed` variant of `h`"
     assert grid_list(["a", "b"]) == "`a`, `b`"
+
+
+def test_a_report_of_one_grid_carries_that_grids_cells_alone(tmp_path):
+    """`report --grid G --out` copies G's cells, the attacked models they defend and their runs; no other grid's."""
+    folder = tmp_path / "results"
+    attacks = {att: _attack_cell(att) for att in ("badnets", "blended")}
+    tsbd_config = _defaults("defense", "tsbd")
+    defended = {att: defense_cell(a, defense={"name": "tsbd", "config": tsbd_config}, clean_ratio=0.05, seed=0)
+                for att, a in attacks.items()}
+    metrics = {c.id: {"acc": 0.9, "asr": 0.9, "ra": 0.0} for c in attacks.values()}
+    metrics.update({c.id: {"acc": 0.85, "asr": 0.02, "der": 0.9} for c in defended.values()})
+    _fill_store(folder, "one", [attacks["badnets"], defended["badnets"]], metrics)
+    _fill_store(folder, "two", [attacks["blended"], defended["blended"]], metrics)
+    with Store(folder) as store:  # a third grid lists only a defense: its attacked model comes along
+        store.register(Plan("three", {"name": "three"}, [defended["blended"]]))
+    for grid, kept in (("one", {attacks["badnets"].id, defended["badnets"].id}),
+                       ("three", {attacks["blended"].id, defended["blended"].id})):
+        out = tmp_path / grid
+        assert main(["report", str(folder), "--grid", grid, "--out", str(out), "--no-plots"]) == 0
+        with Store(out / "results.sqlite", create=False) as snap:
+            assert {c["id"] for c in snap.cells()} == kept and snap.grids() == [grid]
+            assert {r["cell"] for r in snap.runs()} == kept
+    with Store(tmp_path / "one" / "results.sqlite", create=False) as snap, Store(folder, create=False) as live:
+        assert snap.cells("one") == live.cells("one")  # what it keeps, it keeps unchanged

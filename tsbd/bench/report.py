@@ -685,7 +685,8 @@ def summarize(store: Store, grid: str | None) -> dict:
 def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, grid: str | None = None,
                  plots: bool = True, paper_tables: str | None = None) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and the plots for the store in ``results_dir``; with an
-    ``out_dir`` elsewhere also a copy of the store's index (``results.sqlite``, no artifacts)."""
+    ``out_dir`` elsewhere also a copy of the store's index (``results.sqlite``, no artifacts; with
+    ``grid``, that grid's cells alone)."""
     results = Path(results_dir)
     out = Path(out_dir) if out_dir else results
     with Store(results, create=False) as store:
@@ -700,7 +701,7 @@ def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, 
         if out.resolve() != store.path.parent.resolve():
             if (out / DB_NAME).exists() and not is_snapshot(out / DB_NAME):
                 raise TsbdError(f"--out {out} holds a results store of its own ({DB_NAME}); choose another --out")
-            snapshot = store.snapshot(out)
+            snapshot = store.snapshot(out, grid)
         summary["copy"] = snapshot is not None or is_snapshot(store.path)
     if plots:
         for t in tables:

@@ -89,6 +89,18 @@ CREATE TABLE IF NOT EXISTS grid_cells (
 """
 
 
+def _keep_grid(conn: sqlite3.Connection, grid: str) -> None:
+    """Cut a copied index down to one grid: its membership, its cells and their parents, their runs."""
+    with conn:
+        conn.execute("DELETE FROM grid_cells WHERE grid != ?", (grid,))
+        conn.execute("DELETE FROM grids WHERE name != ?", (grid,))
+        keep = ("SELECT cell FROM grid_cells UNION SELECT c.parent FROM cells c JOIN grid_cells g ON g.cell = c.id "
+                "WHERE c.parent IS NOT NULL")  # (a NULL in NOT IN's list would keep every row)
+        conn.execute(f"DELETE FROM runs WHERE cell NOT IN ({keep})")
+        conn.execute(f"DELETE FROM cells WHERE id NOT IN ({keep})")
+    conn.execute("VACUUM")
+
+
 def now_iso() -> str:
     """Now, in UTC, to the second (the timestamps of the store and of cell results)."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -195,12 +207,13 @@ class Store:
     def close(self) -> None:
         self._conn.close()
 
-    def snapshot(self, dest: str | Path) -> Path:
+    def snapshot(self, dest: str | Path, grid: str | None = None) -> Path:
         """Copy the store's index -- every cell, its metrics, timings and run history, no
         artifacts -- into ``dest`` (a folder or a ``.sqlite`` file) as one self-contained SQLite
-        file, consistent even while other processes write (SQLite's online backup). Written to a
-        temporary name and renamed, so ``dest`` is never half a store. ``tsbd report`` and
-        ``tsbd merge`` read the copy like any results folder."""
+        file, consistent even while other processes write (SQLite's online backup). With ``grid``
+        the copy keeps that grid alone: its cells, the attacked models they defend and their runs.
+        Written to a temporary name and renamed, so ``dest`` is never half a store. ``tsbd report``
+        and ``tsbd merge`` read the copy like any results folder."""
         dest = db_file(dest)
         if dest.resolve() == self.path.resolve():
             raise TsbdError(f"{dest} is this store itself; choose another folder for its copy")
@@ -211,6 +224,8 @@ class Store:
             copy = sqlite3.connect(tmp)
             try:
                 self._conn.backup(copy)
+                if grid is not None:
+                    _keep_grid(copy, grid)
                 copy.execute("PRAGMA journal_mode = DELETE")  # one file, no -wal beside it
                 copy.execute(f"PRAGMA application_id = {SNAPSHOT_ID}")
             finally:

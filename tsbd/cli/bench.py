@@ -264,7 +264,8 @@ def configure_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", help="results folder of `tsbd bench`")
     p.add_argument("--out", default=None, help="folder for report.md, report.html and plots/ (default: RESULTS; "
                                               "elsewhere a new or empty folder, or an earlier report's, which also "
-                                              "gets a copy of the store's index, results.sqlite)")
+                                              "gets a copy of the store's index, results.sqlite: with --grid, "
+                                              "that grid's cells alone)")
     common.add_overwrite_arg(p, "an earlier report")
     p.add_argument("--grid", default=None, help="only this grid's cells (default: every cell in the folder)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
