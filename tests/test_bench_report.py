@@ -18,6 +18,7 @@ from tsbd.bench.paper import DATA, PaperIndex
 from tsbd.bench.store import Store
 from tsbd.cli import main
 from tsbd.config import to_dict
+from tsbd.errors import TsbdError
 
 # made-up results: (attack, defense, clean ratio, tsbd options) -> (acc, asr, der)
 NO_DEF = {"badnets": (0.85, 0.95), "blended": (0.80, 0.99)}
@@ -458,3 +459,29 @@ def test_a_report_of_one_grid_carries_that_grids_cells_alone(tmp_path):
             assert {r["cell"] for r in snap.runs()} == kept
     with Store(tmp_path / "one" / "results.sqlite", create=False) as snap, Store(folder, create=False) as live:
         assert snap.cells("one") == live.cells("one")  # what it keeps, it keeps unchanged
+
+
+def test_report_grid_by_plain_name_takes_every_variant_of_it(tmp_path):
+    """`--grid NAME` without a tag means all of NAME's `--set` variants (NAME+TAG); an exact name
+    means that grid alone, and a name the store lacks is a one-line error listing what it has."""
+    folder = tmp_path / "results"
+    attacks = {att: _attack_cell(att) for att in ("badnets", "blended", "sig")}
+    metrics = {c.id: {"acc": 0.9, "asr": 0.9, "ra": 0.0} for c in attacks.values()}
+    _fill_store(folder, "paper+aaaa", [attacks["badnets"]], metrics)
+    _fill_store(folder, "paper+bbbb", [attacks["blended"]], metrics)
+    _fill_store(folder, "paperish", [attacks["sig"]], metrics)
+    with Store(folder, create=False) as store:  # a cell in two variants is listed once
+        store.register(Plan("paper+bbbb", {"name": "paper+bbbb"}, [attacks["blended"], attacks["badnets"]]))
+        assert store.select_grids("paper") == ["paper+aaaa", "paper+bbbb"]
+        assert store.select_grids("paper+bbbb") == ["paper+bbbb"]
+        assert [c["id"] for c in store.cells(["paper+aaaa", "paper+bbbb"])] == [attacks["badnets"].id,
+                                                                                 attacks["blended"].id]
+        with pytest.raises(TsbdError, match="no grid 'pape'.*paper[+]aaaa"):
+            store.select_grids("pape")
+    out = tmp_path / "report"
+    assert main(["report", str(folder), "--grid", "paper", "--out", str(out), "--no-plots"]) == 0
+    with Store(out / "results.sqlite", create=False) as snap:
+        assert {c["id"] for c in snap.cells()} == {attacks["badnets"].id, attacks["blended"].id}
+        assert snap.grids() == ["paper+aaaa", "paper+bbbb"]
+    text = (out / "report.md").read_text()
+    assert "2 `--set`/`--seed` variants of `paper`" in text and "paperish" not in text

@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,8 @@ def _describe(d: dict) -> str:
     return ", ".join(f"{k}={_fmt_value(v)}" for k, v in d.items())
 
 
-def collect(store: Store, grid: str | None = None, paper: PaperIndex | None = None) -> list[ResultTable]:
+def collect(store: Store, grid: str | Sequence[str] | None = None,
+            paper: PaperIndex | None = None) -> list[ResultTable]:
     """Group the store's done cells into paper-style tables."""
     paper = paper or PaperIndex()
     rows = store.cells(grid)
@@ -514,7 +516,7 @@ def _summary_lines(summary: dict, md: bool) -> list[str]:
     where = ("a copy of the store's index beside this report (`results.sqlite`, without the models: "
              "`tsbd merge` this folder into a results folder to continue the grid)" if summary.get("copy") else
              "the store in this folder (`results.sqlite`, models under `artifacts/`)")
-    lines = [f"Results: {where}" + (f", grid `{summary['grid']}`" if summary.get("grid") else
+    lines = [f"Results: {where}" + (f", grid {grid_list(summary['selected'])}" if summary.get("grid") else
                                                    (f", grids {grid_list(summary['grids'])}"
                                                     if summary['grids'] else "")),
              "",
@@ -645,7 +647,7 @@ def _save(fig, folder: Path, stem: str) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------
-def summarize(store: Store, grid: str | None) -> dict:
+def summarize(store: Store, grid: str | Sequence[str] | None) -> dict:
     every = store.cells()  # the whole store: parents of this grid's cells, and the times estimates read
     rows = every if grid is None else store.cells(grid)
     configs = {r["id"]: r["config"] for r in every}
@@ -690,10 +692,10 @@ def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, 
     results = Path(results_dir)
     out = Path(out_dir) if out_dir else results
     with Store(results, create=False) as store:
-        if grid is not None and grid not in store.grids():
-            raise TsbdError(f"no grid {grid!r} in {results}; it has: {', '.join(store.grids()) or 'none'}")
-        tables = collect(store, grid, PaperIndex(paper_tables))
-        summary = summarize(store, grid)
+        grids = store.select_grids(grid) if grid is not None else None
+        tables = collect(store, grids, PaperIndex(paper_tables))
+        summary = summarize(store, grids)
+        summary["grid"], summary["selected"] = grid, grids
         out.mkdir(parents=True, exist_ok=True)
         # a report away from its results folder carries the store's index, so it can be rebuilt, and
         # its grid continued (`tsbd merge OUT --into RESULTS`), after the results folder is gone
@@ -701,7 +703,7 @@ def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, 
         if out.resolve() != store.path.parent.resolve():
             if (out / DB_NAME).exists() and not is_snapshot(out / DB_NAME):
                 raise TsbdError(f"--out {out} holds a results store of its own ({DB_NAME}); choose another --out")
-            snapshot = store.snapshot(out, grid)
+            snapshot = store.snapshot(out, grids)
         summary["copy"] = snapshot is not None or is_snapshot(store.path)
     if plots:
         for t in tables:

@@ -30,7 +30,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +89,13 @@ CREATE TABLE IF NOT EXISTS grid_cells (
 """
 
 
-def _keep_grid(conn: sqlite3.Connection, grid: str) -> None:
-    """Cut a copied index down to one grid: its membership, its cells and their parents, their runs."""
+def _keep_grid(conn: sqlite3.Connection, grids: str | Sequence[str]) -> None:
+    """Cut a copied index down to some grids: their membership, their cells and the cells' parents, their runs."""
+    names = [grids] if isinstance(grids, str) else list(grids)
+    marks = ", ".join("?" * len(names))
     with conn:
-        conn.execute("DELETE FROM grid_cells WHERE grid != ?", (grid,))
-        conn.execute("DELETE FROM grids WHERE name != ?", (grid,))
+        conn.execute(f"DELETE FROM grid_cells WHERE grid NOT IN ({marks})", names)
+        conn.execute(f"DELETE FROM grids WHERE name NOT IN ({marks})", names)
         keep = ("SELECT cell FROM grid_cells UNION SELECT c.parent FROM cells c JOIN grid_cells g ON g.cell = c.id "
                 "WHERE c.parent IS NOT NULL")  # (a NULL in NOT IN's list would keep every row)
         conn.execute(f"DELETE FROM runs WHERE cell NOT IN ({keep})")
@@ -207,11 +209,12 @@ class Store:
     def close(self) -> None:
         self._conn.close()
 
-    def snapshot(self, dest: str | Path, grid: str | None = None) -> Path:
+    def snapshot(self, dest: str | Path, grid: str | Sequence[str] | None = None) -> Path:
         """Copy the store's index -- every cell, its metrics, timings and run history, no
         artifacts -- into ``dest`` (a folder or a ``.sqlite`` file) as one self-contained SQLite
         file, consistent even while other processes write (SQLite's online backup). With ``grid``
-        the copy keeps that grid alone: its cells, the attacked models they defend and their runs.
+        (one name or several) the copy keeps those grids alone: their cells, the attacked models
+        they defend and their runs.
         Written to a temporary name and renamed, so ``dest`` is never half a store. ``tsbd report``
         and ``tsbd merge`` read the copy like any results folder."""
         dest = db_file(dest)
@@ -372,7 +375,14 @@ class Store:
         row = self._conn.execute("SELECT * FROM cells WHERE id = ?", (cell_id,)).fetchone()
         return _decode(row) if row else None
 
-    def cells(self, grid: str | None = None, status: str | None = None) -> list[dict]:
+    def cells(self, grid: str | Sequence[str] | None = None, status: str | None = None) -> list[dict]:
+        """Cells in the order their grids list them (each once), or the whole store's in insertion order."""
+        if grid is not None and not isinstance(grid, str):
+            seen: dict[str, dict] = {}
+            for name in grid:
+                for row in self.cells(name, status):
+                    seen.setdefault(row["id"], row)
+            return list(seen.values())
         sql = "SELECT c.* FROM cells c"
         args: list[Any] = []
         where = []
@@ -397,6 +407,17 @@ class Store:
 
     def grids(self) -> list[str]:
         return [r[0] for r in self._conn.execute("SELECT name FROM grids ORDER BY created, name").fetchall()]
+
+    def select_grids(self, name: str) -> list[str]:
+        """The grids ``name`` means: itself when the store has a grid of that exact name (``NAME`` or
+        ``NAME+TAG``), else every ``--set``/``--seed`` variant ``NAME+TAG`` of a plain ``NAME``."""
+        have = self.grids()
+        if name in have:
+            return [name]
+        variants = [g for g in have if "+" not in name and g.partition("+")[0] == name]
+        if not variants:
+            raise TsbdError(f"no grid {name!r} in {self.path.parent}; it has: {', '.join(have) or 'none'}")
+        return variants
 
     def counts(self, grid: str | None = None) -> dict[str, int]:
         out = {s: 0 for s in STATUSES}

@@ -267,7 +267,9 @@ def configure_report(p: argparse.ArgumentParser) -> None:
                                               "gets a copy of the store's index, results.sqlite: with --grid, "
                                               "that grid's cells alone)")
     common.add_overwrite_arg(p, "an earlier report")
-    p.add_argument("--grid", default=None, help="only this grid's cells (default: every cell in the folder)")
+    p.add_argument("--grid", default=None,
+                   help="only this grid's cells: NAME+TAG for one `--set`/`--seed` variant, a plain NAME for the "
+                        "grid and all its variants (default: every cell in the folder)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.set_defaults(func=cmd_report)
 
