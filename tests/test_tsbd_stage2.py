@@ -250,3 +250,31 @@ def test_stage2_switches_refuses_bad_input_in_one_line(tmp_path, args, message):
                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)})
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_the_sweep_takes_the_defenses_own_n_as_measured_and_it_is_the_same_model(trained, small, runtime):
+    """The fixed n's reinit + fine-tune is the sweep's point at that n: reused, not run twice, and
+    identical to what the sweep computes for it when n is not the defense's own."""
+    clean = small.train.subset(range(256))
+
+    def run(n):
+        calls, seen = [], {}
+
+        def monitor(stage, m):
+            calls.append(stage)
+            seen[stage] = copy.deepcopy(m.state_dict())
+            return {"acc": 0.5, "asr": float(len(calls))}
+
+        res = TSBD(unlearn_lr=0.05, unlearn_max_epochs=3, finetune_epochs=1, neuron_ratio=n,
+                   test_selected_n=(0.15, 0.3)).purify(copy.deepcopy(trained), clean, runtime=runtime,
+                                                       monitor=monitor)
+        return calls, seen, res
+
+    calls_a, seen_a, res_a = run(0.15)
+    calls_b, seen_b, _ = run(0.3)
+    assert "n=0.15" not in calls_a and calls_a.count("n=0.3") == 1
+    assert "n=0.3" not in calls_b and calls_b.count("n=0.15") == 1
+    sweep = {s["n"]: s for s in res_a.stages["n_selected_on_test"]["sweep"]}
+    assert sweep[0.15]["asr"] == res_a.stages["after_finetune"]["asr"]
+    for own, other in ((seen_a["after_finetune"], seen_b["n=0.15"]), (seen_b["after_finetune"], seen_a["n=0.3"])):
+        assert all(torch.equal(own[k], other[k]) for k in own)
