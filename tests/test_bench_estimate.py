@@ -135,3 +135,25 @@ def test_estimates_for_a_machine_prefer_cells_run_on_a_processor_of_that_name_in
     fp32 = Estimator(rows, by_id.get, threads=2, machine=("AMD EPYC", "fp32"))
     assert fp32("defense", anp.config, blended.id).seconds == 1200.0
     assert Estimator(rows, by_id.get, threads=2)("defense", anp.config, blended.id).seconds == 800.0  # no machine
+
+
+def test_a_tsbd_cell_sweeping_n_on_test_data_is_estimated_with_its_extra_stage_2s():
+    """Each swept n other than the defense's own costs one more stage 2: from the like cell's stage-2
+    time, or from its own sweep's time per point when it swept too."""
+    lf = _attack("lf")
+    plain, swept = _defense(lf, seed=0), _defense(lf, seed=1, test_selected_n=[0.05, 0.15, 0.3])
+    rows = [_row(lf, seconds=6000.0),
+            {**_row(plain), "timings": {"total": 500.0, "finetune": 200.0}},
+            {**_row(swept), "timings": {"total": 1300.0, "finetune": 200.0, "test_selected_n": 800.0}}]
+    by_id = {lf.id: lf.config}
+    only_plain = Estimator(rows[:2], by_id.get)
+    # 2 points beyond n = 0.15 at 200 s of stage 2 each
+    assert only_plain("defense", _defense(lf, seed=2, test_selected_n=[0.05, 0.15, 0.3]).config,
+                      lf.id) == Estimate(900.0, "like", 1)
+    # from the swept cell: 400 s per point; four points beyond n = 0.15 -> 1300 + 2 * 400; the plain
+    # cell's 500 s counts as is for a plain cell, and 500 + 4 * 200 for the four-point one
+    both = Estimator(rows, by_id.get)
+    four = _defense(lf, seed=2, test_selected_n=[0.01, 0.05, 0.15, 0.3, 0.5])
+    assert both("defense", four.config, lf.id) == Estimate(((1300.0 + 2 * 400.0) + (500.0 + 4 * 200.0)) / 2,
+                                                            "like", 2)
+    assert both("defense", _defense(lf, seed=2).config, lf.id) == Estimate(500.0, "same", 1)

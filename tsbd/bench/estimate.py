@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from tsbd.bench.grid import canonical_json
+from tsbd.defenses import DEFENSES
+from tsbd.errors import TsbdError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,14 +91,14 @@ class Estimator:
         self._config_of = config_of
         self._threads = threads
         self._machine = machine
-        self._times: dict[str, list[tuple[float, int | None, tuple[str, str] | None]]] = {}
+        self._times: dict[str, list[tuple[float, int | None, tuple[str, str] | None, dict]]] = {}
         for row in rows:
             secs = cell_seconds(row) if row.get("status") == "done" else None
             keys = self._keys_of(row["kind"], row["config"], row.get("parent")) if secs is not None else None
             runtime = (row.get("versions") or {}).get("runtime") or {}
             ran_on = (runtime["cpu"], runtime["precision"]) if "cpu" in runtime and "precision" in runtime else None
             for key in keys or ():
-                self._times.setdefault(key, []).append((secs, runtime.get("threads"), ran_on))
+                self._times.setdefault(key, []).append((secs, runtime.get("threads"), ran_on, row))
 
     def _keys_of(self, kind: str, config: dict, parent_id: str | None) -> tuple[str, str] | None:
         parent = self._config_of(parent_id) if kind == "defense" and parent_id else None
@@ -112,10 +114,23 @@ class Estimator:
                 here = [t for t in times if t[2] == self._machine]
                 times = here if self._machine is not None and here else times
                 counts = {t[1] for t in times}
-                return Estimate(sum(t[0] for t in times) / len(times), basis, len(times),
+                seconds = [t[0] if basis == "same" else _seconds_like(kind, config, t[3], t[0]) for t in times]
+                return Estimate(sum(seconds) / len(seconds), basis, len(times),
                                 counts.pop() if len(counts) == 1 else None,
                                 elsewhere=self._machine is not None and not here)
         return Estimate(None, "")
+
+
+def _seconds_like(kind: str, config: dict, like: dict, like_seconds: float) -> float:
+    """A like cell's time, scaled by its defense for the options that differ (:meth:`Defense.seconds_like`)."""
+    if kind != "defense":
+        return like_seconds
+    try:
+        method = DEFENSES.get(config["defense"]["name"])
+    except TsbdError:  # a defense this install does not have: its cells' times as they are
+        return like_seconds
+    return method.seconds_like(config["defense"].get("config") or {}, like["config"]["defense"].get("config") or {},
+                               like.get("timings") or {}, like_seconds)
 
 
 def remaining(estimates: Iterable[Estimate]) -> dict[str, Any]:

@@ -110,6 +110,14 @@ class Defense:
             stages: Stages, result: DefenseResult) -> nn.Module:
         raise NotImplementedError
 
+    @classmethod
+    def seconds_like(cls, options: dict, like_options: dict, like_timings: dict, like_seconds: float) -> float:
+        """A planning estimate: the seconds a cell with ``options`` would take, given a done cell of
+        this defense with ``like_options`` that took ``like_seconds`` (its stage times:
+        ``like_timings``). By default the same; a defense whose options change its work (e.g.
+        TSBD's sweep of n) scales it."""
+        return like_seconds
+
 
 def check_clean_data(model: nn.Module, clean: ImageSet, runtime: Runtime) -> None:
     """Fail early, in one line, when the clean set cannot be used with this model."""

@@ -302,6 +302,21 @@ class TSBD(Defense):
     name = "tsbd"
     config_class = TSBDConfig
 
+    @classmethod
+    def seconds_like(cls, options, like_options, like_timings, like_seconds):
+        """Each point of the test-data sweep of n beyond the defense's own n costs one stage 2 and one
+        test evaluation: measured per point where the like cell swept, else its stage 2 alone."""
+        def points(o: dict) -> int:
+            own = o.get("neuron_ratio", TSBDConfig.neuron_ratio)
+            return sum(1 for n in o.get("test_selected_n") or () if n != own)
+
+        mine, theirs = points(options), points(like_options)
+        swept = like_timings.get("test_selected_n")
+        per_point = swept / theirs if theirs and swept is not None else like_timings.get("finetune")
+        if per_point is None or mine == theirs:
+            return like_seconds
+        return max(0.0, like_seconds + (mine - theirs) * per_point)
+
     def run(self, model, clean, *, runtime, seed, progress, stages, result):
         cfg: TSBDConfig = self.config
         with stages.stage("clean_unlearn"):
