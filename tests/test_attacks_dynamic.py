@@ -246,3 +246,37 @@ def test_a_poisoned_tiny_model_learns_the_backdoor(name, small, runtime, clean_m
     clean = evaluate(clean_model, small.test, setup.poisoned_test, runtime)
     assert meta["metrics"]["asr"] > clean["asr"] + 0.2, (meta["metrics"], clean)
     assert meta["train"]["augment"] is (name != "wanet")  # WaNet's hook augments instead
+
+
+def test_inputaware_interrupted_mid_training_resumes_to_the_same_trigger(small, runtime, tmp_path, monkeypatch):
+    """G and M's training checkpoints every epoch (stage 2 with G and its optimizer): a generation
+    killed in stage 2 resumes there and caches the very tensors an uninterrupted one does."""
+    import tsbd.train.engine as engine
+
+    opts = {**TINY_IAD, "width": 0.125, "batch_size": 128, "mask_epochs": 2, "mask_milestones": [1], "joint_epochs": 2}
+
+    def prepare(cache):
+        attack = build_attack("inputaware", opts)
+        attack.prepare(small, seed=0, runtime=runtime, arch="airbench", arch_kwargs=TINY_NET, cache_dir=cache)
+        return attack.resource
+
+    whole = prepare(tmp_path / "whole")
+    real, saved = engine.save_checkpoint, []
+
+    def save_then_die(path, state):  # killed right after stage 2's first epoch is saved
+        real(path, state)
+        saved.append(path.name)
+        if path.name == "joint.resume.pt" and state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "cut")
+    assert saved == ["mask-0.resume.pt", "mask-1.resume.pt", "joint.resume.pt"]
+    partial = list((tmp_path / "cut" / "attack_resources").glob(".inputaware-*.partial"))
+    assert len(partial) == 1 and (partial[0] / "joint.resume.pt").exists()
+    saved.clear()
+    resumed = prepare(tmp_path / "cut")
+    assert saved == ["joint.resume.pt"]  # only stage 2's last epoch ran again
+    assert resumed.meta["content_sha256"] == whole.meta["content_sha256"]
+    assert not partial[0].exists()  # removed once the resource is stored

@@ -116,6 +116,41 @@ def test_lf_pushes_the_clean_model_toward_the_target(small, runtime, cache):
     assert info["target_rate_clean_model"] > before
 
 
+
+def test_the_clean_reference_model_resumes_an_interrupted_training(small, runtime, tmp_path, monkeypatch):
+    """The clean model LF and TrojanNN optimize against checkpoints every epoch beside its cache
+    folder: killed after epoch 1, a rerun trains epoch 2 only, saves the same weights as an
+    uninterrupted build, and removes the checkpoint."""
+    import tsbd.train.engine as engine
+    from tsbd.pipeline import clean_reference_model
+    from tsbd.train import TrainConfig
+
+    cfg = TrainConfig(epochs=2, batch_size=200, lr=0.2, augment=False)
+
+    def build(cache):
+        model, meta = clean_reference_model(small, "airbench", runtime, seed=0, cfg=cfg,
+                                            arch_kwargs=TINY_ARCH["arch_kwargs"], cache_dir=cache)
+        return model.state_dict(), meta
+
+    whole, _ = build(tmp_path / "whole")
+    real, epochs = engine.save_checkpoint, []
+
+    def save_then_die(path, state):
+        real(path, state)
+        epochs.append(state["epoch"])
+        if state["epoch"] == 1 and len(epochs) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "cut")
+    assert len(list((tmp_path / "cut" / "clean_models").glob(".*.resume.pt"))) == 1
+    resumed, _ = build(tmp_path / "cut")
+    assert epochs == [1, 2]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not list((tmp_path / "cut" / "clean_models").glob(".*.resume.pt"))
+
+
 # -- SSBA ---------------------------------------------------------------------------------------
 def test_ssba_encoder_hides_bits_invisibly(small, runtime, cache):
     from tsbd.attacks._stegastamp import psnr

@@ -190,3 +190,40 @@ def test_tsbd_interrupted_resumes_to_the_same_model(trained, small, runtime, tmp
     assert resumed.info["reinit"] == whole.info["reinit"]
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_fit_restores_what_the_step_trains_beside_the_model(trained, small, runtime, tmp_path):
+    """``checkpoint_state``: a second module and its optimizer, trained by the step, continue after a resume."""
+    cfg = TrainConfig(epochs=3, batch_size=100, lr=0.01, augment=False)
+
+    def run(ckpt, stop_at=None, keep=True):
+        torch.manual_seed(0)
+        extra = torch.nn.Linear(4, 1)
+        extra_opt = torch.optim.Adam(extra.parameters(), lr=0.1)
+
+        def step(model, x, y, optimizer, runtime):
+            loss = extra(x[:, 0, 0, :4].float()).square().mean() + 1
+            extra_opt.zero_grad()
+            loss.backward()
+            extra_opt.step()
+            return loss.detach()
+
+        fit(_copy(trained), _clean(small), cfg, runtime, step=step, checkpoint=ckpt, progress=False,
+            checkpoint_state={"extra": extra, "extra_opt": extra_opt} if keep else None,
+            on_epoch_end=lambda e, m, s: e == stop_at)
+        return extra.state_dict(), extra_opt.state_dict()["state"]
+
+    whole, whole_opt = run(None)
+    ckpt = tmp_path / "s.pt"
+    run(ckpt, stop_at=1)
+    torch.save({**torch.load(ckpt, weights_only=True), "stopped": False}, ckpt)  # as if killed after epoch 1
+    resumed, resumed_opt = run(ckpt)
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    assert torch.equal(whole_opt[0]["exp_avg"], resumed_opt[0]["exp_avg"])
+    # the control: the same resume without it starts the Linear afresh and ends elsewhere
+    other = tmp_path / "other.pt"
+    run(other, stop_at=1)
+    torch.save({**torch.load(other, weights_only=True), "stopped": False}, other)
+    lost, _ = run(other, keep=False)
+    assert not torch.equal(lost["weight"], whole["weight"])

@@ -182,13 +182,9 @@ def cached_attacked_model(setup: AttackSetup, arch: str, cfg: TrainConfig, runti
     key = json.dumps([setup.dataset.fingerprint, arch, non_default_options(arch, arch_kwargs), setup.attack.describe(),
                       to_dict(cfg), setup.seed], sort_keys=True, default=str)
     folder = _cache_folder("attacked_models", f"{setup.dataset.name}-{setup.attack.name}-{arch}", key, cache_dir)
-    ckpt = folder.parent / f".{folder.name}.resume.pt"
 
-    def build():
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
+    def build(checkpoint: Path):
         return train_attacked_model(setup, arch, cfg, runtime, arch_kwargs=arch_kwargs, progress=progress,
-                                    checkpoint=ckpt)
+                                    checkpoint=checkpoint)
 
-    model, meta, cached = _cached_model(folder, runtime, build)
-    ckpt.unlink(missing_ok=True)  # after the model is saved
-    return model, meta, cached
+    return _cached_model(folder, runtime, build)

@@ -33,20 +33,30 @@ def _cache_folder(kind: str, name: str, key_json: str, cache_dir: str | Path | N
     return resolve_cache_dir(cache_dir) / kind / f"{name}-{hashlib.sha256(key_json.encode()).hexdigest()[:16]}"
 
 
+def resume_path(folder: Path) -> Path:
+    """The training checkpoint of the model a cache ``folder`` will hold: ``.<folder>.resume.pt``
+    beside it, so an interrupted build resumes (removed once the model is saved)."""
+    return folder.parent / f".{folder.name}.resume.pt"
+
+
 def _cached_model(folder: Path, runtime: Runtime, build) -> tuple[nn.Module, dict, bool]:
-    """The model saved in ``folder`` (:func:`_cache_folder`), else ``build()``'s (model, meta), saved
-    there as the artifact ``tsbd attack`` writes. A damaged entry is rebuilt. Returns (model in eval
-    mode, meta, whether it came from the cache)."""
+    """The model saved in ``folder`` (:func:`_cache_folder`), else ``build(checkpoint)``'s (model,
+    meta), saved there as the artifact ``tsbd attack`` writes; ``build`` trains with its epochs
+    checkpointed to ``checkpoint`` (:func:`resume_path`), deleted once the model is saved. A
+    damaged entry is rebuilt. Returns (model in eval mode, meta, whether it came from the cache)."""
     if folder.exists():
         try:
             model, meta = load_model(folder, runtime.device)
             return model.eval(), meta, True
         except TsbdError as err:
             log.warning("rebuilding cached model %s: %s", folder, err)
-    model, meta = build()
+    checkpoint = resume_path(folder)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    model, meta = build(checkpoint)
     if folder.is_dir() and not is_model_folder(folder):  # a damaged entry of tsbd's own cache
         shutil.rmtree(folder)
     save_model(folder, model, meta, overwrite=True)
+    checkpoint.unlink(missing_ok=True)
     return model.eval(), meta, False
 
 
@@ -59,13 +69,14 @@ def clean_reference_model(dataset: Dataset, arch: str, runtime: Runtime, *, seed
     cfg = cfg or TRAIN_PRESETS["cpu"]
     arch_kwargs = non_default_options(arch, arch_kwargs)  # one key for {} and the defaults spelled out
 
-    def build():
+    def build(checkpoint: Path):
         seed_everything(seed)
         model = build_model(arch, dataset.num_classes, mean=dataset.mean, std=dataset.std, **arch_kwargs)
         if hasattr(model, "init_from_data"):
             model.init_from_data(dataset.train.x[torch.randperm(len(dataset.train),
                                                                 generator=torch.Generator().manual_seed(seed))[:5000]])
-        res = fit(model, dataset.train, cfg, runtime, seed=seed, desc=f"clean {arch}", progress=progress)
+        res = fit(model, dataset.train, cfg, runtime, seed=seed, desc=f"clean {arch}", progress=progress,
+                  checkpoint=checkpoint)
         metrics = evaluate(model, dataset.test, None, runtime)
         return model, {"kind": "clean", "classes": dataset.classes, "dataset": dataset.describe(),
                        "train": to_dict(cfg), "seed": seed, "runtime": runtime.describe(), "metrics": metrics,

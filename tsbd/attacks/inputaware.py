@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,7 +77,7 @@ from torch import nn
 from tsbd.artifacts import load_into
 from tsbd.attacks._generators import InputAwareTrigger, blend, diversity_loss, mask_threshold
 from tsbd.attacks.base import ATTACKS, Attack, AttackConfig, Poisoning
-from tsbd.attacks.resources import Resource, image_shape_of, load_or_generate, resource_arch, runtime_of
+from tsbd.attacks.resources import Resource, image_shape_of, load_or_generate, resource_arch, runtime_of, work_folder
 from tsbd.config import FRACTION, NON_NEGATIVE, POSITIVE, UNCONSTRAINED, Range, option, to_dict
 from tsbd.data.base import Dataset, ImageSet
 from tsbd.errors import TsbdError
@@ -251,8 +252,9 @@ class InputAware(Attack):
                     "seed": seed, "classifier": arch, "classifier_kwargs": arch_kwargs}
 
         def generate():
-            trigger, classifier, info = self.train_trigger(dataset, seed, arch, arch_kwargs, runtime,
-                                                           progress=bool(context.get("progress")))
+            trigger, classifier, info = self.train_trigger(
+                dataset, seed, arch, arch_kwargs, runtime, progress=bool(context.get("progress")),
+                checkpoint_dir=work_folder(self.name, settings, context.get("cache_dir")))
             tensors = {**trigger.state_dict(), **{f"classifier.{k}": v for k, v in classifier.state_dict().items()}}
             # 0-d tensors (BN step counters) stored as 1-d: the resource hash views every tensor as bytes
             tensors = {k: v.detach().cpu().reshape(-1 if v.dim() == 0 else v.shape).contiguous()
@@ -270,9 +272,12 @@ class InputAware(Attack):
         return InputAwareTrigger(dataset.mean, dataset.std, dataset.train.image_shape[0], self.config.width, STEPS)
 
     def train_trigger(self, dataset: Dataset, seed: int, arch: str, arch_kwargs: dict, runtime: Runtime, *,
-                      progress: bool = False) -> tuple[InputAwareTrigger, nn.Module, dict]:
+                      progress: bool = False, checkpoint_dir: str | Path | None = None,
+                      ) -> tuple[InputAwareTrigger, nn.Module, dict]:
         """Stage 1 (mask) then stage 2 (classifier + generator), both through :func:`fit`.
-        Returns the frozen trigger nets, stage 2's classifier and a record of both stages."""
+        Returns the frozen trigger nets, stage 2's classifier and a record of both stages. With
+        ``checkpoint_dir`` every epoch of both stages is checkpointed there (stage 2 with G and its
+        optimizer), and a rerun resumes where the last one stopped."""
         from tsbd.models import build_model, init_from_data
 
         cfg = self.config
@@ -282,6 +287,9 @@ class InputAware(Attack):
             model = build_model(arch, dataset.num_classes, mean=dataset.mean, std=dataset.std, **arch_kwargs)
         trigger.to(runtime.device)
         info: dict[str, Any] = {"classifier": arch}
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if ckpt is not None:
+            ckpt.mkdir(parents=True, exist_ok=True)
 
         # stage 1: MultiStepLR as consecutive constant-lr fits over the same Adam optimizer
         mask_opt = torch.optim.Adam(trigger.mask_net.parameters(), cfg.lr_mask, betas=ADAM_BETAS)
@@ -293,7 +301,8 @@ class InputAware(Attack):
             stage = TrainConfig(epochs=stop - start, batch_size=cfg.batch_size, lr=cfg.lr_mask * 0.1**i,
                                 schedule="constant", augment=True, drop_last=False)
             res = fit(trigger.mask_net, dataset.train, stage, runtime, seed=seed + i, step=mask_step(trigger, cfg),
-                      optimizer=mask_opt, desc=f"inputaware mask {start + 1}-{stop}", progress=progress)
+                      optimizer=mask_opt, desc=f"inputaware mask {start + 1}-{stop}", progress=progress,
+                      checkpoint=ckpt / f"mask-{i}.resume.pt" if ckpt else None)
             history += res.history
         trigger.mask_net.eval().requires_grad_(False)
         info["mask_loss"] = history[-1]["loss"] if history else None
@@ -306,7 +315,9 @@ class InputAware(Attack):
                             weight_decay=5e-4, schedule="constant", augment=True, drop_last=False)
         gen_opt = torch.optim.Adam(trigger.generator.parameters(), cfg.lr_generator, betas=ADAM_BETAS)
         res = fit(model, dataset.train, stage, runtime, seed=seed + len(bounds), step=joint_step(trigger, gen_opt, cfg),
-                  optimizer=make_optimizer(model, stage), desc="inputaware joint", progress=progress)
+                  optimizer=make_optimizer(model, stage), desc="inputaware joint", progress=progress,
+                  checkpoint=ckpt / "joint.resume.pt" if ckpt else None,
+                  checkpoint_state={"generator": trigger.generator, "generator_optimizer": gen_opt})
         info["joint_loss"] = res.history[-1]["loss"] if res.history else None
         trigger.eval().requires_grad_(False)
         model.eval().requires_grad_(False)

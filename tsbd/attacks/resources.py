@@ -148,12 +148,22 @@ def _write_resource(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def work_folder(name: str, settings: Mapping[str, Any], cache_dir: str | os.PathLike | None) -> Path:
+    """Where the generation of resource ``name`` for ``settings`` keeps its training checkpoints,
+    so an interrupted generation resumes: ``.<name>-<fingerprint>.partial/`` beside the resource's
+    folder, removed by :func:`load_or_generate` once the resource is stored."""
+    settings = json.loads(_canonical(settings))
+    folder = resource_folder(name, resource_fingerprint(name, settings), cache_dir)
+    return folder.with_name(f".{folder.name}.partial")
+
+
 def load_or_generate(name: str, settings: Mapping[str, Any], generate: GenerateFn,
                      cache_dir: str | os.PathLike | None) -> Resource:
     """The resource ``name`` for ``settings``: from the cache if there, else ``generate()``d and stored.
 
     ``generate`` returns (tensors, info); ``info`` is a JSON-ready dict recorded in meta.json.
-    ``settings`` must hold everything the resource depends on (it is the cache key).
+    ``settings`` must hold everything the resource depends on (it is the cache key). A generation
+    that checkpoints into :func:`work_folder` has that folder removed once the resource is stored.
     """
     settings = json.loads(_canonical(settings))
     fingerprint = resource_fingerprint(name, settings)
@@ -174,6 +184,8 @@ def load_or_generate(name: str, settings: Mapping[str, Any], generate: GenerateF
         "versions": versions(),
     }
     written = _write_resource(folder, tensors, meta)
+    if written:
+        shutil.rmtree(work_folder(name, settings, cache_dir), ignore_errors=True)
     log.info("generated %s resource %s in %.1f s", name, fingerprint, seconds)
     return Resource(name, fingerprint, {k: v.detach().cpu() for k, v in tensors.items()}, meta,
                     folder if written else None, from_cache=False)

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -280,6 +280,7 @@ def fit(
     on_epoch_end: EpochEnd | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_generators: dict[str, torch.Generator] | None = None,
+    checkpoint_state: dict[str, Any] | None = None,
     on_resume: Callable[[list[dict]], None] | None = None,
     desc: str = "train",
     progress: bool = True,
@@ -292,8 +293,10 @@ def fit(
     cross-entropy SGD). ``batch_hook(x, y, generator)`` may rewrite a batch (on-the-fly
     poisoning). ``on_epoch_end(epoch, model, stats)`` returning True stops training.
     With ``checkpoint`` set, state is saved there after every epoch and a rerun resumes: the model,
-    the optimizer, the data order and augmentation draws, and ``checkpoint_generators`` (generators
-    the ``step`` draws from, by name). A run that ``on_epoch_end`` stopped resumes as stopped.
+    the optimizer, the data order and augmentation draws, ``checkpoint_generators`` (generators
+    the ``step`` draws from, by name) and ``checkpoint_state`` (other things the ``step`` trains,
+    by name: modules or optimizers, anything with ``state_dict``/``load_state_dict``). A run that
+    ``on_epoch_end`` stopped resumes as stopped.
     ``on_resume(history)`` sees the restored epochs' stats before the first epoch this run trains
     (for an ``on_epoch_end`` that judges an epoch against the earlier ones).
     ``train_mode=False`` keeps the model in eval mode (frozen BN statistics), for methods that
@@ -332,6 +335,8 @@ def fit(
             generator.set_state(state["generator"].cpu())
             for name, gen in (checkpoint_generators or {}).items():
                 gen.set_state(state["generators"][name].cpu())
+            for name, obj in (checkpoint_state or {}).items():
+                obj.load_state_dict(state["state"][name])
             start_epoch, history = int(state["epoch"]), list(state["history"])
             resumed_stopped = bool(state.get("stopped", False))
             log.info("resumed %s from %s at epoch %d", desc, ckpt_path, start_epoch)
@@ -398,7 +403,9 @@ def fit(
                                              "generator": generator.get_state(), "epoch": epoch + 1,
                                              "history": history, "stopped": stopped,
                                              "generators": {name: gen.get_state() for name, gen
-                                                            in (checkpoint_generators or {}).items()}})
+                                                            in (checkpoint_generators or {}).items()},
+                                             "state": {name: obj.state_dict() for name, obj
+                                                       in (checkpoint_state or {}).items()}})
             if stopped:
                 break
     finally:
