@@ -116,7 +116,6 @@ def test_lf_pushes_the_clean_model_toward_the_target(small, runtime, cache):
     assert info["target_rate_clean_model"] > before
 
 
-
 def test_the_clean_reference_model_resumes_an_interrupted_training(small, runtime, tmp_path, monkeypatch):
     """The clean model LF and TrojanNN optimize against checkpoints every epoch beside its cache
     folder: killed after epoch 1, a rerun trains epoch 2 only, saves the same weights as an

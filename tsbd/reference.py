@@ -33,7 +33,7 @@ def _cache_folder(kind: str, name: str, key_json: str, cache_dir: str | Path | N
     return resolve_cache_dir(cache_dir) / kind / f"{name}-{hashlib.sha256(key_json.encode()).hexdigest()[:16]}"
 
 
-def resume_path(folder: Path) -> Path:
+def _resume_path(folder: Path) -> Path:
     """The training checkpoint of the model a cache ``folder`` will hold: ``.<folder>.resume.pt``
     beside it, so an interrupted build resumes (removed once the model is saved)."""
     return folder.parent / f".{folder.name}.resume.pt"
@@ -42,7 +42,7 @@ def resume_path(folder: Path) -> Path:
 def _cached_model(folder: Path, runtime: Runtime, build) -> tuple[nn.Module, dict, bool]:
     """The model saved in ``folder`` (:func:`_cache_folder`), else ``build(checkpoint)``'s (model,
     meta), saved there as the artifact ``tsbd attack`` writes; ``build`` trains with its epochs
-    checkpointed to ``checkpoint`` (:func:`resume_path`), deleted once the model is saved. A
+    checkpointed to ``checkpoint`` (:func:`_resume_path`), deleted once the model is saved. A
     damaged entry is rebuilt. Returns (model in eval mode, meta, whether it came from the cache)."""
     if folder.exists():
         try:
@@ -50,7 +50,7 @@ def _cached_model(folder: Path, runtime: Runtime, build) -> tuple[nn.Module, dic
             return model.eval(), meta, True
         except TsbdError as err:
             log.warning("rebuilding cached model %s: %s", folder, err)
-    checkpoint = resume_path(folder)
+    checkpoint = _resume_path(folder)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     model, meta = build(checkpoint)
     if folder.is_dir() and not is_model_folder(folder):  # a damaged entry of tsbd's own cache

@@ -153,7 +153,11 @@ def work_folder(name: str, settings: Mapping[str, Any], cache_dir: str | os.Path
     so an interrupted generation resumes: ``.<name>-<fingerprint>.partial/`` beside the resource's
     folder, removed by :func:`load_or_generate` once the resource is stored."""
     settings = json.loads(_canonical(settings))
-    folder = resource_folder(name, resource_fingerprint(name, settings), cache_dir)
+    return _work_of(resource_folder(name, resource_fingerprint(name, settings), cache_dir))
+
+
+def _work_of(folder: Path) -> Path:
+    """The checkpoint folder of the generation whose resource goes into ``folder``."""
     return folder.with_name(f".{folder.name}.partial")
 
 
@@ -185,7 +189,7 @@ def load_or_generate(name: str, settings: Mapping[str, Any], generate: GenerateF
     }
     written = _write_resource(folder, tensors, meta)
     if written:
-        shutil.rmtree(work_folder(name, settings, cache_dir), ignore_errors=True)
+        shutil.rmtree(_work_of(folder), ignore_errors=True)
     log.info("generated %s resource %s in %.1f s", name, fingerprint, seconds)
     return Resource(name, fingerprint, {k: v.detach().cpu() for k, v in tensors.items()}, meta,
                     folder if written else None, from_cache=False)

@@ -347,8 +347,7 @@ class TSBD(Defense):
         stages.observe("after_finetune", model)
         if cfg.test_selected_n and stages.monitor is not None:
             with stages.stage("test_selected_n"):
-                own = result.stages.get("after_finetune")  # the fixed n's run is the sweep's point at n
-                result.stages["n_selected_on_test"] = select_n_on_test(
+                result.stages["n_selected_on_test"] = select_n_on_test(  # the fixed n's run is its point there
                     backdoored, change, clean, cfg, runtime, stages.monitor, seed=seed, progress=progress,
-                    known={cfg.neuron_ratio: own} if own else None)
+                    known={cfg.neuron_ratio: result.stages["after_finetune"]})
         return model
