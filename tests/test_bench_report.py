@@ -485,3 +485,30 @@ def test_report_grid_by_plain_name_takes_every_variant_of_it(tmp_path):
         assert snap.grids() == ["paper+aaaa", "paper+bbbb"]
     text = (out / "report.md").read_text()
     assert "2 `--set`/`--seed` variants of `paper`" in text and "paperish" not in text
+
+
+def test_the_best_average_is_marked_only_among_defenses_that_have_every_attack(tmp_path):
+    from tsbd.bench.report import collect
+
+    cells, metrics = [], {}
+    for att, (acc, asr) in NO_DEF.items():
+        a = _attack_cell(att)
+        cells.append(a)
+        metrics[a.id] = {"acc": acc, "asr": asr}
+        # tsbd and ft on both attacks; anp only on badnets, where it beats both of them
+        for name, der in (("tsbd", 0.90), ("ft", 0.80), ("anp", 0.99)):
+            if name == "anp" and att != "badnets":
+                continue
+            d = defense_cell(a, defense={"name": name, "config": _defaults("defense", name)}, clean_ratio=0.05,
+                             seed=0)
+            cells.append(d)
+            metrics[d.id] = {"acc": 0.80, "asr": 1 - der, "der": der}
+    _fill_store(tmp_path, "uneven", cells, metrics)
+    with Store(tmp_path, create=False) as store:
+        (table,) = collect(store, "uneven")
+    by_key = {c.key: c.defense for c in table.columns}
+    badnets = next(r.key for r in table.rows if r.label == "BadNets")
+    assert {by_key[k] for k in table.best(badnets, "der")} == {"anp"}  # per attack every column competes
+    assert table.average(next(k for k, d in by_key.items() if d == "anp"), "der") > 95  # its one attack
+    assert {by_key[k] for k in table.best(None, "der")} == {"tsbd"}  # yet its average is not comparable
+    assert {by_key[k] for k in table.best(None, "asr")} == {"tsbd"}

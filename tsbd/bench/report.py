@@ -114,9 +114,14 @@ class ResultTable:
         return sum(vals) / len(vals) if vals else None
 
     def best(self, row: str | None, metric: str) -> set[str]:
-        """The defense columns with the best ``metric`` in a row (None: the average row); none where
-        every defense has the same value (e.g. all leave ASR at 100%): nothing stands out."""
+        """The defense columns with the best ``metric`` in a row (None: the average row, where only the
+        columns that have every attack compete); none where every defense has the same value (e.g. all
+        leave ASR at 100%): nothing stands out."""
         cols = [c for c in self.columns if c.defense != NO_DEFENSE and not c.selected_on_test]
+        if row is None:  # averages compare only over the same attacks: those of the columns that have them all
+            covered = {c.key: frozenset(r.key for r in self.rows if (r.key, c.key) in self.values) for c in cols}
+            every = frozenset().union(*covered.values()) if covered else frozenset()
+            cols = [c for c in cols if covered[c.key] == every]
         vals = {c.key: (self.average(c.key, metric) if row is None else self.value(row, c.key, metric)) for c in cols}
         vals = {k: v for k, v in vals.items() if v is not None}
         if len(vals) < 2 or max(vals.values()) - min(vals.values()) < 1e-9:
@@ -400,7 +405,8 @@ def _settings_lines(t: ResultTable) -> list[str]:
     if len(set(have.values())) > 1:  # a partial grid: the averages cover different attacks
         lines.append("Incomplete table: each Average is over the attacks its column has ("
                      + ", ".join(f"{label} {n}" for label, n in have.items()) + f" of {len(t.rows)}), "
-                     "so columns with different counts are not comparable.")
+                     "so columns with different counts are not comparable; the best Average is marked only among "
+                     "the defenses that have every attack.")
     return lines
 
 
