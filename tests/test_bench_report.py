@@ -512,3 +512,40 @@ def test_the_best_average_is_marked_only_among_defenses_that_have_every_attack(t
     assert table.average(next(k for k, d in by_key.items() if d == "anp"), "der") > 95  # its one attack
     assert {by_key[k] for k in table.best(None, "der")} == {"tsbd"}  # yet its average is not comparable
     assert {by_key[k] for k in table.best(None, "asr")} == {"tsbd"}
+
+
+def test_the_sweep_of_n_on_test_data_is_tabled_and_plotted_per_attack_and_seed(tmp_path):
+    sweeps = {  # (attack, seed) -> [(n, acc, asr)] of the test-data sweep; 0.0005 is the default threshold
+        ("badnets", 0): [(0.05, 0.84, 0.20), (0.15, 0.83, 0.0004), (0.3, 0.80, 0.0)],
+        ("badnets", 1): [(0.05, 0.85, 0.30), (0.15, 0.83, 0.01), (0.3, 0.79, 0.0002)],
+        ("lf", 0): [(0.05, 0.84, 0.40), (0.15, 0.83, 0.12), (0.3, 0.81, 0.05)],  # never reaches it: lowest ASR
+    }
+    cells, metrics, attacks = [], {}, {}
+    for (att, seed), points in sweeps.items():
+        if att not in attacks:
+            attacks[att] = _attack_cell(att)
+            cells.append(attacks[att])
+            metrics[attacks[att].id] = {"acc": 0.86, "asr": 0.97}
+        d = defense_cell(attacks[att], defense={"name": "tsbd", "config": _defaults("defense", "tsbd")},
+                         clean_ratio=0.05, seed=seed)
+        sweep = [{"n": n, "acc": acc, "asr": asr} for n, acc, asr in points]
+        hit = [p for p in sweep if p["asr"] <= 0.0005]
+        pick = hit[0] if hit else min(sweep, key=lambda p: p["asr"])
+        cells.append(d)
+        metrics[d.id] = {"acc": 0.83, "asr": 0.05, "der": 0.9,
+                         "stages": {"n_selected_on_test": {**pick, "reached_threshold": bool(hit),
+                                                           "threshold": 0.0005, "sweep": sweep}}}
+    _fill_store(tmp_path / "res", "sweep", cells, metrics)
+    assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    section = md.split("### TSBD's neuron ratio n, swept on test data", 1)[1]
+    rows = md_rows(section)
+    assert rows["Attack"] == ["n=0.05", "n=0.15", "n=0.3"]
+    assert rows["BadNets (seed 0)"] == ["84.00 / 20.00", "**83.00 / 0.04**", "80.00 / 0.00"]  # the first at 0.05%
+    assert rows["BadNets (seed 1)"] == ["85.00 / 30.00", "83.00 / 1.00", "**79.00 / 0.02**"]
+    assert rows["LF"] == ["84.00 / 40.00", "83.00 / 12.00", "**81.00 / 5.00**"]  # one seed: no seed in its label
+    assert "test ASR is at or below 0.05%" in section and "never a defense's result" in section
+    png = tmp_path / "out" / "plots" / "t1-cifar10-airbench-n-sweep.png"
+    assert png.stat().st_size > 0 and f"]({png.relative_to(tmp_path / 'out').as_posix()})" in section
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<td><b>83.00 / 0.04</b></td>" in page and "<td>84.00 / 40.00</td>" in page

@@ -145,3 +145,33 @@ def acc_asr_panels(grid: TableGrid, title: str):
                                   markeredgecolor="#555", label="hollow: the paper's value"))
     fig.legend(handles=handles, loc="outside lower center", ncol=max(2, ncols + 1), fontsize=7.5, frameon=False)
     return fig
+
+
+def sweep_panels(lines: list[tuple[str, list[tuple[float, float, float]], float | None]], title: str):
+    """TSBD's n swept on test data: test ASR (left) and ACC (right) against n, one line per attack
+    (and seed), the picked n starred. ``lines``: (label, [(n, acc, asr)], picked n)."""
+    plt = pyplot()
+    width, height = readable_size(2 * PANEL_W + 2.4, PANEL_H + 0.9)
+    fig, (ax_asr, ax_acc) = plt.subplots(1, 2, figsize=(width, height), sharex=True, layout="constrained")
+    colors = plt.get_cmap("tab10").colors
+    for k, (label, points, picked) in enumerate(lines):
+        if not points:
+            continue
+        ns, accs, asrs = zip(*points)
+        style = {"color": colors[k % len(colors)], "marker": MARKERS[k % len(MARKERS)], "markersize": 4}
+        ax_asr.plot(ns, asrs, label=label, **style)
+        ax_acc.plot(ns, accs, **style)
+        for n, acc, asr in points:
+            if picked is not None and abs(n - picked) < 1e-12:
+                ax_asr.scatter([n], [asr], s=130, marker="*", color=style["color"], zorder=5, edgecolors="black")
+                ax_acc.scatter([n], [acc], s=130, marker="*", color=style["color"], zorder=5, edgecolors="black")
+    ax_asr.set_ylim(-3, 103)
+    ax_asr.set_ylabel("test ASR (%), lower is better", fontsize=8)
+    ax_acc.set_ylabel("test ACC (%), higher is better", fontsize=8)
+    for ax in (ax_asr, ax_acc):
+        ax.set_xlabel("neuron ratio n", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    fig.legend(loc="outside right center", fontsize=7, frameon=False)
+    fig.suptitle(f"TSBD's neuron ratio n swept on test data (selected on test data)\n{title}", fontsize=9)
+    return fig

@@ -29,7 +29,7 @@ from typing import Any
 from tsbd.artifacts import pyplot, save_figure
 from tsbd.attacks import ATTACKS
 from tsbd.bench.estimate import Estimator, cell_seconds, remaining, remaining_line
-from tsbd.bench.figures import acc_asr_panels, heatmap
+from tsbd.bench.figures import acc_asr_panels, heatmap, sweep_panels
 from tsbd.bench.grid import NO_DEFENSE, canonical_json
 from tsbd.bench.layout import Entry, GridColumn, GridRow, TableGrid
 from tsbd.bench.paper import (
@@ -58,7 +58,9 @@ PLOTS = "plots"
 # figure kind -> its caption, in the Markdown and the HTML report alike
 FIGURES = {"der-heatmap": "DER per attack and defense (%, higher is better; best per row boxed)",
            "asr-heatmap": "ASR per attack and defense (%, lower is better; best per row boxed)",
-           "acc-asr": "ACC against ASR, one panel per attack (top left is best)"}
+           "acc-asr": "ACC against ASR, one panel per attack (top left is best)",
+           "n-sweep": "TSBD's test ASR and ACC against its neuron ratio n (selected on test data; picked n starred)"}
+SWEEP_FIGURES = ("n-sweep",)  # drawn under the sweep table, not with the table's figures
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,6 +100,8 @@ class ResultTable:
     paper_avg: dict[str, tuple[list, str]] = dataclasses.field(default_factory=dict)
     paper_tables: list[dict] = dataclasses.field(default_factory=list)
     plots: dict[str, dict[str, Path]] = dataclasses.field(default_factory=dict)  # kind -> {png, svg}
+    # TSBD's n swept on test data, one entry per defense cell: label, seed, picked n, points (n, acc, asr) in %
+    sweeps: list[dict] = dataclasses.field(default_factory=list)
 
     def value(self, row: str, col: str, metric: str) -> float | None:
         v = self.values.get((row, col))
@@ -197,6 +201,7 @@ def collect(store: Store, grid: str | Sequence[str] | None = None,
         rows_: dict[str, Row] = {}
         cols: dict[str, Column] = {}
         acc: dict[tuple[str, str], list[dict]] = {}
+        sweeps: list[tuple[str, dict, dict]] = []  # (row key, defense cell, its test-data pick)
         for a, d in g["entries"]:
             attack = a["config"]["attack"]
             cfg = {k: v for k, v in attack["config"].items() if k != "poison_ratio"}
@@ -232,6 +237,8 @@ def collect(store: Store, grid: str | Sequence[str] | None = None,
                         if {"acc", "asr"} <= set(before) and {"acc", "asr"} <= set(picked) else None)
                 acc.setdefault((rkey, skey), []).append({"acc": picked.get("acc"), "asr": picked.get("asr"),
                                                          "der": d_er, "cell": d["id"], "n": picked.get("n")})
+                if picked.get("sweep"):
+                    sweeps.append((rkey, d, picked))
         values = {}
         for k, items in acc.items():
             entry: dict[str, Any] = {"n": len(items), "cells": [i["cell"] for i in items]}
@@ -251,12 +258,58 @@ def collect(store: Store, grid: str | Sequence[str] | None = None,
                                                         c.clean_ratio or 0, c.key))
         _label_rows(row_list)
         _label_columns(col_list)
-        tables.append(ResultTable(g["key"], row_list, col_list, values))
+        tables.append(ResultTable(g["key"], row_list, col_list, values, sweeps=_sweep_entries(sweeps, rows_)))
 
     _title_tables(tables)
     for t in tables:
         _attach_paper(t, paper)
     return tables
+
+
+def _sweep_entries(sweeps: list[tuple[str, dict, dict]], rows: dict[str, Row]) -> list[dict]:
+    """TSBD's test-data sweeps of n as report entries, in the table's attack order then by seed."""
+    out = []
+    for rkey, d, picked in sweeps:
+        points = [(float(p["n"]), 100 * p["acc"], 100 * p["asr"]) for p in picked["sweep"]
+                  if p.get("acc") is not None and p.get("asr") is not None]
+        out.append({"row": rkey, "cell": d["id"], "seed": d["config"].get("seed"), "picked": picked.get("n"),
+                    "reached": bool(picked.get("reached_threshold")), "threshold": picked.get("threshold"),
+                    "points": sorted(points)})
+    order = {k: (attack_order(r.attack), k) for k, r in rows.items()}
+    out.sort(key=lambda e: (order[e["row"]], e["seed"] or 0, e["cell"]))
+    return out
+
+
+def _sweep_label(t: ResultTable, entry: dict) -> str:
+    label = next(r.label for r in t.rows if r.key == entry["row"])
+    many = sum(e["row"] == entry["row"] for e in t.sweeps) > 1
+    return label + (f" (seed {entry['seed']})" if many else "")
+
+
+SWEEP_NOTE = ("TSBD at each neuron ratio n of the authors' sweep (one unlearning, one zero reinit and fine-tune per "
+              "n), ACC / ASR in % on the TEST set. In bold the n the paper's protocol would pick: the first n whose "
+              "test ASR is at or below {threshold}, else the lowest test ASR. Selected on test data: a defender "
+              "cannot make this choice, so it is never a defense's result.")
+
+
+def _sweep_table(t: ResultTable) -> tuple[list[str], list[list[tuple[str, bool]]]]:
+    """Header and rows of the sweep table: each cell its text and whether it is the picked n."""
+    ns = sorted({p[0] for e in t.sweeps for p in e["points"]})
+    rows = []
+    for e in t.sweeps:
+        at = {p[0]: p for p in e["points"]}
+        cells = [(_sweep_label(t, e), False)]
+        for n in ns:
+            p = at.get(n)
+            cells.append(("-" if p is None else f"{p[1]:.2f} / {p[2]:.2f}",
+                          p is not None and e["picked"] is not None and abs(n - e["picked"]) < 1e-12))
+        rows.append(cells)
+    return ["Attack", *(f"n={n:g}" for n in ns)], rows
+
+
+def _sweep_threshold(t: ResultTable) -> str:
+    values = {e["threshold"] for e in t.sweeps if e["threshold"] is not None}
+    return "/".join(f"{100 * v:g}%" for v in sorted(values)) or "the threshold"
 
 
 def _label_rows(rows: list[Row]) -> None:
@@ -441,9 +494,14 @@ def _markdown_table(grid: TableGrid) -> list[str]:
     return lines
 
 
-def _figure_lines(t: ResultTable) -> list[str]:
+def _figure_kinds(t: ResultTable, sweep: bool) -> list[str]:
+    return [k for k in t.plots if (k in SWEEP_FIGURES) == sweep]
+
+
+def _figure_lines(t: ResultTable, sweep: bool = False) -> list[str]:
     out = []
-    for kind, files in t.plots.items():
+    for kind in _figure_kinds(t, sweep):
+        files = t.plots[kind]
         out += ["", f"![{FIGURES[kind]}: {t.title}]({files['png'].as_posix()})", "",
                 f"*{FIGURES[kind]}* ([PNG]({files['png'].as_posix()}), [SVG]({files['svg'].as_posix()}))"]
     return out
@@ -460,6 +518,13 @@ def render_markdown(tables: list[ResultTable], summary: dict) -> str:
         out += ["", _paper_note(t), ""]
         out += [f"- {line}" for line in _settings_lines(t)]
         out += _figure_lines(t)
+        if t.sweeps:
+            header, rows = _sweep_table(t)
+            out += ["", "### TSBD's neuron ratio n, swept on test data", "",
+                    SWEEP_NOTE.format(threshold=_sweep_threshold(t)), "",
+                    *_plain_markdown_table(header, [[f"**{text}**" if best else text for text, best in r]
+                                                    for r in rows])]
+            out += _figure_lines(t, sweep=True)
     if summary.get("failures"):
         header, rows = _failures_table(summary)
         out += ["", "## Failed cells", "", *_plain_markdown_table(header, rows)]
@@ -590,10 +655,11 @@ def _html_table(grid: TableGrid) -> str:
     return "".join(parts)
 
 
-def _html_figures(t: ResultTable, out_dir: Path) -> str:
+def _html_figures(t: ResultTable, out_dir: Path, sweep: bool = False) -> str:
     e = html.escape
     parts = ['<div class="plots">']
-    for kind, files in t.plots.items():
+    for kind in _figure_kinds(t, sweep):
+        files = t.plots[kind]
         data = base64.b64encode((out_dir / files["png"]).read_bytes()).decode()
         png, svg = e(files["png"].as_posix()), e(files["svg"].as_posix())
         parts.append(f'<figure><img alt="{e(FIGURES[kind])}: {e(t.title)}" src="data:image/png;base64,{data}">'
@@ -621,6 +687,14 @@ def render_html(tables: list[ResultTable], summary: dict, out_dir: Path) -> str:
         parts.append("<ul class=\"settings\">" + "".join(f"<li>{e(s)}</li>" for s in _settings_lines(t)) + "</ul>")
         if t.plots:
             parts.append(_html_figures(t, out_dir))
+        if t.sweeps:
+            header, rows = _sweep_table(t)
+            parts.append("<h3>TSBD's neuron ratio n, swept on test data</h3>"
+                         f"<p class=\"note\">{e(SWEEP_NOTE.format(threshold=_sweep_threshold(t)))}</p>"
+                         "<table class=\"failures\"><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td><b>{e(x)}</b></td>" if best else f"<td>{e(x)}</td>"
+                                                     for x, best in r) + "</tr>" for r in rows) + "</table>")
+            parts.append(_html_figures(t, out_dir, sweep=True))
     if summary.get("failures"):
         parts.append("<h2>Failed cells</h2>" + _plain_html_table(*_failures_table(summary)))
     if summary.get("not_done"):
@@ -642,6 +716,9 @@ def _plot(t: ResultTable, out_dir: Path) -> None:
         figures["der-heatmap"] = lambda: heatmap(grid, "der", t.title)
     figures["asr-heatmap"] = lambda: heatmap(grid, "asr", t.title)
     figures["acc-asr"] = lambda: acc_asr_panels(grid, t.title)
+    if t.sweeps:
+        figures["n-sweep"] = lambda: sweep_panels([(_sweep_label(t, e), e["points"], e["picked"]) for e in t.sweeps],
+                                                  t.title)
     for kind, draw in figures.items():
         fig = draw()
         t.plots[kind] = _save(fig, folder, f"{t.slug}-{kind}")
