@@ -278,3 +278,32 @@ def test_the_sweep_takes_the_defenses_own_n_as_measured_and_it_is_the_same_model
     assert sweep[0.15]["asr"] == res_a.stages["after_finetune"]["asr"]
     for own, other in ((seen_a["after_finetune"], seen_b["n=0.15"]), (seen_b["after_finetune"], seen_a["n=0.3"])):
         assert all(torch.equal(own[k], other[k]) for k in own)
+
+
+def test_an_interrupted_sweep_resumes_after_its_last_finished_point(trained, small, runtime, tmp_path):
+    """Each finished point of the test-data sweep is kept beside the defense's checkpoints: a rerun
+    after an interruption evaluates only the points not yet done and ends with the same sweep."""
+    clean = small.train.subset(range(256))
+    opts = dict(unlearn_lr=0.05, unlearn_max_epochs=3, finetune_epochs=1, test_selected_n=(0.05, 0.15, 0.3, 0.5))
+
+    def run(checkpoint_dir, stop_at=None):
+        calls = []
+
+        def monitor(stage, m):
+            if stage == stop_at:
+                raise KeyboardInterrupt
+            calls.append(stage)
+            return {"acc": 0.5, "asr": float(sum(p.detach().abs().sum() for p in m.parameters()))}
+
+        res = TSBD(**opts).purify(copy.deepcopy(trained), clean, runtime=runtime, monitor=monitor,
+                                  checkpoint_dir=checkpoint_dir)
+        return calls, res
+
+    calls, whole = run(tmp_path / "whole")
+    assert [c for c in calls if c.startswith("n=")] == ["n=0.05", "n=0.3", "n=0.5"]
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop_at="n=0.5")  # 0.05 and 0.3 are finished when it stops
+    calls, resumed = run(tmp_path / "cut")
+    assert [c for c in calls if c.startswith("n=")] == ["n=0.5"]
+    assert resumed.info["resumed"]["test_selected_n"] == 2 and resumed.timings["earlier_runs"] > 0
+    assert resumed.stages["n_selected_on_test"]["sweep"] == whole.stages["n_selected_on_test"]["sweep"]

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
+from tsbd.artifacts import write_json_atomic
 from tsbd.config import AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, option
 from tsbd.data.base import ImageSet
 from tsbd.defenses.base import DEFENSES, Defense, DefenseConfig, Stages
@@ -272,26 +276,56 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet, cfg: TSBDConfig
 
 def select_n_on_test(backdoored: nn.Module, change: dict[str, torch.Tensor], clean: ImageSet, cfg: TSBDConfig,
                      runtime: Runtime, evaluate_on_test: Callable[[str, nn.Module], dict], *, seed: int = 0,
-                     progress: bool = False, known: dict[float, dict] | None = None) -> dict:
+                     progress: bool = False, known: dict[float, dict] | None = None,
+                     record: Path | None = None, stages: Stages | None = None) -> dict:
     """The paper's protocol made explicit: zero-reinit and fine-tune at each n of
     ``cfg.test_selected_n`` (from the same unlearning), evaluate each on TEST data, and pick the
     smallest n whose test ASR <= ``cfg.test_selected_asr`` (else the n with the lowest test ASR).
     A number selected on test data, reported beside the fixed n, never a defense's output.
     ``known``: {n: its test metrics} already measured by the same seeded reinit and fine-tune
-    (the defense's own n), taken as they are instead of run again."""
+    (the defense's own n), taken as they are instead of run again. ``record``: a JSON file where
+    every finished point is kept, so a rerun of an interrupted sweep resumes after its last point
+    (``stages`` is told how many points were taken from it and what they cost)."""
+    done, earlier = _load_sweep_record(record)
+    if stages is not None:
+        stages.resumed("test_selected_n", len(done), earlier)
+    known = {**done, **(known or {})}
     sweep = []
     for n in sorted(cfg.test_selected_n):
-        if known and n in known:
+        if n in known:
             sweep.append({"n": n, **known[n]})
             continue
+        t0 = time.perf_counter()
         tuned, _ = zero_reinit(backdoored, change, n, cfg.weight_ratio, cfg.reinit_scheme)
         activeness_aware_finetune(tuned, clean, cfg, runtime, seed=seed, progress=progress)
         sweep.append({"n": n, **evaluate_on_test(f"n={n:g}", tuned)})
         del tuned
+        if record is not None:
+            done[n] = {k: v for k, v in sweep[-1].items() if k != "n"}
+            earlier += time.perf_counter() - t0
+            write_json_atomic(record, {"points": [{"n": k, **v} for k, v in sorted(done.items())],
+                                       "seconds": earlier})
     hit = [s for s in sweep if s.get("asr", 1.0) <= cfg.test_selected_asr]
     pick = hit[0] if hit else min(sweep, key=lambda s: s.get("asr", 1.0))
     return {**pick, "reached_threshold": bool(hit), "threshold": cfg.test_selected_asr, "sweep": sweep,
             "rule": "first n (ascending) with test ASR <= threshold, else lowest test ASR; selected on test data"}
+
+
+def _sweep_record_path(stages: Stages) -> Path | None:
+    path = stages.checkpoint("test_selected_n")
+    return None if path is None else path.with_name("test_selected_n.points.json")
+
+
+def _load_sweep_record(record: Path | None) -> tuple[dict[float, dict], float]:
+    """The finished points ({n: test metrics}) and their seconds from an interrupted sweep's record."""
+    if record is None or not record.is_file():
+        return {}, 0.0
+    try:
+        data = json.loads(record.read_text())
+        return {float(p["n"]): {k: v for k, v in p.items() if k != "n"} for p in data["points"]}, float(data["seconds"])
+    except (ValueError, KeyError, TypeError) as e:  # a damaged record: run the sweep again
+        log.warning("ignoring the sweep record %s (%s); the sweep starts again", record, e)
+        return {}, 0.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -349,5 +383,6 @@ class TSBD(Defense):
             with stages.stage("test_selected_n"):
                 result.stages["n_selected_on_test"] = select_n_on_test(  # the fixed n's run is its point there
                     backdoored, change, clean, cfg, runtime, stages.monitor, seed=seed, progress=progress,
-                    known={cfg.neuron_ratio: result.stages["after_finetune"]})
+                    known={cfg.neuron_ratio: result.stages["after_finetune"]},
+                    record=_sweep_record_path(stages), stages=stages)
         return model
