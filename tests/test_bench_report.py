@@ -549,3 +549,30 @@ def test_the_sweep_of_n_on_test_data_is_tabled_and_plotted_per_attack_and_seed(t
     assert png.stat().st_size > 0 and f"]({png.relative_to(tmp_path / 'out').as_posix()})" in section
     page = (tmp_path / "out" / "report.html").read_text()
     assert "<td><b>83.00 / 0.04</b></td>" in page and "<td>84.00 / 40.00</td>" in page
+
+
+def test_each_stage_a_defense_observed_is_tabled_with_its_mean_over_seeds(tmp_path):
+    a = _attack_cell("lf")
+    cells, metrics = [a], {a.id: {"acc": 0.87, "asr": 0.96}}
+    for seed, (reinit_asr, recomputed_asr) in enumerate([(0.01, 0.40), (0.03, 0.60)]):
+        d = defense_cell(a, defense={"name": "tsbd", "config": _defaults("defense", "tsbd")}, clean_ratio=0.05,
+                         seed=seed)
+        cells.append(d)
+        metrics[d.id] = {"acc": 0.85, "asr": 0.13, "der": 0.9,
+                         "stages": {"after_reinit": {"acc": 0.77, "asr": reinit_asr, "ra": 0.5},
+                                    "after_reinit_bn_recomputed": {"acc": 0.79, "asr": recomputed_asr},
+                                    "backdoored_bn_recomputed": {"acc": 0.80, "asr": 0.99},
+                                    "after_finetune": {"acc": 0.85, "asr": 0.13}}}
+    ft = defense_cell(a, defense={"name": "ft", "config": _defaults("defense", "ft")}, clean_ratio=0.05, seed=0)
+    cells.append(ft)
+    metrics[ft.id] = {"acc": 0.86, "asr": 0.5, "der": 0.7, "stages": {"after_finetune": {"acc": 0.86, "asr": 0.5}}}
+    _fill_store(tmp_path / "res", "stages", cells, metrics)
+    assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    section = md.split("### ACC / ASR after each stage of a defense", 1)[1]
+    rows = md_rows(section)
+    assert rows["Attack"] == ["zero reinit", "zero reinit, BN recomputed", "backdoored model, BN recomputed",
+                              "fine-tuned"]
+    assert rows["LF"] == ["77.00 / 2.00", "79.00 / 50.00", "80.00 / 99.00", "85.00 / 13.00"]
+    assert "TSBD:" in section and "FT:" not in section  # one stage is just the result: no table
+    assert "<td>79.00 / 50.00</td>" in (tmp_path / "out" / "report.html").read_text()

@@ -100,6 +100,8 @@ class ResultTable:
     paper_avg: dict[str, tuple[list, str]] = dataclasses.field(default_factory=dict)
     paper_tables: list[dict] = dataclasses.field(default_factory=list)
     plots: dict[str, dict[str, Path]] = dataclasses.field(default_factory=dict)  # kind -> {png, svg}
+    # (row, column) -> {stage: {"acc", "asr" in %, "n" seeds}}: the model a defense observed after each stage
+    stages: dict[tuple[str, str], dict[str, dict]] = dataclasses.field(default_factory=dict)
     # TSBD's n swept on test data, one entry per defense cell: label, seed, picked n, points (n, acc, asr) in %
     sweeps: list[dict] = dataclasses.field(default_factory=list)
 
@@ -202,6 +204,7 @@ def collect(store: Store, grid: str | Sequence[str] | None = None,
         cols: dict[str, Column] = {}
         acc: dict[tuple[str, str], list[dict]] = {}
         sweeps: list[tuple[str, dict, dict]] = []  # (row key, defense cell, its test-data pick)
+        observed: dict[tuple[str, str], list[dict]] = {}  # (row, column) -> each seed's stage records
         for a, d in g["entries"]:
             attack = a["config"]["attack"]
             cfg = {k: v for k, v in attack["config"].items() if k != "poison_ratio"}
@@ -225,6 +228,8 @@ def collect(store: Store, grid: str | Sequence[str] | None = None,
             acc.setdefault((rkey, ckey), []).append({"acc": m.get("acc"), "asr": m.get("asr"),
                                                       "der": m.get("der") if d is not None else None,
                                                       "cell": (d or a)["id"], "seconds": cell_seconds(d or a)})
+            if d is not None and m.get("stages"):
+                observed.setdefault((rkey, ckey), []).append(m["stages"])
             picked = (m.get("stages") or {}).get(SELECTED_ON_TEST) if d is not None else None
             if picked:
                 skey = ckey + "|" + SELECTED_ON_TEST
@@ -258,12 +263,59 @@ def collect(store: Store, grid: str | Sequence[str] | None = None,
                                                         c.clean_ratio or 0, c.key))
         _label_rows(row_list)
         _label_columns(col_list)
-        tables.append(ResultTable(g["key"], row_list, col_list, values, sweeps=_sweep_entries(sweeps, rows_)))
+        tables.append(ResultTable(g["key"], row_list, col_list, values, stages=_stage_means(observed),
+                                  sweeps=_sweep_entries(sweeps, rows_)))
 
     _title_tables(tables)
     for t in tables:
         _attach_paper(t, paper)
     return tables
+
+
+def _stage_means(observed: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], dict[str, dict]]:
+    """Mean test ACC / ASR (in %) of each stage a defense observed, over the seeds that have it."""
+    out = {}
+    for key, records in observed.items():
+        names: list[str] = []
+        for rec in records:
+            names += [k for k, v in rec.items() if k not in names and isinstance(v, dict)
+                      and isinstance(v.get("acc"), (int, float)) and isinstance(v.get("asr"), (int, float))]
+        means = {}
+        for name in names:
+            got = [rec[name] for rec in records if isinstance(rec.get(name), dict) and "acc" in rec[name]]
+            means[name] = {"acc": 100 * statistics.mean(g["acc"] for g in got),
+                           "asr": 100 * statistics.mean(g["asr"] for g in got), "n": len(got)}
+        out[key] = means
+    return out
+
+
+# how the report names the stages the defenses observe (others: their name with spaces)
+STAGE_LABELS = {"after_reinit": "zero reinit", "after_reinit_bn_recomputed": "zero reinit, BN recomputed",
+                "backdoored_bn_recomputed": "backdoored model, BN recomputed", "after_finetune": "fine-tuned",
+                "after_prune": "pruned", "after_unlearn": "unlearned", "after_distill": "distilled"}
+STAGES_NOTE = ("Test ACC / ASR in % of the model each defense observed after each of its stages (the mean over the "
+               "seeds; the last stage is the defense's result). \"BN recomputed\": a copy whose BatchNorm statistics "
+               "are recomputed on the clean set, no weight changed -- beside the backdoored model under the same "
+               "recompute, it shows how much of the backdoor a stage removed rather than hid.")
+
+
+def _stage_tables(t: ResultTable) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(defense label, header, rows) for every defense column that observed two stages or more."""
+    out = []
+    for c in t.columns:
+        if c.defense == NO_DEFENSE or c.selected_on_test:
+            continue
+        per_row = {r.key: t.stages.get((r.key, c.key), {}) for r in t.rows}
+        names: list[str] = []
+        for means in per_row.values():
+            names += [n for n in means if n not in names]
+        if len(names) < 2:
+            continue
+        rows = [[r.label, *(f"{per_row[r.key][n]['acc']:.2f} / {per_row[r.key][n]['asr']:.2f}"
+                            if n in per_row[r.key] else "-" for n in names)]
+                for r in t.rows if per_row[r.key]]
+        out.append((c.label, ["Attack", *(STAGE_LABELS.get(n, n.replace("_", " ")) for n in names)], rows))
+    return out
 
 
 def _sweep_entries(sweeps: list[tuple[str, dict, dict]], rows: dict[str, Row]) -> list[dict]:
@@ -518,6 +570,11 @@ def render_markdown(tables: list[ResultTable], summary: dict) -> str:
         out += ["", _paper_note(t), ""]
         out += [f"- {line}" for line in _settings_lines(t)]
         out += _figure_lines(t)
+        stage_tables = _stage_tables(t)
+        if stage_tables:
+            out += ["", "### ACC / ASR after each stage of a defense", "", STAGES_NOTE]
+            for label, header, rows in stage_tables:
+                out += ["", f"{label}:", "", *_plain_markdown_table(header, rows)]
         if t.sweeps:
             header, rows = _sweep_table(t)
             out += ["", "### TSBD's neuron ratio n, swept on test data", "",
@@ -687,6 +744,11 @@ def render_html(tables: list[ResultTable], summary: dict, out_dir: Path) -> str:
         parts.append("<ul class=\"settings\">" + "".join(f"<li>{e(s)}</li>" for s in _settings_lines(t)) + "</ul>")
         if t.plots:
             parts.append(_html_figures(t, out_dir))
+        stage_tables = _stage_tables(t)
+        if stage_tables:
+            parts.append(f"<h3>ACC / ASR after each stage of a defense</h3><p class=\"note\">{e(STAGES_NOTE)}</p>")
+            for label, header, rows in stage_tables:
+                parts.append(f"<p class=\"meta\">{e(label)}:</p>" + _plain_html_table(header, rows))
         if t.sweeps:
             header, rows = _sweep_table(t)
             parts.append("<h3>TSBD's neuron ratio n, swept on test data</h3>"
