@@ -576,3 +576,36 @@ def test_each_stage_a_defense_observed_is_tabled_with_its_mean_over_seeds(tmp_pa
     assert rows["LF"] == ["77.00 / 2.00", "79.00 / 50.00", "80.00 / 99.00", "85.00 / 13.00"]
     assert "TSBD:" in section and "FT:" not in section  # one stage is just the result: no table
     assert "<td>79.00 / 50.00</td>" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_sweep_run_joins_the_plain_tsbd_column_and_a_seed_counts_once(tmp_path):
+    from tsbd.bench.report import collect
+
+    sweep_opts = {**_defaults("defense", "tsbd"), "test_selected_n": [0.15, 0.3]}
+    picked = {"n": 0.3, "acc": 0.80, "asr": 0.0, "reached_threshold": True, "threshold": 0.0005,
+              "sweep": [{"n": 0.15, "acc": 0.84, "asr": 0.02}, {"n": 0.3, "acc": 0.80, "asr": 0.0}]}
+    cells, metrics = [], {}
+    for att in ("badnets", "lf"):
+        a = _attack_cell(att)
+        cells.append(a)
+        metrics[a.id] = {"acc": 0.86, "asr": 0.97}
+        runs = [(0, sweep_opts, 0.02)] if att == "lf" else [(0, _defaults("defense", "tsbd"), 0.02),
+                                                            (1, _defaults("defense", "tsbd"), 0.04),
+                                                            (0, sweep_opts, 0.50)]  # seed 0 again, with the sweep
+        for seed, config, asr in runs:
+            d = defense_cell(a, defense={"name": "tsbd", "config": config}, clean_ratio=0.05, seed=seed)
+            cells.append(d)
+            metrics[d.id] = {"acc": 0.84, "asr": asr, "der": 0.9,
+                             **({"stages": {"n_selected_on_test": picked}} if config is sweep_opts else {})}
+    _fill_store(tmp_path, "joined", cells, metrics)
+    with Store(tmp_path, create=False) as store:
+        (table,) = collect(store, "joined")
+    assert [c.label for c in table.columns] == ["No Defense", "TSBD", "TSBD, n selected on test data"]
+    tsbd = table.columns[1].key
+    rows = {r.attack: r.key for r in table.rows}
+    assert table.values[(rows["badnets"], tsbd)]["n"] == 2  # seeds 0 and 1: the plain seed 0 counts, once
+    assert table.values[(rows["badnets"], tsbd)]["asr"] == pytest.approx(3.0)
+    assert table.values[(rows["lf"], tsbd)]["asr"] == pytest.approx(2.0)  # the sweep run's own n, in the column
+    assert (rows["lf"], tsbd) in table.paper  # the paper's TSBD column: its numbers stand beside ours
+    assert (rows["lf"], table.columns[2].key) not in table.paper  # ... and not beside the test-selected n
+    assert "n_selected_on_test" not in table.stages[(rows["lf"], tsbd)]  # a pick, not a stage of the model

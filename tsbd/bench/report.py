@@ -220,16 +220,20 @@ def collect(store: Store, grid: str | Sequence[str] | None = None,
                     cols[ckey] = Column(ckey, NO_DEFENSE, None, {}, {})
             else:
                 dd = d["config"]["defense"]
-                ckey = canonical_json({"name": dd["name"], "config": dd["config"], "clean": d["config"]["clean_ratio"]})
+                config, plain = _model_config(dd["name"], dd["config"])
+                ckey = canonical_json({"name": dd["name"], "config": config, "clean": d["config"]["clean_ratio"]})
                 if ckey not in cols:
-                    cols[ckey] = Column(ckey, dd["name"], d["config"]["clean_ratio"], dd["config"],
-                                        non_default(dd["config"], _defaults("defense", dd["name"])))
+                    cols[ckey] = Column(ckey, dd["name"], d["config"]["clean_ratio"], config,
+                                        non_default(config, _defaults("defense", dd["name"])))
             m = (d or a)["metrics"] or {}
             acc.setdefault((rkey, ckey), []).append({"acc": m.get("acc"), "asr": m.get("asr"),
                                                       "der": m.get("der") if d is not None else None,
-                                                      "cell": (d or a)["id"], "seconds": cell_seconds(d or a)})
+                                                      "cell": (d or a)["id"], "seconds": cell_seconds(d or a),
+                                                      "seed": (d or a)["config"].get("seed"),
+                                                      "plain": d is None or plain})
             if d is not None and m.get("stages"):
-                observed.setdefault((rkey, ckey), []).append(m["stages"])
+                observed.setdefault((rkey, ckey), []).append({"seed": d["config"].get("seed"), "plain": plain,
+                                                              "stages": m["stages"]})
             picked = (m.get("stages") or {}).get(SELECTED_ON_TEST) if d is not None else None
             if picked:
                 skey = ckey + "|" + SELECTED_ON_TEST
@@ -241,11 +245,13 @@ def collect(store: Store, grid: str | Sequence[str] | None = None,
                 d_er = (der(before["acc"], before["asr"], picked["acc"], picked["asr"])
                         if {"acc", "asr"} <= set(before) and {"acc", "asr"} <= set(picked) else None)
                 acc.setdefault((rkey, skey), []).append({"acc": picked.get("acc"), "asr": picked.get("asr"),
-                                                         "der": d_er, "cell": d["id"], "n": picked.get("n")})
+                                                         "der": d_er, "cell": d["id"], "n": picked.get("n"),
+                                                         "seed": d["config"].get("seed")})
                 if picked.get("sweep"):
                     sweeps.append((rkey, d, picked))
         values = {}
         for k, items in acc.items():
+            items = _one_per_seed(items)
             entry: dict[str, Any] = {"n": len(items), "cells": [i["cell"] for i in items]}
             secs = [i["seconds"] for i in items if i.get("seconds") is not None]
             if secs:
@@ -272,13 +278,39 @@ def collect(store: Store, grid: str | Sequence[str] | None = None,
     return tables
 
 
+def _model_config(defense: str, config: dict) -> tuple[dict, bool]:
+    """A defense's config with its report-only options (those that add measurements but leave the
+    returned model alone, e.g. TSBD's sweep of n on test data) at their defaults, so such a cell
+    joins the column of the plain run; and whether they were at their defaults already."""
+    only = DEFENSES.get(defense).report_only if defense in DEFENSES else ()
+    defaults = _defaults("defense", defense) or {}
+    if not only or not defaults:
+        return config, True
+    out = {**config, **{k: defaults[k] for k in only if k in defaults}}
+    return out, canonical_json(out) == canonical_json(config)
+
+
+def _one_per_seed(items: list[dict]) -> list[dict]:
+    """One cell per seed in a column: where a plain run and a run with report-only options share a
+    seed (the same model twice), the plain one counts."""
+    if not any("seed" in i for i in items):
+        return items
+    kept: dict[Any, dict] = {}
+    for i in items:
+        seed = i.get("seed")
+        if seed not in kept or (i.get("plain") and not kept[seed].get("plain")):
+            kept[seed] = i
+    return list(kept.values())
+
+
 def _stage_means(observed: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], dict[str, dict]]:
     """Mean test ACC / ASR (in %) of each stage a defense observed, over the seeds that have it."""
     out = {}
-    for key, records in observed.items():
+    for key, cells in observed.items():
+        records = [c["stages"] for c in _one_per_seed(cells)]
         names: list[str] = []
         for rec in records:
-            names += [k for k, v in rec.items() if k not in names and isinstance(v, dict)
+            names += [k for k, v in rec.items() if k not in names and k != SELECTED_ON_TEST and isinstance(v, dict)
                       and isinstance(v.get("acc"), (int, float)) and isinstance(v.get("asr"), (int, float))]
         means = {}
         for name in names:
@@ -412,6 +444,8 @@ def _attach_paper(t: ResultTable, paper: PaperIndex) -> None:
     used: dict[str, dict] = {}
     for r in t.rows:
         for c in t.columns:
+            if c.selected_on_test:  # the paper's numbers stand beside the defense's own column only
+                continue
             hit = paper.lookup(tables, r.attack, r.changed, c.defense, c.clean_ratio, c.changed, c.config)
             if hit:
                 t.paper[(r.key, c.key)] = (hit[0], hit[1]["id"])

@@ -82,6 +82,9 @@ class Defense:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = DefenseConfig
+    # options that add measurements to a run but leave the returned model as it is (e.g. TSBD's sweep
+    # of n on test data): reports put cells that differ only in these into one column
+    report_only: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any = None, **overrides: Any):
         cfg = config if config is not None else self.config_class()

@@ -335,6 +335,7 @@ class TSBD(Defense):
 
     name = "tsbd"
     config_class = TSBDConfig
+    report_only = ("test_selected_n", "test_selected_asr")
 
     @classmethod
     def seconds_like(cls, options, like_options, like_timings, like_seconds):
