@@ -303,6 +303,12 @@ def _one_per_seed(items: list[dict]) -> list[dict]:
     return list(kept.values())
 
 
+def _measured(stage: Any) -> bool:
+    """Whether a defense's stage record holds a test ACC and ASR."""
+    return (isinstance(stage, dict) and isinstance(stage.get("acc"), (int, float))
+            and isinstance(stage.get("asr"), (int, float)))
+
+
 def _stage_means(observed: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], dict[str, dict]]:
     """Mean test ACC / ASR (in %) of each stage a defense observed, over the seeds that have it."""
     out = {}
@@ -310,11 +316,10 @@ def _stage_means(observed: dict[tuple[str, str], list[dict]]) -> dict[tuple[str,
         records = [c["stages"] for c in _one_per_seed(cells)]
         names: list[str] = []
         for rec in records:
-            names += [k for k, v in rec.items() if k not in names and k != SELECTED_ON_TEST and isinstance(v, dict)
-                      and isinstance(v.get("acc"), (int, float)) and isinstance(v.get("asr"), (int, float))]
+            names += [k for k, v in rec.items() if k not in names and k != SELECTED_ON_TEST and _measured(v)]
         means = {}
         for name in names:
-            got = [rec[name] for rec in records if isinstance(rec.get(name), dict) and "acc" in rec[name]]
+            got = [rec[name] for rec in records if _measured(rec.get(name))]
             means[name] = {"acc": 100 * statistics.mean(g["acc"] for g in got),
                            "asr": 100 * statistics.mean(g["asr"] for g in got), "n": len(got)}
         out[key] = means
@@ -357,7 +362,7 @@ def _sweep_entries(sweeps: list[tuple[str, dict, dict]], rows: dict[str, Row]) -
         points = [(float(p["n"]), 100 * p["acc"], 100 * p["asr"]) for p in picked["sweep"]
                   if p.get("acc") is not None and p.get("asr") is not None]
         out.append({"row": rkey, "cell": d["id"], "seed": d["config"].get("seed"), "picked": picked.get("n"),
-                    "reached": bool(picked.get("reached_threshold")), "threshold": picked.get("threshold"),
+                    "threshold": picked.get("threshold"),
                     "points": sorted(points)})
     order = {k: (attack_order(r.attack), k) for k, r in rows.items()}
     out.sort(key=lambda e: (order[e["row"]], e["seed"] or 0, e["cell"]))
