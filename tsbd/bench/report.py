@@ -638,10 +638,16 @@ def _plain_markdown_table(header: list[str], rows: list[list[str]]) -> list[str]
     return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
 
 
-def _plain_html_table(header: list[str], rows: list[list[str]]) -> str:
+def _plain_html_table(header: list[str], rows: list[list[str]] | list[list[tuple[str, bool]]]) -> str:
+    """A simple HTML table; a cell is its text, or (text, bold)."""
     e = html.escape
+
+    def cell(v: str | tuple[str, bool]) -> str:
+        text, bold = (v, False) if isinstance(v, str) else v
+        return f"<td><b>{e(text)}</b></td>" if bold else f"<td>{e(text)}</td>"
+
     return ("<table class=\"failures\"><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in rows) + "</table>")
+            + "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows) + "</table>")
 
 
 def _failures_table(summary: dict) -> tuple[list[str], list[list[str]]]:
@@ -792,9 +798,7 @@ def render_html(tables: list[ResultTable], summary: dict, out_dir: Path) -> str:
             header, rows = _sweep_table(t)
             parts.append("<h3>TSBD's neuron ratio n, swept on test data</h3>"
                          f"<p class=\"note\">{e(SWEEP_NOTE.format(threshold=_sweep_threshold(t)))}</p>"
-                         "<table class=\"failures\"><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
-                         + "".join("<tr>" + "".join(f"<td><b>{e(x)}</b></td>" if best else f"<td>{e(x)}</td>"
-                                                     for x, best in r) + "</tr>" for r in rows) + "</table>")
+                         + _plain_html_table(header, rows))
             parts.append(_html_figures(t, out_dir, sweep=True))
     if summary.get("failures"):
         parts.append("<h2>Failed cells</h2>" + _plain_html_table(*_failures_table(summary)))
