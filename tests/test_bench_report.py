@@ -609,3 +609,12 @@ def test_a_sweep_run_joins_the_plain_tsbd_column_and_a_seed_counts_once(tmp_path
     assert (rows["lf"], tsbd) in table.paper  # the paper's TSBD column: its numbers stand beside ours
     assert (rows["lf"], table.columns[2].key) not in table.paper  # ... and not beside the test-selected n
     assert "n_selected_on_test" not in table.stages[(rows["lf"], tsbd)]  # a pick, not a stage of the model
+
+
+def test_one_cell_per_seed_keeps_the_plain_run_and_every_cell_without_a_seed():
+    from tsbd.bench.report import _one_per_seed
+
+    items = [{"cell": "sweep0", "seed": 0, "plain": False}, {"cell": "a", "seed": None},
+             {"cell": "plain0", "seed": 0, "plain": True}, {"cell": "b", "seed": None},
+             {"cell": "plain1", "seed": 1, "plain": True}, {"cell": "sweep1", "seed": 1, "plain": False}]
+    assert [i["cell"] for i in _one_per_seed(items)] == ["plain0", "a", "b", "plain1"]

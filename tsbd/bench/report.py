@@ -292,15 +292,18 @@ def _model_config(defense: str, config: dict) -> tuple[dict, bool]:
 
 def _one_per_seed(items: list[dict]) -> list[dict]:
     """One cell per seed in a column: where a plain run and a run with report-only options share a
-    seed (the same model twice), the plain one counts."""
-    if not any("seed" in i for i in items):
-        return items
-    kept: dict[Any, dict] = {}
+    seed (the same model twice), the plain one counts. Cells that recorded no seed all count."""
+    out: list[dict] = []
+    at: dict[Any, int] = {}  # seed -> its place in out
     for i in items:
         seed = i.get("seed")
-        if seed not in kept or (i.get("plain") and not kept[seed].get("plain")):
-            kept[seed] = i
-    return list(kept.values())
+        if seed is None or seed not in at:
+            if seed is not None:
+                at[seed] = len(out)
+            out.append(i)
+        elif i.get("plain") and not out[at[seed]].get("plain"):
+            out[at[seed]] = i
+    return out
 
 
 def _measured(stage: Any) -> bool:
