@@ -122,7 +122,7 @@ def bench_bare(model, runtime, batch_size, steps, warmup, timings: dict | None =
     ``torch.compile``, the compile time plus ``warmup`` ordinary steps)."""
     t0 = time.perf_counter()
     model.to(runtime.device).to(memory_format=torch.channels_last).train()
-    net = torch.compile(model) if runtime.compile else model
+    net = torch.compile(model) if runtime.compile == "on" else model  # compile is "on", "off" or "auto"
     x = torch.rand(batch_size, 3, 32, 32, device=runtime.device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,), device=runtime.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
