@@ -618,3 +618,12 @@ def test_one_cell_per_seed_keeps_the_plain_run_and_every_cell_without_a_seed():
              {"cell": "plain0", "seed": 0, "plain": True}, {"cell": "b", "seed": None},
              {"cell": "plain1", "seed": 1, "plain": True}, {"cell": "sweep1", "seed": 1, "plain": False}]
     assert [i["cell"] for i in _one_per_seed(items)] == ["plain0", "a", "b", "plain1"]
+
+
+def test_a_named_variant_reads_in_words_beside_its_setting():
+    from tsbd.bench.report import Column, _label_columns
+
+    cols = [Column(f"tsbd|{n}", "tsbd", 0.05, {"neuron_ratio": n}, {}) for n in (0.0, 0.15)]
+    cols.append(Column("anp", "anp", 0.05, {}, {}))
+    _label_columns(cols)
+    assert [c.label for c in cols] == ["TSBD (stage 2 alone, neuron_ratio=0)", "TSBD (neuron_ratio=0.15)", "ANP"]

@@ -23,6 +23,8 @@ ATTACK_NAMES = {"badnets": "BadNets", "blended": "Blended", "inputaware": "Input
                 "ssba": "SSBA", "trojan": "Trojan", "wanet": "WaNet"}
 DEFENSE_NAMES = {"none": "No Defense", "ft": "FT", "fp": "FP", "nad": "NAD", "nc": "NC", "anp": "ANP", "clp": "CLP",
                  "ibau": "i-BAU", "rnp": "RNP", "tsbd": "TSBD"}
+# option settings the report names in words beside the option: {(defense, option, value): name}
+VARIANT_NAMES = {("tsbd", "neuron_ratio", 0.0): "stage 2 alone"}
 DATASET_NAMES = {"cifar10": "CIFAR-10", "gtsrb": "GTSRB", "tiny-imagenet": "Tiny ImageNet",
                  "demo": "demo (CIFAR-10 subset)"}
 MODEL_NAMES = {"preact_resnet18": "PreAct-ResNet18", "vgg19_bn": "VGG19-BN", "airbench": "airbench"}

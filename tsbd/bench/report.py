@@ -38,6 +38,7 @@ from tsbd.bench.paper import (
     DEFENSE_NAMES,
     METRICS,
     MODEL_NAMES,
+    VARIANT_NAMES,
     PaperIndex,
     attack_order,
     defense_order,
@@ -423,7 +424,10 @@ def _label_columns(cols: list[Column]) -> None:
         vary = _varying([{"clean_ratio": c.clean_ratio, **c.config} for c in same]) if len(same) > 1 else []
         for c in same:
             flat = _flatten({"clean_ratio": c.clean_ratio, **c.config})
-            extra = _describe({("clean" if k == "clean_ratio" else k): flat.get(k) for k in vary})
+            settings = {("clean" if k == "clean_ratio" else k): flat.get(k) for k in vary}
+            named = [VARIANT_NAMES[(name, k, v)] for k, v in settings.items()
+                     if isinstance(v, (int, float, str)) and (name, k, v) in VARIANT_NAMES]
+            extra = ", ".join([*named, _describe(settings)] if settings else [])
             c.label = display(c.defense, DEFENSE_NAMES) + (f" ({extra})" if extra else "")
     by_key = {c.key: c for c in cols}
     for c in cols:
