@@ -462,16 +462,15 @@ def test_workers_share_one_store_run_every_cell_once_and_start_attacks_first(tmp
     assert max(attacks) <= min(defenses)
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_every_worker_and_hands_their_cells_back(tmp_path):
-    # cells long enough that both workers are surely inside one when Ctrl-C comes (it never waits for them)
+def _two_workers_inside_their_cells(tmp_path, sigint):
+    """`tsbd bench --workers 2` in its own session with SIGINT set to ``sigint``, once both workers
+    run a cell (cells long enough that both are surely inside one when the stop comes): (process,
+    results folder, the running cell ids)."""
     grid, results = write_grid(tmp_path, epochs=500), tmp_path / "results"
     cmd = [sys.executable, "-m", "tsbd.cli", "bench", str(grid), "--results", str(results), "--workers", "2",
            *RUNTIME]
-    # SIGINT as a terminal's foreground job has it, even when the tests run as a background job
-    # (whose SIGINT is ignored, and that would be inherited)
     proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     running: list[str] = []
     deadline = time.time() + 180
     try:
@@ -479,6 +478,18 @@ def test_ctrl_c_stops_every_worker_and_hands_their_cells_back(tmp_path):
             running = running_cells(results)
             time.sleep(0.05)
         assert len(running) == 2, proc.stderr.read().decode()[-2000:]  # both attack cells, one per worker
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc, results, running
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_and_hands_their_cells_back(tmp_path):
+    # SIGINT as a terminal's foreground job has it, even when the tests run as a background job
+    # (whose SIGINT is ignored, and that would be inherited)
+    proc, results, running = _two_workers_inside_their_cells(tmp_path, signal.SIG_DFL)
+    try:
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         proc.wait(timeout=120)
     finally:
@@ -500,3 +511,22 @@ def test_workers_option_is_checked_before_any_work(tmp_path, capsys):
                  *RUNTIME]) == 2
     assert "--cpus-per-cell" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_background_bench_stops_every_worker_and_hands_their_cells_back(tmp_path):
+    # a background job: SIGINT ignored (and inherited by the workers), stopped with `kill` (SIGTERM)
+    proc, results, running = _two_workers_inside_their_cells(tmp_path, signal.SIG_IGN)
+    try:
+        t0 = time.time()
+        proc.terminate()  # SIGTERM to the bench process alone
+        proc.wait(timeout=120)
+        assert time.time() - t0 < 30  # the workers were told at once, not after the parent's 60 s grace
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    with Store(results) as store:
+        assert not [r for r in store.cells("tiny") if r["status"] == "running"]
+        outcomes = runs_by_cell(store)
+        assert all(outcomes[cid] == ["interrupted"] for cid in running)

@@ -42,6 +42,7 @@ class Summary:
     ran: int = 0  # cells this process ran to done
     errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (cell id, error) failed in this run
     seconds: float = 0.0
+    crashed: list[str] = dataclasses.field(default_factory=list)  # worker processes that did not exit cleanly
 
 
 class _Progress:
@@ -291,9 +292,11 @@ def _run_ray(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, ru
 
 # ------------------------------------------------------------------------------------------
 def _interrupt_once(signum, frame) -> None:
-    """SIGINT in a worker: stop (KeyboardInterrupt) and ignore any further SIGINT, so that a second
-    one (the terminal's to the group, then the parent's) cannot cut short handing the cell back."""
+    """SIGINT or SIGTERM in a worker: stop (KeyboardInterrupt) and hand the cell back. A further
+    SIGINT is ignored, so that a second one (the terminal's to the group, then the parent's) cannot
+    cut that short; a further SIGTERM kills at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise KeyboardInterrupt
 
 
@@ -302,6 +305,7 @@ def _worker_main(plan: Plan, results_dir: str, ctx: CellContext, retry_failed: b
     """One of ``run_workers``'s processes: the local executor on the shared store, attacks first."""
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's ignored SIGINT stays ignored
         signal.signal(signal.SIGINT, _interrupt_once)
+    signal.signal(signal.SIGTERM, _interrupt_once)  # `kill`, or the parent's stop when SIGINT is ignored
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         with Store(results_dir) as store:
@@ -346,6 +350,9 @@ def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, ret
                            args=(plan, str(Path(store.path).parent), worker_ctx, retry_failed, poll_s, runner))
              for i in range(workers)]
     bar = _Progress(plan, done0 + len(failed0), progress)
+    # the workers inherit this process's SIGINT; where it is ignored (a background job) they are
+    # stopped with SIGTERM instead, which they take the same way
+    stop_signal = signal.SIGTERM if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else signal.SIGINT
     try:
         for proc in procs:
             proc.start()
@@ -366,7 +373,7 @@ def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, ret
             proc.join(timeout=max(0.0, grace - time.monotonic()))
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGINT)
+                os.kill(proc.pid, stop_signal)
         deadline = time.monotonic() + stop_timeout_s
         for proc in procs:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -380,7 +387,7 @@ def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, ret
     summary = Summary(total=len(plan.cells), done=done, failed=failed, ran=done - done0,
                       errors=[(cid, err) for cid, err in errors.items() if cid not in failed0],
                       seconds=time.perf_counter() - t0)
-    crashed = [p.name for p in procs if p.exitcode not in (0, None)]
-    if crashed:
-        log.warning("bench workers exited with an error: %s", ", ".join(crashed))
+    summary.crashed = [p.name for p in procs if p.exitcode not in (0, None)]
+    if summary.crashed:
+        log.warning("bench workers exited with an error: %s", ", ".join(summary.crashed))
     return summary

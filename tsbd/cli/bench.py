@@ -115,10 +115,13 @@ def cmd_bench(args) -> int:
 
         files = write_report(results, grid=plan.name)
         console.print(f"report: {files['md']} and {files['html']}")
+    if summary.crashed:
+        console.print(f"[red]{len(summary.crashed)} worker(s) stopped before the grid was done[/] "
+                      f"({', '.join(summary.crashed)}); rerun the same command: the cells they held are "
+                      f"redone from their last checkpoint")
     if summary.failed:
         console.print("rerun with --retry-failed to try the failed cells again")
-        return 1
-    return 0
+    return 1 if summary.failed or summary.crashed else 0
 
 
 def _names(text: str) -> list[str]:
