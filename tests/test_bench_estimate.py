@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tsbd.bench.estimate import Estimate, Estimator, remaining, remaining_line
+from tsbd.bench.estimate import Estimate, Estimator, machine_of, remaining, remaining_line
 from tsbd.bench.grid import attack_cell, defense_cell
 
 
@@ -135,6 +135,27 @@ def test_estimates_for_a_machine_prefer_cells_run_on_a_processor_of_that_name_in
     fp32 = Estimator(rows, by_id.get, threads=2, machine=("AMD EPYC", "fp32"))
     assert fp32("defense", anp.config, blended.id).seconds == 1200.0
     assert Estimator(rows, by_id.get, threads=2)("defense", anp.config, blended.id).seconds == 800.0  # no machine
+
+
+def test_a_cell_run_on_a_gpu_is_not_taken_for_its_host_cpu():
+    """A GPU machine's host CPU can share its name with a CPU machine (an Intel Xeon): the GPU's name is
+    the machine, so a CPU run is not planned at the GPU's speed, and a GPU run is."""
+    lf, blended = _attack("lf"), _attack("blended")
+    by_id = {c.id: c.config for c in (lf, blended)}
+    xeon = "Intel(R) Xeon(R) Processor"
+    gpu_row = {**_row(_defense(lf, "anp"), seconds=60.0, key="cell"),
+               "versions": {"runtime": {"threads": 1, "cpu": xeon, "gpu": "NVIDIA H200", "precision": "bf16",
+                                        "device": "cuda"}}}
+    cpu_row = {**_row(_defense(lf, "anp"), seconds=2400.0, key="cell"),
+               "versions": {"runtime": {"threads": 1, "cpu": xeon, "precision": "bf16", "device": "cpu"}}}
+    assert machine_of(gpu_row) == ("NVIDIA H200", "bf16") and machine_of(cpu_row) == (xeon, "bf16")
+    anp = _defense(blended, "anp")
+    on_cpu = Estimator([gpu_row, cpu_row], by_id.get, threads=1, machine=(xeon, "bf16"))
+    assert on_cpu("defense", anp.config, blended.id) == Estimate(2400.0, "same", 1, 1)
+    on_gpu = Estimator([gpu_row, cpu_row], by_id.get, threads=1, machine=("NVIDIA H200", "bf16"))
+    assert on_gpu("defense", anp.config, blended.id) == Estimate(60.0, "same", 1, 1)
+    only_gpu = Estimator([gpu_row], by_id.get, threads=1, machine=(xeon, "bf16"))
+    assert only_gpu("defense", anp.config, blended.id).elsewhere
 
 
 def test_a_tsbd_cell_sweeping_n_on_test_data_is_estimated_with_its_extra_stage_2s():

@@ -627,3 +627,23 @@ def test_a_named_variant_reads_in_words_beside_its_setting():
     cols.append(Column("anp", "anp", 0.05, {}, {}))
     _label_columns(cols)
     assert [c.label for c in cols] == ["TSBD (stage 2 alone, neuron_ratio=0)", "TSBD (neuron_ratio=0.15)", "ANP"]
+
+
+def test_the_report_names_the_machine_each_host_ran_its_cells_on(tmp_path):
+    """A GPU machine's cells are reported with the GPU's name, a CPU machine's with its processor."""
+    gpu, cpu = _attack_cell("badnets"), _attack_cell("blended")
+    runtimes = {gpu.id: ("device", {"device": "cuda", "precision": "bf16", "threads": 1,
+                                    "cpu": "Intel(R) Xeon(R) Processor", "gpu": "NVIDIA H200"}),
+                cpu.id: ("laptop", {"device": "cpu", "precision": "fp32", "threads": 2, "cpu": "AMD EPYC"})}
+    with Store(tmp_path) as store:
+        store.register(Plan("hosts", {"name": "hosts"}, [gpu, cpu]))
+        for c in (gpu, cpu):
+            assert store.claim(c.id) == "claimed"
+            host, runtime = runtimes[c.id]
+            store.complete(c.id, CellResult({"acc": 0.9, "asr": 0.9, "ra": 0.1}, {"total": 60.0},
+                                            {"tsbd": "0.1", "runtime": runtime}, f"artifacts/{c.id}", host,
+                                            now_iso(), now_iso()))
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path), "--out", str(out), "--no-plots"]) == 0
+    line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("Cells:"))
+    assert "on device (NVIDIA H200, bf16), laptop (AMD EPYC, fp32)." in line

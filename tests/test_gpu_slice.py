@@ -46,3 +46,28 @@ def test_slice_script_says_how_to_call_it(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/grid_slice.sh")], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "OUT": str(tmp_path)})
     assert proc.returncode != 0 and "usage: OUT=DIR grid_slice.sh GRID ATTACK" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_first_columns_runs_a_grid_in_two_bench_runs_on_one_store_and_sends_back_its_rows(tmp_path):
+    grid = write_tiny_grid(tmp_path, name="tiny-first", attacks=("badnets",), defenses=("none", "tsbd", "clp"),
+                           widths=(8, 16, 16))
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "DATA_ROOT": str(tmp_path),
+           "PYTHONPATH": str(ROOT), "W1": "1", "W2": "1", "STAGGER_SECONDS": "1", "END_SECONDS": "400"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/first_columns.sh"), f"a:{grid}:clp", "--",
+                           "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "a" / "results.sqlite").is_file() and not (out / "a" / "artifacts").exists()
+    log = (out / "env.txt").read_text()
+    assert "a: every column stopped with 0" in log and "a: first columns stopped with 0" in log, log
+    local = tmp_path / "local"
+    merge_results(out / "a", local)
+    with Store(local) as store:
+        assert store.counts("tiny-first") == {"pending": 0, "running": 0, "done": 3, "failed": 0}  # model, TSBD, CLP
+
+
+def test_first_columns_says_how_to_call_it(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/first_columns.sh"), "--", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 2 and "usage: OUT=DIR first_columns.sh NAME:GRID:RIVAL" in proc.stderr

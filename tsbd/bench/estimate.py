@@ -78,6 +78,14 @@ def _keys(kind: str, config: dict, parent: dict | None) -> tuple[str, str] | Non
             canonical_json(["defense", d["name"], config.get("clean_ratio"), setting]))
 
 
+def machine_of(row: dict) -> tuple[str, str] | None:
+    """(processor, precision) a store row's cell ran on, as its runtime recorded them: the GPU's name
+    where it ran on one (its host CPU says nothing of its speed), else the CPU's; None if unrecorded."""
+    runtime = (row.get("versions") or {}).get("runtime") or {}
+    name = runtime.get("gpu") or runtime.get("cpu")
+    return (name, runtime["precision"]) if name and "precision" in runtime else None
+
+
 class Estimator:
     """Estimates from ``rows`` (store rows: kind, config, parent, status, timings); ``config_of(id)``
     gives the config of an attack cell, for the defense cells' data set and model."""
@@ -86,8 +94,9 @@ class Estimator:
                  machine: tuple[str, str] | None = None):
         """``threads``: the thread count the estimate is for; where done cells like a cell ran at
         that count, only those are averaged (a cell's time at 1 thread is not its time at 2).
-        ``machine``: (processor name, precision) of the run planned; among those, the cells that
-        ran on such a machine are preferred where there are any."""
+        ``machine``: (processor name, precision) of the run planned -- the GPU's name for a run on
+        one (:func:`machine_of`); among those, the cells that ran on such a machine are preferred
+        where there are any."""
         self._config_of = config_of
         self._threads = threads
         self._machine = machine
@@ -95,10 +104,9 @@ class Estimator:
         for row in rows:
             secs = cell_seconds(row) if row.get("status") == "done" else None
             keys = self._keys_of(row["kind"], row["config"], row.get("parent")) if secs is not None else None
-            runtime = (row.get("versions") or {}).get("runtime") or {}
-            ran_on = (runtime["cpu"], runtime["precision"]) if "cpu" in runtime and "precision" in runtime else None
+            threads = ((row.get("versions") or {}).get("runtime") or {}).get("threads")
             for key in keys or ():
-                self._times.setdefault(key, []).append((secs, runtime.get("threads"), ran_on, row))
+                self._times.setdefault(key, []).append((secs, threads, machine_of(row), row))
 
     def _keys_of(self, kind: str, config: dict, parent_id: str | None) -> tuple[str, str] | None:
         parent = self._config_of(parent_id) if kind == "defense" and parent_id else None

@@ -28,7 +28,7 @@ from typing import Any
 
 from tsbd.artifacts import pyplot, save_figure
 from tsbd.attacks import ATTACKS
-from tsbd.bench.estimate import Estimator, cell_seconds, remaining, remaining_line
+from tsbd.bench.estimate import Estimator, cell_seconds, machine_of, remaining, remaining_line
 from tsbd.bench.figures import acc_asr_panels, heatmap, sweep_panels
 from tsbd.bench.grid import NO_DEFENSE, canonical_json
 from tsbd.bench.layout import Entry, GridColumn, GridRow, TableGrid
@@ -868,7 +868,8 @@ def summarize(store: Store, grid: str | Sequence[str] | None) -> dict:
             compute += cell_seconds(r) or 0.0
             peak = max(peak, float(t.get("peak_rss_mb") or 0.0))
             if r["host"]:
-                hosts.add(r["host"])
+                ran_on = machine_of(r)
+                hosts.add(f"{r['host']} ({ran_on[0]}, {ran_on[1]})" if ran_on else r["host"])
             continue
         if r["status"] == "failed":
             failures.append({"id": r["id"], "kind": r["kind"], "what": what(r), "error": r["error"] or ""})
