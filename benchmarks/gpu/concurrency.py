@@ -101,15 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in counts:
         rows.append(run(n, args))
         print(f"{n:3d} processes: {rows[-1]['images_per_s_total']:10.1f} images/s in all", flush=True)
-    import torch
-
     from tsbd.artifacts import provenance, write_json_atomic
-    from tsbd.train.runtime import cpu_name, resolve_device
+    from tsbd.train.runtime import processor_name, resolve_device
 
-    dev = resolve_device(a.device)
-    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     if a.out:
-        write_json_atomic(a.out, {"args": args, "machine": machine, "results": rows, "provenance": provenance()})
+        write_json_atomic(a.out, {"args": args, "machine": processor_name(resolve_device(a.device)), "results": rows,
+                                  "provenance": provenance()})
     return 0
 
 

@@ -153,13 +153,10 @@ def narrowed(plan, set_values: list[str] | None, seed: int | None):
 def _machine(device: str, precision: str) -> tuple[str, str]:
     """(processor name, precision) a run here would record, as Runtime records them (the GPU's name
     on CUDA, as :func:`tsbd.bench.estimate.machine_of` reads them)."""
-    import torch
-
-    from tsbd.train.runtime import cpu_name, resolve_device, resolve_precision
+    from tsbd.train.runtime import processor_name, resolve_device, resolve_precision
 
     dev = resolve_device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
-    return name, resolve_precision(precision, dev)
+    return processor_name(dev), resolve_precision(precision, dev)
 
 
 def _print_plan(plan, store, console, results: Path, threads: int | None = None,

@@ -48,6 +48,12 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def processor_name(device: torch.device) -> str:
+    """What does the work on ``device``: the GPU's name on CUDA (its host CPU says nothing of its
+    speed), else the CPU's model name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 autocast pays off on CPU only with native bf16 dot products (AVX512-BF16 or AMX);
     on AVX2-only processors it was measured 18-33x slower than fp32."""
