@@ -75,6 +75,7 @@ def test_the_remaining_work_sums_the_estimates_and_says_what_it_leaves_out():
     assert "1 with no done cell like it, not counted" in line
     assert remaining_line(remaining([Estimate(None, ""), Estimate(None, "")])) == (
         "Not done: 2 cells; no done cell like them, so no estimate.")
+    assert remaining_line(remaining([Estimate(None, "")])) == "Not done: 1 cell; no done cell like it, so no estimate."
     assert remaining_line(remaining([])) == "Not done: none."
 
 

@@ -182,5 +182,5 @@ def remaining_line(total: dict[str, Any]) -> str:
                          f"not counted")
         text += f" ({'; '.join(notes)})" if notes else ""
     else:
-        text += "; no done cell like them, so no estimate"
+        text += f"; no done cell like {'it' if total['cells'] == 1 else 'them'}, so no estimate"
     return text + "."
