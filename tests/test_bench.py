@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -383,11 +384,79 @@ def test_a_store_without_its_attacked_models_trains_them_again_only_where_a_defe
         assert ran == [first.id, more.cells[-1].id] and s.done == 6  # the second attack's defenses are done
         assert store.state(second.id)["status"] == "done" and not artifact_path(tmp_path, second.id).exists()
         assert runs_by_cell(store)[first.id] == ["done", "done"]
+        earlier, latest = store.runs(first.id)
+        assert json.loads(earlier["detail"]) == {"metrics": {"acc": 0.9, "asr": 0.1, "der": 0.9}}
+        assert json.loads(latest["detail"]) == {"retrained": {"same": True, "before": {"acc": 0.9, "asr": 0.1}}}
         # a failed defense is not rerun without --retry-failed, so its attacked model is not retrained for it
         assert store.state(third.id)["status"] == "done" and not artifact_path(tmp_path, third.id).exists()
         ran.clear()
         run_grid(more, store, ctx, runner=fake_runner(log=ran), retry_failed=True)
         assert ran == [third.id, failed.id]
+
+
+def test_an_attacked_model_trained_again_to_other_metrics_is_a_warning_kept_in_its_history(tmp_path, caplog):
+    import shutil
+
+    plan = fake_plan(1, 1)
+    attack = plan.attack_cells[0]
+    defense = plan.defenses_of(attack.id)[0]
+    ctx = CellContext(str(tmp_path))
+    with Store(tmp_path) as store:
+        run_grid(plan, store, ctx, runner=fake_runner())
+        shutil.rmtree(tmp_path / "artifacts")
+        store.reopen([defense.id])
+
+        def other(cell, parent, c, cache):
+            result = fake_runner()(cell, parent, c, cache)
+            return dataclasses.replace(result, metrics={"acc": 0.85, "asr": 0.97})
+
+        with caplog.at_level("WARNING", logger="tsbd.bench.executors"):
+            assert run_grid(plan, store, ctx, runner=other).done == 2
+        assert f"attack cell {attack.id} (attack0 m demo seed 0) trained again gives another model " \
+               "(ACC 90.00 -> 85.00%, ASR 10.00 -> 97.00%)" in caplog.text
+        note = json.loads(store.runs(attack.id)[-1]["detail"])
+        assert note == {"retrained": {"same": False, "before": {"acc": 0.9, "asr": 0.1}}}
+        from tsbd.bench.report import render_markdown, summarize
+
+        md = render_markdown([], summarize(store, None))
+        assert "## Attacked models trained again" in md
+        assert f"| {attack.id} | attack0 on demo / m, seed 0 | 90.00 / 10.00 | 85.00 / 97.00 | no |" in md
+        # reopened again, the history keeps both models' metrics, the note beside the latest
+        store.reopen([attack.id])
+        assert store.previous_metrics(attack.id) == {"acc": 0.85, "asr": 0.97}
+        assert json.loads(store.runs(attack.id)[-1]["detail"])["retrained"]["same"] is False
+
+
+def test_reopen_keeps_a_failed_attempts_traceback_and_previous_metrics_is_none_without_a_done_one(tmp_path):
+    plan = fake_plan(1, 0)
+    attack = plan.attack_cells[0]
+    with Store(tmp_path) as store:
+        run_grid(plan, store, CellContext(str(tmp_path)), runner=fake_runner({attack.id}))
+        assert store.reopen([attack.id]) == 1
+        assert "second line" in store.runs(attack.id)[0]["detail"]
+        assert store.previous_metrics(attack.id) is None
+        assert store.previous_metrics("no-such-cell") is None
+
+
+def test_dry_run_counts_an_attacked_model_that_must_train_again(tmp_path):
+    import shutil
+
+    from rich.console import Console
+
+    from tsbd.cli.bench import _print_plan
+
+    plan = fake_plan(2, 1)
+    first = plan.attack_cells[0]
+    with Store(tmp_path) as store:
+        run_grid(plan, store, CellContext(str(tmp_path)), runner=fake_runner())
+        shutil.rmtree(tmp_path / "artifacts")
+        store.reopen([plan.defenses_of(first.id)[0].id])  # only the first attack's defense is left to run
+        console = Console(record=True, width=200)
+        _print_plan(plan, store, console, tmp_path)
+    out = console.export_text()
+    assert out.count("model missing: trains again") == 1
+    assert [first.id in line for line in out.splitlines() if "trains again" in line] == [True]
+    assert "1 attacked model(s) not in" in out
 
 
 def test_opening_a_new_store_retries_a_locked_switch_to_wal(tmp_path, monkeypatch):

@@ -114,6 +114,8 @@ class _Scheduler:
         if err is None:
             if self.store.complete(cell.id, result):
                 self.summary.ran += 1
+                if cell.kind == "attack":
+                    compare_retrained(self.store, cell, result.metrics)
             else:
                 log.warning("cell %s was taken over by another process; its result is not recorded", cell.id)
             return
@@ -156,22 +158,49 @@ def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "loc
     return sched.finalize(t0)
 
 
+def missing_models(plan: Plan, status: dict[str, str], results_dir: str | Path,
+                   retry_failed: bool = False) -> list[str]:
+    """The done attack cells (``status``: cell id -> status) whose model is not in ``results_dir``
+    but that a defense cell of ``plan`` a run would run still needs."""
+    will_run = ("pending", "running", "failed") if retry_failed else ("pending", "running")
+    needed = {cell.parent for cell in plan.cells
+              if cell.parent is not None and status.get(cell.id, "pending") in will_run}
+    return [cid for cid in sorted(needed) if status.get(cid) == "done" and not artifact_path(results_dir, cid).is_dir()]
+
+
 def retrain_missing_models(plan: Plan, store: Store, results_dir: str | Path, retry_failed: bool = False) -> list[str]:
     """Put back to pending every done attack cell whose model is not in ``results_dir`` but that a
     defense cell of ``plan`` this run will run still needs (a store merged from a report folder or
     from a slice sent back without artifacts), so it is trained again before its defenses run.
     Returns their ids."""
-    status = {row["id"]: row["status"] for row in store.cells()}
-    will_run = ("pending", "running", "failed") if retry_failed else ("pending", "running")
-    needed = {cell.parent for cell in plan.cells if cell.parent is not None and status.get(cell.id) in will_run}
-    missing = [cid for cid in sorted(needed)
-               if status.get(cid) == "done" and not artifact_path(results_dir, cid).is_dir()]
+    missing = missing_models(plan, {row["id"]: row["status"] for row in store.cells()}, results_dir, retry_failed)
     if missing:
         store.reopen(missing)
         for cid in missing:
             log.warning("attack cell %s is done but its model is not in %s: training it again for the defense "
                         "cells that need it", cid, results_dir)
     return missing
+
+
+def compare_retrained(store: Store, cell: Cell, metrics: dict) -> bool | None:
+    """After an attack cell trained again (its model was missing, or --redo): whether the new model
+    has the earlier one's clean ACC and ASR exactly (None: no earlier metrics kept). The answer is
+    kept in the attempt's run history; a different model is a warning, because the defense cells
+    done on the earlier model keep their metrics and DER against it."""
+    before = store.previous_metrics(cell.id)
+    if not before:
+        return None
+    keys = [k for k in ("acc", "asr") if isinstance(before.get(k), (int, float)) and k in metrics]
+    same = all(before[k] == metrics[k] for k in keys)
+    change = ", ".join(f"{k.upper()} {100 * before[k]:.2f} -> {100 * metrics[k]:.2f}%" for k in keys)
+    store.note_attempt(cell.id, {"retrained": {"same": same, "before": {k: before[k] for k in keys}}})
+    if same:
+        log.info("attack cell %s (%s) trained again: the same clean ACC and ASR as its earlier model (%s)",
+                 cell.id, cell.label(), change)
+    else:
+        log.warning("attack cell %s (%s) trained again gives another model (%s); its defense cells done on "
+                    "the earlier model keep their metrics and DER against that one", cell.id, cell.label(), change)
+    return same
 
 
 # ------------------------------------------------------------------------------------------

@@ -628,6 +628,9 @@ def render_markdown(tables: list[ResultTable], summary: dict) -> str:
                     *_plain_markdown_table(header, [[f"**{text}**" if best else text for text, best in r]
                                                     for r in rows])]
             out += _figure_lines(t, sweep=True)
+    if summary.get("retrained"):
+        header, rows = _retrained_table(summary)
+        out += ["", "## Attacked models trained again", "", RETRAINED_NOTE, "", *_plain_markdown_table(header, rows)]
     if summary.get("failures"):
         header, rows = _failures_table(summary)
         out += ["", "## Failed cells", "", *_plain_markdown_table(header, rows)]
@@ -807,6 +810,9 @@ def render_html(tables: list[ResultTable], summary: dict, out_dir: Path) -> str:
                          f"<p class=\"note\">{e(SWEEP_NOTE.format(threshold=_sweep_threshold(t)))}</p>"
                          + _plain_html_table(header, rows))
             parts.append(_html_figures(t, out_dir, sweep=True))
+    if summary.get("retrained"):
+        parts.append(f"<h2>Attacked models trained again</h2><p class=\"note\">{e(RETRAINED_NOTE)}</p>"
+                     + _plain_html_table(*_retrained_table(summary)))
     if summary.get("failures"):
         parts.append("<h2>Failed cells</h2>" + _plain_html_table(*_failures_table(summary)))
     if summary.get("not_done"):
@@ -860,9 +866,13 @@ def summarize(store: Store, grid: str | Sequence[str] | None) -> dict:
         return f"{c['defense']['name']} against {pa}, clean {c['clean_ratio']:g}, seed {c['seed']}"
 
     estimate = Estimator(every, configs.get)  # every done cell of the store, not only this grid's
-    not_done = []
+    not_done, retrained = [], []
     for r in rows:
         counts[r["status"]] += 1
+        if r["status"] == "done" and r["kind"] == "attack":
+            note = _retrained_note(store, r)
+            if note:
+                retrained.append(note | {"what": what(r)})
         if r["status"] == "done":
             t = r["timings"] or {}
             compute += cell_seconds(r) or 0.0
@@ -877,7 +887,39 @@ def summarize(store: Store, grid: str | Sequence[str] | None) -> dict:
                          "estimate": estimate(r["kind"], r["config"], r["parent"])})
     return {"grid": grid, "grids": store.grids(), "counts": counts, "compute_s": compute,
             "peak_rss_mb": peak or None, "hosts": sorted(hosts), "failures": failures, "not_done": not_done,
-            "remaining": remaining(c["estimate"] for c in not_done)}
+            "remaining": remaining(c["estimate"] for c in not_done), "retrained": retrained}
+
+
+def _retrained_note(store: Store, row: dict) -> dict | None:
+    """The done attack cell's model was trained again (its model was missing, or it was redone):
+    its id, ACC/ASR before and now, and whether they are equal; None otherwise."""
+    runs = [r for r in store.runs(row["id"]) if r["outcome"] == "done"]
+    if not runs or not runs[-1]["detail"]:
+        return None
+    try:
+        note = json.loads(runs[-1]["detail"]).get("retrained")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(note, dict):
+        return None
+    now = row["metrics"] or {}
+    return {"id": row["id"], "same": bool(note.get("same")), "before": note.get("before") or {},
+            "now": {k: now.get(k) for k in ("acc", "asr")}}
+
+
+RETRAINED_NOTE = ("These attacked models were trained again with the same configuration, because their "
+                  "weights were missing from the store (a store index without its models) or the cell was "
+                  "redone. Where the model differs, the defense cells done on the earlier model keep their "
+                  "ACC, ASR and DER against that model; the No Defense column shows the present one.")
+
+
+def _retrained_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    def pair(d: dict) -> str:
+        return " / ".join("-" if d.get(k) is None else f"{100 * d[k]:.2f}" for k in ("acc", "asr"))
+
+    rows = [[r["id"], r["what"], pair(r["before"]), pair(r["now"]), "yes" if r["same"] else "no"]
+            for r in summary["retrained"]]
+    return ["cell", "what", "earlier ACC / ASR", "present ACC / ASR", "same model"], rows
 
 
 def write_report(results_dir: str | Path, *, out_dir: str | Path | None = None, grid: str | None = None,

@@ -357,12 +357,46 @@ class Store:
     def reopen(self, cell_ids: list[str]) -> int:
         """Put finished (done or failed) cells back to pending, their metrics cleared, so the next run
         redoes them (e.g. after their method's code changed). Running cells are left alone; each
-        cell's earlier attempts stay in its run history. Returns the number reopened."""
+        cell's earlier attempts stay in its run history, a done one with its metrics (as JSON
+        ``{"metrics": ...}`` in its ``detail``, read back by :meth:`previous_metrics`). Returns the
+        number reopened."""
         with self.transaction() as conn:
-            return sum(conn.execute(
-                "UPDATE cells SET status = 'pending', metrics_json = NULL, timings_json = NULL, error = NULL, "
-                "owner = NULL, heartbeat = NULL WHERE id = ? AND status IN ('done', 'failed')", (cid,)).rowcount
-                for cid in cell_ids)
+            n = 0
+            for cid in cell_ids:
+                row = conn.execute("SELECT metrics_json FROM cells WHERE id = ? AND status = 'done'",
+                                   (cid,)).fetchone()
+                last = conn.execute("SELECT attempt, detail FROM runs WHERE cell = ? AND outcome = 'done' "
+                                    "ORDER BY attempt DESC LIMIT 1", (cid,)).fetchone()
+                if row is not None and row["metrics_json"] and last is not None:
+                    kept = _json_dict(last["detail"])
+                    if kept is not None:  # a done attempt's detail is empty or a note of ours
+                        kept["metrics"] = json.loads(row["metrics_json"])
+                        conn.execute("UPDATE runs SET detail = ? WHERE cell = ? AND attempt = ?",
+                                     (json.dumps(kept), cid, last["attempt"]))
+                n += conn.execute(
+                    "UPDATE cells SET status = 'pending', metrics_json = NULL, timings_json = NULL, error = NULL, "
+                    "owner = NULL, heartbeat = NULL WHERE id = ? AND status IN ('done', 'failed')", (cid,)).rowcount
+            return n
+
+    def previous_metrics(self, cell_id: str) -> dict | None:
+        """The metrics of the cell's latest done attempt before it was reopened (:meth:`reopen`), or None."""
+        rows = self._conn.execute("SELECT detail FROM runs WHERE cell = ? AND outcome = 'done' AND detail IS NOT NULL "
+                                  "ORDER BY attempt DESC", (cell_id,)).fetchall()
+        for row in rows:
+            kept = _json_dict(row["detail"])
+            if kept and isinstance(kept.get("metrics"), dict):
+                return kept["metrics"]
+        return None
+
+    def note_attempt(self, cell_id: str, note: dict) -> None:
+        """Add ``note``'s keys to the detail (a JSON object) of the cell's latest attempt."""
+        with self.transaction() as conn:
+            last = conn.execute("SELECT attempt, detail FROM runs WHERE cell = ? ORDER BY attempt DESC LIMIT 1",
+                                (cell_id,)).fetchone()
+            kept = _json_dict(last["detail"]) if last is not None else None
+            if kept is not None:
+                conn.execute("UPDATE runs SET detail = ? WHERE cell = ? AND attempt = ?",
+                             (json.dumps({**kept, **note}), cell_id, last["attempt"]))
 
     def beat(self) -> None:
         """Refresh the heartbeat of every cell this process runs."""
@@ -461,3 +495,14 @@ class Heartbeat:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _json_dict(detail: str | None) -> dict | None:
+    """A run's ``detail`` as a JSON object: {} when empty, None when it holds other text (a traceback)."""
+    if not detail:
+        return {}
+    try:
+        value = json.loads(detail)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -65,7 +65,7 @@ def cmd_bench(args) -> int:
         try:
             cores = args.threads or len(os.sched_getaffinity(0))  # as Runtime.create and run_workers count
             _print_plan(plan, existing, console, results, threads=max(1, cores // args.workers),
-                        machine=_machine(args.device, args.precision))
+                        machine=_machine(args.device, args.precision), retry_failed=args.retry_failed)
         finally:
             if existing is not None:
                 existing.close()
@@ -160,14 +160,18 @@ def _machine(device: str, precision: str) -> tuple[str, str]:
 
 
 def _print_plan(plan, store, console, results: Path, threads: int | None = None,
-                machine: tuple[str, str] | None = None) -> None:
+                machine: tuple[str, str] | None = None, retry_failed: bool = False) -> None:
     """The cells of ``plan`` and their status in ``store`` (None: no store yet, all pending), with
-    estimates for a run at ``threads`` threads per process on ``machine`` (processor, precision)."""
+    estimates for a run at ``threads`` threads per process on ``machine`` (processor, precision).
+    A done attack cell whose model is missing but still needed shows as trained again, and counts."""
     from rich.table import Table
 
     from tsbd.bench.estimate import Estimator, remaining, remaining_line
+    from tsbd.bench.executors import missing_models
 
     states = {cell.id: (store.state(cell.id) if store is not None else None) or {} for cell in plan.cells}
+    again = set(missing_models(plan, {cid: s.get("status", "pending") for cid, s in states.items()}, results,
+                               retry_failed))
     counts = collections.Counter(s.get("status", "pending") for s in states.values())
     console.print(f"[bold]{plan.describe()}[/] -> {results} (dry run; {counts['done']} done, {counts['failed']} "
                   f"failed, {counts['running']} running, {counts['pending']} pending"
@@ -184,12 +188,17 @@ def _print_plan(plan, store, console, results: Path, threads: int | None = None,
         what = cell.label() if cell.kind == "attack" else f"  {cell.label()}"
         status = row.get("status", "pending")
         est = ""
+        if cell.id in again:
+            status = "done, model missing: trains again"
         if status != "done":
             e = estimate(cell.kind, cell.config, cell.parent)
             left.append(e)
             est = e.text()
         table.add_row(cell.id, cell.kind, what, status, str(row.get("attempts", 0)), est)
     console.print(table)
+    if again:
+        console.print(f"{len(again)} attacked model(s) not in {results / 'artifacts'} train again before the "
+                      "defense cells that need them (counted below)")
     console.print(remaining_line(remaining(left)) + " est. min: from done cells of the same attack or defense "
                   "and options (~: another attack or other options; -: none)")
 
