@@ -599,3 +599,38 @@ def test_sigterm_to_a_background_bench_stops_every_worker_and_hands_their_cells_
         assert not [r for r in store.cells("tiny") if r["status"] == "running"]
         outcomes = runs_by_cell(store)
         assert all(outcomes[cid] == ["interrupted"] for cid in running)
+
+
+def test_an_attack_cell_trained_again_keeps_its_earlier_compile_choice(tmp_path, monkeypatch):
+    # with --compile auto a timing race picks compiled or eager, and the two round differently:
+    # a model trained again must not hang on a new race
+    import shutil
+
+    from tsbd import pipeline
+    from tsbd.bench.cells import earlier_compile_choice
+
+    grid, results = write_grid(tmp_path), tmp_path / "results"
+    assert earlier_compile_choice(results, "no-store-yet") is None
+    seen = []
+    real = pipeline.train_attacked_model
+
+    def spy(setup, arch, cfg, runtime, **kw):
+        seen.append(runtime.compile)
+        model, meta = real(setup, arch, cfg, runtime, **kw)
+        return model, {**meta, "compile": {"mode": runtime.compile, "compiled": False}}  # as a run that chose eager
+
+    monkeypatch.setattr(pipeline, "train_attacked_model", spy)
+    args = ["bench", str(grid), "--results", str(results), "--set", 'attack=["badnets"]', "--set",
+            'defense=["none"]', "--device", "cpu", "--precision", "fp32", "--threads", "1", "--quiet"]
+    assert main([*args, "--no-compile"]) == 0
+    with Store(results) as store:
+        (attack,) = [r for r in store.cells() if r["kind"] == "attack"]
+        assert attack["versions"]["runtime"]["compiled"] is False
+        assert earlier_compile_choice(results, attack["id"]) is False
+        store.reopen([attack["id"]])
+    shutil.rmtree(results / "artifacts")
+    seen.clear()
+    monkeypatch.setattr("tsbd.train.runtime.compile_mode", lambda value: "auto")  # a run left to choose
+    assert main(args) == 0
+    assert seen == ["off"]  # the earlier choice, not a new race
+    assert earlier_compile_choice(results, "no-such-cell") is None

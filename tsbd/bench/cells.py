@@ -129,6 +129,10 @@ def run_attack_cell(cell: Cell, ctx: CellContext, cache: DataCache | None = None
     t0 = time.perf_counter()
     cache = cache or DataCache()
     runtime = ctx.runtime()
+    kept = earlier_compile_choice(ctx.results_dir, cell.id) if runtime.compile == "auto" else None
+    if kept is not None:  # trained again: the earlier attempt's choice, not a new timing race
+        runtime = dataclasses.replace(runtime, compile="on" if kept else "off")
+        log.info("attack cell %s trains %s, as its earlier attempt chose", cell.id, "compiled" if kept else "eager")
     c = cell.config
     setup = cache.setup(cell, ctx, runtime)
     t_setup = time.perf_counter() - t0
@@ -145,9 +149,27 @@ def run_attack_cell(cell: Cell, ctx: CellContext, cache: DataCache | None = None
     save_model(out, model, meta, overwrite=True)  # a cell redone after a crash replaces its own artifact
     ckpt.unlink(missing_ok=True)
     timings = {"setup": t_setup, **meta["timings"], "total": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
-    return CellResult(metrics=dict(meta["metrics"]), timings=timings, versions=_versions(runtime, provenance()),
+    versions = _versions(runtime, provenance())
+    if isinstance((meta.get("compile") or {}).get("compiled"), bool):
+        versions["runtime"]["compiled"] = meta["compile"]["compiled"]
+    return CellResult(metrics=dict(meta["metrics"]), timings=timings, versions=versions,
                       artifact=str(Path(ARTIFACTS) / cell.id), host=socket.gethostname(), started=started,
                       finished=now_iso())
+
+
+def earlier_compile_choice(results_dir: str | Path, cell_id: str) -> bool | None:
+    """Whether the attack cell's earlier attempt trained compiled (recorded in its versions, which a
+    reopen keeps), or None. With ``--compile`` auto the choice rests on a timing race (the compiled
+    step must be 5% faster), and compiled and eager steps round differently: an attacked model
+    trained again with the other choice is another model."""
+    from tsbd.bench.store import DB_NAME, Store
+
+    if not (Path(results_dir) / DB_NAME).is_file():
+        return None
+    with Store(results_dir, create=False) as store:
+        row = store.state(cell_id) or {}
+    choice = ((row.get("versions") or {}).get("runtime") or {}).get("compiled")
+    return choice if isinstance(choice, bool) else None
 
 
 def peak_rss_mb() -> float | None:
