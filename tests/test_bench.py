@@ -634,3 +634,36 @@ def test_an_attack_cell_trained_again_keeps_its_earlier_compile_choice(tmp_path,
     assert main(args) == 0
     assert seen == ["off"]  # the earlier choice, not a new race
     assert earlier_compile_choice(results, "no-such-cell") is None
+
+
+def test_copy_index_is_refreshed_after_every_cell_and_refuses_the_store_or_a_live_one(tmp_path, capsys):
+    from tsbd.bench.store import is_snapshot
+
+    plan = fake_plan(2, 1)
+    copy = tmp_path / "kept" / "results.sqlite"
+    seen = []  # done cells the copy shows as each cell starts
+
+    def runner(cell, parent, ctx, cache):
+        with sqlite3.connect(copy) as conn:
+            seen.append(conn.execute("SELECT COUNT(*) FROM cells WHERE status = 'done'").fetchone()[0])
+        return fake_runner()(cell, parent, ctx, cache)
+
+    with Store(tmp_path / "results") as store:
+        run_grid(plan, store, CellContext(str(tmp_path / "results")), runner=runner, copy_index=copy.parent)
+    assert seen == [0, 1, 2, 3]  # written at the start, then after each finished cell
+    assert is_snapshot(copy)
+    with Store(copy) as kept:
+        assert kept.counts("fake") == {"pending": 0, "running": 0, "done": 4, "failed": 0}
+
+    grid, results = write_grid(tmp_path), tmp_path / "results2"
+    assert main(["bench", str(grid), "--results", str(results), "--copy-index", str(results), *RUNTIME]) == 2
+    assert "is the results store itself" in capsys.readouterr().err
+    assert main(["bench", str(grid), "--results", str(results), "--copy-index", str(tmp_path / "results"),
+                 *RUNTIME]) == 2
+    assert "is a live results store, not a copy of one" in capsys.readouterr().err
+    with Store(results) as store:
+        assert store.runs() == []  # refused before any work
+    assert main(["bench", str(grid), "--results", str(results), "--set", 'attack=["badnets"]', "--set",
+                 'defense=["none"]', "--copy-index", str(copy.parent), *RUNTIME]) == 0  # an earlier copy is replaced
+    with Store(copy) as kept:
+        assert [r["status"] for r in kept.cells() if r["kind"] == "attack"] == ["done"]

@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sqlite3
 import time
 import traceback
 from collections.abc import Callable
@@ -69,8 +70,10 @@ class _Progress:
 class _Scheduler:
     """The claim protocol shared by the executors."""
 
-    def __init__(self, plan: Plan, store: Store, retry_failed: bool, summary: Summary):
+    def __init__(self, plan: Plan, store: Store, retry_failed: bool, summary: Summary,
+                 copy_index: str | Path | None = None):
         self.plan, self.store, self.retry_failed, self.summary = plan, store, retry_failed, summary
+        self.copy_index = copy_index
         self.finished: set[str] = set()  # terminal for this run
         self.attempted: set[str] = set()  # claimed by this run (a failed cell is retried at most once)
         for cell in plan.cells:
@@ -116,6 +119,7 @@ class _Scheduler:
                 self.summary.ran += 1
                 if cell.kind == "attack":
                     compare_retrained(self.store, cell, result.metrics)
+                self.copy()
             else:
                 log.warning("cell %s was taken over by another process; its result is not recorded", cell.id)
             return
@@ -123,6 +127,17 @@ class _Scheduler:
         self.store.fail(cell.id, message, detail)
         self.summary.errors.append((cell.id, message))
         log.warning("cell %s (%s) failed: %s", cell.id, cell.label(), message)
+        self.copy()
+
+    def copy(self) -> None:
+        """Refresh the copy of the store's index (--copy-index) after a cell finished; a copy that
+        fails is a warning, never the grid's end."""
+        if self.copy_index is None:
+            return
+        try:
+            self.store.snapshot(self.copy_index)
+        except (OSError, sqlite3.Error, TsbdError) as err:
+            log.warning("could not copy the store's index to %s: %s", self.copy_index, err)
 
     def finalize(self, t0: float) -> Summary:
         self.summary.done, self.summary.failed, _ = _count(self.store, self.plan)
@@ -133,19 +148,24 @@ class _Scheduler:
 def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "local", retry_failed: bool = False,
              progress: bool = False, runner: CellRunner = run_cell, address: str | None = None,
              cpus_per_cell: float = 1, gpus_per_cell: float = 0, poll_s: float = 2.0,
-             heartbeat_s: float = 30.0, attacks_first: bool = False) -> Summary:
+             heartbeat_s: float = 30.0, attacks_first: bool = False,
+             copy_index: str | Path | None = None) -> Summary:
     """Run every cell of ``plan`` not yet done into ``store`` (registering the plan first).
 
     ``attacks_first`` (local executor): claim every attack cell before any defense cell, so that
     when several processes share the store the last attacked model starts training as early as
-    possible and no process waits on it with nothing else to do."""
+    possible and no process waits on it with nothing else to do. ``copy_index`` (a folder or a
+    ``.sqlite`` file): a copy of the store's index (:meth:`Store.snapshot`, no models) is written
+    there at the start and after every finished cell, so a results folder lost with its machine
+    loses no finished cell's record."""
     if executor not in EXECUTORS:
         raise TsbdError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     store.register(plan)
     retrain_missing_models(plan, store, ctx.results_dir, retry_failed)
     t0 = time.perf_counter()
     summary = Summary(total=len(plan.cells))
-    sched = _Scheduler(plan, store, retry_failed, summary)
+    sched = _Scheduler(plan, store, retry_failed, summary, copy_index)
+    sched.copy()
     bar = _Progress(plan, len(sched.finished), progress)
     try:
         with Heartbeat(store, heartbeat_s):
@@ -330,7 +350,7 @@ def _interrupt_once(signum, frame) -> None:
 
 
 def _worker_main(plan: Plan, results_dir: str, ctx: CellContext, retry_failed: bool, poll_s: float,
-                 runner: CellRunner) -> None:
+                 runner: CellRunner, copy_index: str | Path | None = None) -> None:
     """One of ``run_workers``'s processes: the local executor on the shared store, attacks first."""
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's ignored SIGINT stays ignored
         signal.signal(signal.SIGINT, _interrupt_once)
@@ -339,7 +359,7 @@ def _worker_main(plan: Plan, results_dir: str, ctx: CellContext, retry_failed: b
     try:
         with Store(results_dir) as store:
             run_grid(plan, store, ctx, retry_failed=retry_failed, progress=False, poll_s=poll_s,
-                     runner=runner, attacks_first=True)
+                     runner=runner, attacks_first=True, copy_index=copy_index)
     except KeyboardInterrupt:  # the running cell was handed back by run_grid; exit quietly
         raise SystemExit(130) from None
 
@@ -359,7 +379,7 @@ def _count(store: Store, plan: Plan) -> tuple[int, int, dict[str, str]]:
 
 def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, retry_failed: bool = False,
                 progress: bool = False, runner: CellRunner = run_cell, poll_s: float = 2.0,
-                stop_timeout_s: float = 60.0) -> Summary:
+                stop_timeout_s: float = 60.0, copy_index: str | Path | None = None) -> Summary:
     """Run ``plan`` with ``workers`` processes on one store, each the local executor with
     ``ctx.threads // workers`` threads (at least one) and attack cells claimed first.
 
@@ -376,7 +396,8 @@ def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, ret
     done0, _, failed0 = _count(store, plan)
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     procs = [spawn.Process(target=_worker_main, name=f"tsbd-bench-worker-{i}", daemon=False,
-                           args=(plan, str(Path(store.path).parent), worker_ctx, retry_failed, poll_s, runner))
+                           args=(plan, str(Path(store.path).parent), worker_ctx, retry_failed, poll_s, runner,
+                                 copy_index))
              for i in range(workers)]
     bar = _Progress(plan, done0 + len(failed0), progress)
     # the workers inherit this process's SIGINT; where it is ignored (a background job) they are

@@ -72,6 +72,7 @@ def cmd_bench(args) -> int:
         return 0
     # new, empty or a results store (resumed, never replaced); writable -- before any work
     check_output_folder(results, (DB_NAME,), overwrite=True, flag="--results")
+    copy_index = _copy_index_target(args.copy_index, results)
     store = Store(results)
     try:
         new = store.register(plan)
@@ -99,11 +100,11 @@ def cmd_bench(args) -> int:
                           save_defended_models=bool(plan.spec.get("save_defended_models", True)))
         if args.workers > 1:
             summary = run_workers(plan, store, ctx, args.workers, retry_failed=args.retry_failed,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, copy_index=copy_index)
         else:
             summary = run_grid(plan, store, ctx, executor=args.executor, retry_failed=args.retry_failed,
                                progress=not args.quiet, address=args.address, cpus_per_cell=args.cpus_per_cell,
-                               gpus_per_cell=gpus)
+                               gpus_per_cell=gpus, copy_index=copy_index)
     finally:
         store.close()
     console.print(f"{summary.done}/{summary.total} cells done, {summary.failed} failed; this run: {summary.ran} "
@@ -122,6 +123,25 @@ def cmd_bench(args) -> int:
     if summary.failed:
         console.print("rerun with --retry-failed to try the failed cells again")
     return 1 if summary.failed or summary.crashed else 0
+
+
+def _copy_index_target(path: str | None, results: Path) -> Path | None:
+    """--copy-index PATH as the SQLite file to write, checked before any work: never the store
+    itself nor another live store (only an earlier copy is replaced)."""
+    from tsbd.bench.store import DB_NAME, db_file, is_snapshot
+
+    if path is None:
+        return None
+    target = db_file(path)
+    if target.resolve() == (results / DB_NAME).resolve():
+        raise TsbdError(f"--copy-index {path} is the results store itself; name another folder, e.g. a report "
+                        "folder kept under version control")
+    if target.exists() and not is_snapshot(target):
+        raise TsbdError(f"--copy-index {path}: {target} is a live results store, not a copy of one; name a new "
+                        "folder or one that holds an earlier copy")
+    if target.parent.exists() and not os.access(target.parent, os.W_OK):
+        raise TsbdError(f"--copy-index {path}: {target.parent} is not writable; name a folder you can write")
+    return target
 
 
 def _names(text: str) -> list[str]:
@@ -266,6 +286,11 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
                         "again (after their code changed); attacked models are kept, earlier attempts stay in "
                         "each cell's run history (not with --dry-run)")
     p.add_argument("--report", action="store_true", help="write the report into the results folder at the end")
+    p.add_argument("--copy-index", default=None, metavar="PATH",
+                   help="after every finished cell, copy the store's index (every cell's record, no models) to "
+                        "PATH, a folder or .sqlite file, e.g. a report folder under version control: a results "
+                        "folder lost with its machine then loses no finished cell (`tsbd merge PATH` brings "
+                        "them back)")
     common.add_data_root(p)
     common.add_runtime_args(p)
     p.set_defaults(func=cmd_bench, seed=None)
