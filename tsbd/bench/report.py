@@ -893,13 +893,7 @@ def summarize(store: Store, grid: str | Sequence[str] | None) -> dict:
 def _retrained_note(store: Store, row: dict) -> dict | None:
     """The done attack cell's model was trained again (its model was missing, or it was redone):
     its id, ACC/ASR before and now, and whether they are equal; None otherwise."""
-    runs = [r for r in store.runs(row["id"]) if r["outcome"] == "done"]
-    if not runs or not runs[-1]["detail"]:
-        return None
-    try:
-        note = json.loads(runs[-1]["detail"]).get("retrained")
-    except (ValueError, AttributeError):
-        return None
+    note = store.done_attempt_detail(row["id"]).get("retrained")
     if not isinstance(note, dict):
         return None
     now = row["metrics"] or {}

@@ -388,6 +388,13 @@ class Store:
                 return kept["metrics"]
         return None
 
+    def done_attempt_detail(self, cell_id: str) -> dict:
+        """The detail of the cell's latest done attempt as a JSON object ({} when it has none or
+        holds other text)."""
+        row = self._conn.execute("SELECT detail FROM runs WHERE cell = ? AND outcome = 'done' ORDER BY attempt DESC "
+                                 "LIMIT 1", (cell_id,)).fetchone()
+        return (_json_dict(row["detail"]) or {}) if row is not None else {}
+
     def note_attempt(self, cell_id: str, note: dict) -> None:
         """Add ``note``'s keys to the detail (a JSON object) of the cell's latest attempt."""
         with self.transaction() as conn:
