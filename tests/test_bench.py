@@ -514,6 +514,34 @@ def test_attacks_first_claims_every_attack_cell_before_any_defense(tmp_path):
     assert kinds == ["attack"] * 3 + ["defense"] * 6
 
 
+def test_attacks_first_takes_the_longest_estimated_cells_first(tmp_path):
+    # defense times recorded by a first attack's row: d0 1 s, d1 3 s, d2 2 s; d3 never ran
+    def timed_runner(seconds, log):
+        def run(cell, parent, ctx, cache):
+            result = fake_runner(log=log)(cell, parent, ctx, cache)
+            result.timings = {"total": seconds.get(cell.config.get("defense", {}).get("name"), 5.0)}
+            return result
+        return run
+
+    first = fake_plan(1, 3, name="first")
+    with Store(tmp_path) as store:
+        run_grid(first, store, CellContext(str(tmp_path)),
+                 runner=timed_runner({"defense0": 1.0, "defense1": 3.0, "defense2": 2.0}, []))
+        # a second row: another attack, the same defenses (estimated from the first row), and d3
+        a = attack_cell(dataset={"name": "demo", "fingerprint": "x"}, model={"name": "m", "options": {}},
+                        attack={"name": "other", "config": {"poison_ratio": 0.1}}, train={"epochs": 1}, seed=0)
+        defenses = [defense_cell(a, defense={"name": f"defense{j}", "config": {}}, clean_ratio=0.05, seed=0)
+                    for j in range(4)]
+        second, ran = Plan("second", {"name": "second"}, [a, *defenses]), []
+        run_grid(second, store, CellContext(str(tmp_path)), runner=timed_runner({}, ran), attacks_first=True)
+        names = [second.by_id[cid].config.get("defense", {}).get("name", "attack") for cid in ran]
+        assert names == ["attack", "defense3", "defense1", "defense2", "defense0"]
+        ran.clear()  # without attacks_first (one process): the grid's order
+        store.reopen([d.id for d in defenses])
+        run_grid(second, store, CellContext(str(tmp_path)), runner=timed_runner({}, ran))
+        assert [second.by_id[cid].config["defense"]["name"] for cid in ran] == [f"defense{j}" for j in range(4)]
+
+
 @pytest.mark.slow
 def test_workers_share_one_store_run_every_cell_once_and_start_attacks_first(tmp_path):
     from tsbd.bench.executors import run_workers

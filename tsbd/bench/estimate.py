@@ -141,6 +141,21 @@ def _seconds_like(kind: str, config: dict, like: dict, like_seconds: float) -> f
                                like.get("timings") or {}, like_seconds)
 
 
+def longest_first(cells: Iterable, estimate: Estimator) -> list:
+    """``cells`` (grid cells: kind, config, parent) in the order several workers should claim them:
+    attack cells before defense cells, and within each kind the longest estimated first (a cell with
+    no estimate counts as the longest, since it may be), the grid's order among equals. Claiming the
+    long cells first keeps the last cells to finish short, so no worker waits long on another."""
+    cells = list(cells)
+
+    def key(item: tuple[int, Any]) -> tuple[bool, float, int]:
+        i, cell = item
+        seconds = estimate(cell.kind, cell.config, cell.parent).seconds
+        return cell.kind != "attack", -(float("inf") if seconds is None else seconds), i
+
+    return [cell for _, cell in sorted(enumerate(cells), key=key)]
+
+
 def remaining(estimates: Iterable[Estimate]) -> dict[str, Any]:
     """Sum of the estimates: {"cells", "seconds", "unknown" (cells without one), "like" (by a like cell),
     "elsewhere" (only from another machine), "threads" (the one thread count they are all from, or None)}."""

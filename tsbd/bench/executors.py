@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tsbd.bench.cells import CellContext, CellResult, DataCache, artifact_path, one_line_error, run_cell
+from tsbd.bench.estimate import Estimator, longest_first
 from tsbd.bench.grid import Cell, Plan
 from tsbd.bench.store import Heartbeat, Store
 from tsbd.errors import TsbdError
@@ -154,10 +155,12 @@ def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "loc
 
     ``attacks_first`` (local executor): claim every attack cell before any defense cell, so that
     when several processes share the store the last attacked model starts training as early as
-    possible and no process waits on it with nothing else to do. ``copy_index`` (a folder or a
-    ``.sqlite`` file): a copy of the store's index (:meth:`Store.snapshot`, no models) is written
-    there at the start and after every finished cell, so a results folder lost with its machine
-    loses no finished cell's record."""
+    possible and no process waits on it with nothing else to do; within each kind, the cells the
+    store's done cells estimate the longest first (:func:`tsbd.bench.estimate.longest_first`), so
+    that the grid does not end on one long cell while the other processes have nothing left.
+    ``copy_index`` (a folder or a ``.sqlite`` file): a copy of the store's index
+    (:meth:`Store.snapshot`, no models) is written there at the start and after every finished
+    cell, so a results folder lost with its machine loses no finished cell's record."""
     if executor not in EXECUTORS:
         raise TsbdError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     store.register(plan)
@@ -229,7 +232,9 @@ def _run_local(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, 
     cache = DataCache()
     todo = list(plan.cells)
     if attacks_first:
-        todo.sort(key=lambda cell: cell.kind != "attack")  # stable: plan order within each kind
+        rows = sched.store.cells()
+        configs = {r["id"]: r["config"] for r in rows} | {cell.id: cell.config for cell in plan.cells}
+        todo = longest_first(todo, Estimator(rows, configs.get, threads=ctx.threads))
     while todo:
         waiting = []
         for cell in todo:
