@@ -108,6 +108,14 @@ class Estimator:
             for key in keys or ():
                 self._times.setdefault(key, []).append((secs, threads, machine_of(row), row))
 
+    @classmethod
+    def for_cells(cls, rows: list[dict], cells: Iterable = (), threads: int | None = None,
+                  machine: tuple[str, str] | None = None) -> Estimator:
+        """An estimator from the store's ``rows`` for ``cells`` (grid cells, perhaps not yet stored):
+        a defense cell's attack config is looked up among both."""
+        configs = {r["id"]: r["config"] for r in rows} | {cell.id: cell.config for cell in cells}
+        return cls(rows, configs.get, threads=threads, machine=machine)
+
     def _keys_of(self, kind: str, config: dict, parent_id: str | None) -> tuple[str, str] | None:
         parent = self._config_of(parent_id) if kind == "defense" and parent_id else None
         return _keys(kind, config, parent)

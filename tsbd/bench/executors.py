@@ -232,9 +232,7 @@ def _run_local(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, 
     cache = DataCache()
     todo = list(plan.cells)
     if attacks_first:
-        rows = sched.store.cells()
-        configs = {r["id"]: r["config"] for r in rows} | {cell.id: cell.config for cell in plan.cells}
-        todo = longest_first(todo, Estimator(rows, configs.get, threads=ctx.threads))
+        todo = longest_first(todo, Estimator.for_cells(sched.store.cells(), plan.cells, threads=ctx.threads))
     while todo:
         waiting = []
         for cell in todo:

@@ -197,8 +197,7 @@ def _print_plan(plan, store, console, results: Path, threads: int | None = None,
                   f"failed, {counts['running']} running, {counts['pending']} pending"
                   f"{'' if store is not None else '; no store there yet'})")
     stored = store.cells() if store is not None else []
-    configs = {r["id"]: r["config"] for r in stored} | {cell.id: cell.config for cell in plan.cells}
-    estimate = Estimator(stored, configs.get, threads=threads, machine=machine)
+    estimate = Estimator.for_cells(stored, plan.cells, threads=threads, machine=machine)
     table = Table(show_header=True, header_style="bold")
     for col in ("cell", "kind", "what", "status", "attempts", "est. min"):
         table.add_column(col)
