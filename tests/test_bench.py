@@ -459,6 +459,37 @@ def test_dry_run_counts_an_attacked_model_that_must_train_again(tmp_path):
     assert "1 attacked model(s) not in" in out
 
 
+def test_dry_run_counts_only_the_epochs_a_resumed_attack_cell_has_left(tmp_path):
+    from rich.console import Console
+
+    from tsbd.bench.cells import checkpoint_path
+    from tsbd.cli.bench import _print_plan
+    from tsbd.train.engine import save_checkpoint
+
+    cells = [attack_cell(dataset={"name": "demo", "fingerprint": "x"}, model={"name": "m", "options": {}},
+                         attack={"name": name, "config": {}}, train={"epochs": 40}, seed=0) for name in ("a", "b")]
+
+    def forty_minutes(cell, parent, ctx, cache):  # the done cell's time: the other's estimate, by a like cell
+        return dataclasses.replace(fake_runner()(cell, parent, ctx, cache), timings={"total": 2400.0})
+
+    plan = Plan("fake", {"name": "fake"}, cells)
+    with Store(tmp_path) as store:
+        run_grid(Plan("fake", {"name": "fake"}, cells[:1]), store, CellContext(str(tmp_path)),
+                 runner=forty_minutes)
+        console = Console(record=True, width=200)
+        _print_plan(plan, store, console, tmp_path)
+        fresh = console.export_text()
+        save_checkpoint(checkpoint_path(tmp_path, plan.cells[1].id), {"epoch": 30, "history": []})
+        console = Console(record=True, width=200)
+        _print_plan(plan, store, console, tmp_path)
+        resumed = console.export_text()
+    row = [line for line in fresh.splitlines() if plan.cells[1].id in line][0]
+    assert "40~" in row and "checkpointed" not in row
+    row = [line for line in resumed.splitlines() if plan.cells[1].id in line][0]
+    assert "30/40 epochs checkpointed" in row and "10~" in row
+    assert "about 0.2 h of compute" in resumed  # 10 min left, not 40
+
+
 def test_opening_a_new_store_retries_a_locked_switch_to_wal(tmp_path, monkeypatch):
     # two processes opening the same new store at the same moment: one can get "database is
     # locked" from PRAGMA journal_mode at once (SQLite skips the busy handler when both hold a

@@ -119,6 +119,20 @@ def checkpoint_path(results_dir: str | Path, cell_id: str) -> Path:
     return Path(results_dir) / CHECKPOINTS / f"{cell_id}.resume.pt"
 
 
+def checkpointed_epochs(results_dir: str | Path, cell_id: str) -> int:
+    """How many epochs of an attack cell's model training its checkpoint holds: 0 where it has none
+    or it cannot be read (a resumed run then starts over too)."""
+    path = checkpoint_path(results_dir, cell_id)
+    if not path.exists():
+        return 0
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # torn or foreign: the training engine ignores it as well
+        return 0
+
+
 def checkpoint_dir(results_dir: str | Path, cell_id: str) -> Path:
     """Where a defense cell's stages checkpoint (removed once the cell is done)."""
     return Path(results_dir) / CHECKPOINTS / cell_id

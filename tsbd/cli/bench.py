@@ -183,9 +183,11 @@ def _print_plan(plan, store, console, results: Path, threads: int | None = None,
                 machine: tuple[str, str] | None = None, retry_failed: bool = False) -> None:
     """The cells of ``plan`` and their status in ``store`` (None: no store yet, all pending), with
     estimates for a run at ``threads`` threads per process on ``machine`` (processor, precision).
-    A done attack cell whose model is missing but still needed shows as trained again, and counts."""
+    A done attack cell whose model is missing but still needed shows as trained again, and counts; an
+    attack cell whose training has a checkpoint counts only the share of its epochs still to train."""
     from rich.table import Table
 
+    from tsbd.bench.cells import checkpointed_epochs
     from tsbd.bench.estimate import Estimator, remaining, remaining_line
     from tsbd.bench.executors import missing_models
 
@@ -211,6 +213,12 @@ def _print_plan(plan, store, console, results: Path, threads: int | None = None,
             status = "done, model missing: trains again"
         if status != "done":
             e = estimate(cell.kind, cell.config, cell.parent)
+            done_epochs = checkpointed_epochs(results, cell.id) if cell.kind == "attack" and cell.id not in again else 0
+            epochs = int((cell.config.get("train") or {}).get("epochs") or 0)
+            if done_epochs and epochs:  # a resumed model trains only the epochs its checkpoint lacks
+                status += f", {min(done_epochs, epochs)}/{epochs} epochs checkpointed"
+                if e.seconds is not None:
+                    e = dataclasses.replace(e, seconds=e.seconds * max(0, epochs - done_epochs) / epochs)
             left.append(e)
             est = e.text()
         table.add_row(cell.id, cell.kind, what, status, str(row.get("attempts", 0)), est)
