@@ -459,15 +459,16 @@ def test_dry_run_counts_an_attacked_model_that_must_train_again(tmp_path):
     assert "1 attacked model(s) not in" in out
 
 
-def test_dry_run_counts_only_the_epochs_a_resumed_attack_cell_has_left(tmp_path):
+def test_a_resumed_attack_cell_counts_only_the_epochs_it_has_left_in_dry_run_and_claim_order(tmp_path):
     from rich.console import Console
 
     from tsbd.bench.cells import checkpoint_path
+    from tsbd.bench.estimate import Estimator, longest_first
     from tsbd.cli.bench import _print_plan
     from tsbd.train.engine import save_checkpoint
 
     cells = [attack_cell(dataset={"name": "demo", "fingerprint": "x"}, model={"name": "m", "options": {}},
-                         attack={"name": name, "config": {}}, train={"epochs": 40}, seed=0) for name in ("a", "b")]
+                         attack={"name": name, "config": {}}, train={"epochs": 40}, seed=0) for name in "abc"]
 
     def forty_minutes(cell, parent, ctx, cache):  # the done cell's time: the other's estimate, by a like cell
         return dataclasses.replace(fake_runner()(cell, parent, ctx, cache), timings={"total": 2400.0})
@@ -487,7 +488,12 @@ def test_dry_run_counts_only_the_epochs_a_resumed_attack_cell_has_left(tmp_path)
     assert "40~" in row and "checkpointed" not in row
     row = [line for line in resumed.splitlines() if plan.cells[1].id in line][0]
     assert "30/40 epochs checkpointed" in row and "10~" in row
-    assert "about 0.2 h of compute" in resumed  # 10 min left, not 40
+    assert "about 0.8 h of compute" in resumed  # 10 + 40 min left, not 40 + 40 (1.3 h)
+    # two workers claim the fresh cell c (40 min left) before the resumed b (10 min)
+    with Store(tmp_path) as store:
+        estimate = Estimator.for_cells(store.cells(), cells)
+    assert [c.id for c in longest_first(cells[1:], estimate, tmp_path)] == [cells[2].id, cells[1].id]
+    assert [c.id for c in longest_first(cells[1:], estimate)] == [cells[1].id, cells[2].id]  # no folder: plan order
 
 
 def test_opening_a_new_store_retries_a_locked_switch_to_wal(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from tsbd.bench.grid import canonical_json
@@ -149,16 +150,33 @@ def _seconds_like(kind: str, config: dict, like: dict, like_seconds: float) -> f
                                like.get("timings") or {}, like_seconds)
 
 
-def longest_first(cells: Iterable, estimate: Estimator) -> list:
+def left_to_run(e: Estimate, cell: Any, results_dir: str | Path | None) -> tuple[Estimate, str]:
+    """The part of ``e``, the estimate of grid ``cell``, still to run, and a note saying why: an attack
+    cell whose training checkpointed K of its N epochs in ``results_dir`` has (N-K)/N of it left
+    ("K/N epochs checkpointed"); any other cell all of it ("")."""
+    from tsbd.bench.cells import checkpointed_epochs
+
+    epochs = int((cell.config.get("train") or {}).get("epochs") or 0)
+    done = checkpointed_epochs(results_dir, cell.id) if results_dir and cell.kind == "attack" and epochs else 0
+    if not done:
+        return e, ""
+    done = min(done, epochs)
+    if e.seconds is not None:
+        e = dataclasses.replace(e, seconds=e.seconds * (epochs - done) / epochs)
+    return e, f"{done}/{epochs} epochs checkpointed"
+
+
+def longest_first(cells: Iterable, estimate: Estimator, results_dir: str | Path | None = None) -> list:
     """``cells`` (grid cells: kind, config, parent) in the order several workers should claim them:
     attack cells before defense cells, and within each kind the longest estimated first (a cell with
-    no estimate counts as the longest, since it may be), the grid's order among equals. Claiming the
-    long cells first keeps the last cells to finish short, so no worker waits long on another."""
+    no estimate counts as the longest, since it may be; an attack cell resumed from a checkpoint in
+    ``results_dir`` by the epochs it has left), the grid's order among equals. Claiming the long
+    cells first keeps the last cells to finish short, so no worker waits long on another."""
     cells = list(cells)
 
     def key(item: tuple[int, Any]) -> tuple[bool, float, int]:
         i, cell = item
-        seconds = estimate(cell.kind, cell.config, cell.parent).seconds
+        seconds = left_to_run(estimate(cell.kind, cell.config, cell.parent), cell, results_dir)[0].seconds
         return cell.kind != "attack", -(float("inf") if seconds is None else seconds), i
 
     return [cell for _, cell in sorted(enumerate(cells), key=key)]

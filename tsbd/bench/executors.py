@@ -232,7 +232,8 @@ def _run_local(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, 
     cache = DataCache()
     todo = list(plan.cells)
     if attacks_first:
-        todo = longest_first(todo, Estimator.for_cells(sched.store.cells(), plan.cells, threads=ctx.threads))
+        todo = longest_first(todo, Estimator.for_cells(sched.store.cells(), plan.cells, threads=ctx.threads),
+                             ctx.results_dir)
     while todo:
         waiting = []
         for cell in todo:

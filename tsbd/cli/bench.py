@@ -187,8 +187,7 @@ def _print_plan(plan, store, console, results: Path, threads: int | None = None,
     attack cell whose training has a checkpoint counts only the share of its epochs still to train."""
     from rich.table import Table
 
-    from tsbd.bench.cells import checkpointed_epochs
-    from tsbd.bench.estimate import Estimator, remaining, remaining_line
+    from tsbd.bench.estimate import Estimator, left_to_run, remaining, remaining_line
     from tsbd.bench.executors import missing_models
 
     states = {cell.id: (store.state(cell.id) if store is not None else None) or {} for cell in plan.cells}
@@ -212,13 +211,8 @@ def _print_plan(plan, store, console, results: Path, threads: int | None = None,
         if cell.id in again:
             status = "done, model missing: trains again"
         if status != "done":
-            e = estimate(cell.kind, cell.config, cell.parent)
-            done_epochs = checkpointed_epochs(results, cell.id) if cell.kind == "attack" and cell.id not in again else 0
-            epochs = int((cell.config.get("train") or {}).get("epochs") or 0)
-            if done_epochs and epochs:  # a resumed model trains only the epochs its checkpoint lacks
-                status += f", {min(done_epochs, epochs)}/{epochs} epochs checkpointed"
-                if e.seconds is not None:
-                    e = dataclasses.replace(e, seconds=e.seconds * max(0, epochs - done_epochs) / epochs)
+            e, note = left_to_run(estimate(cell.kind, cell.config, cell.parent), cell, results)
+            status += f", {note}" if note else ""
             left.append(e)
             est = e.text()
         table.add_row(cell.id, cell.kind, what, status, str(row.get("attempts", 0)), est)
