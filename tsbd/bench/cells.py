@@ -127,8 +127,8 @@ def checkpointed_epochs(results_dir: str | Path, cell_id: str) -> int:
         return 0
     import torch
 
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    try:  # mmap: only the epoch is read, not the model and optimizer tensors
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
     except Exception:  # torn or foreign: the training engine ignores it as well
         return 0
 
