@@ -66,9 +66,35 @@ def test_an_attack_cell_is_estimated_from_itself_else_from_other_attacks_with_th
     assert estimate("attack", _attack("lf", model="vgg19_bn").config).seconds is None  # other model
 
 
+def test_an_attack_estimated_from_another_leaves_out_that_ones_setup_and_names_what_it_trains_first():
+    badnets, trojan = _attack("badnets"), _attack("trojan")
+    rows = [{**_row(badnets), "timings": {"setup": 2.0, "train": 2800.0, "total": 2820.0}},
+            {**_row(trojan), "timings": {"setup": 1200.0, "train": 2900.0, "total": 4110.0}}]
+    estimate = Estimator(rows, {c.id: c.config for c in (badnets, trojan)}.get)
+    # the same attack: its own recorded time, setup included, nothing named
+    assert estimate("attack", trojan.config) == Estimate(4110.0, "same", 1)
+    # another attack: the like cells' training and evaluation only (Trojan's clean model left out)
+    blended = estimate("attack", _attack("blended").config)
+    assert blended == Estimate((2818.0 + 2910.0) / 2, "like", 2)
+    inputaware = estimate("attack", _attack("inputaware").config)
+    assert inputaware.seconds == blended.seconds and inputaware.uncounted == "its trigger generator and mask"
+    assert inputaware.text() == "48~+"
+    # LF trains a clean model and its trigger, unless it reads BackdoorBench's trigger file
+    assert estimate("attack", _attack("lf").config).uncounted == "a clean model and its trigger"
+    lf_file = attack_cell(dataset={"name": "cifar10", "options": {}, "limit_train": 0, "limit_test": 0},
+                          model={"name": "preact_resnet18", "options": {"width": 16}},
+                          attack={"name": "lf", "config": {"trigger_file": "x.npy"}}, train={"epochs": 40}, seed=0)
+    assert estimate("attack", lf_file.config).uncounted == ""
+    # an attack this install lacks gets its estimate, with nothing named
+    assert estimate("attack", _attack("nosuchattack").config).uncounted == ""
+    line = remaining_line(remaining([inputaware, blended]))
+    assert "1 not counting the generator, clean model or encoder its attack trains first (marked +)" in line
+
+
 def test_the_remaining_work_sums_the_estimates_and_says_what_it_leaves_out():
     total = remaining([Estimate(3600.0, "same", 1), Estimate(1800.0, "like", 2), Estimate(None, "")])
-    assert total == {"cells": 3, "seconds": 5400.0, "unknown": 1, "like": 1, "threads": None, "elsewhere": 0}
+    assert total == {"cells": 3, "seconds": 5400.0, "unknown": 1, "like": 1, "threads": None, "elsewhere": 0,
+                     "uncounted": 0}
     line = remaining_line(total)
     assert line.startswith("Not done: 3 cells, about 1.5 h of compute")
     assert "1 estimated from a cell with another attack or other options" in line

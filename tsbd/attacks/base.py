@@ -55,6 +55,9 @@ class Attack:
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = AttackConfig
     clean_label: ClassVar[bool] = False  # poison only target-class images and keep labels
+    # what :meth:`prepare` trains before the attacked model when it is not cached (e.g. "a trigger
+    # generator"); "" for attacks whose prepare is quick. Planning reads it (:meth:`builds_first`).
+    builds: ClassVar[str] = ""
 
     def __init__(self, config: Any = None, **overrides: Any):
         cfg = config if config is not None else self.config_class()
@@ -79,6 +82,12 @@ class Attack:
         if cached is None or tuple(cached.shape) != tuple(shape):
             cached = self._memo_trigger = build(tuple(shape))
         return cached
+
+    def builds_first(self) -> str:
+        """What :meth:`prepare` trains with this config before the attacked model, unless cached
+        (``builds``); "" when nothing. A planner estimating the cell from another attack's time has
+        not counted it."""
+        return self.builds
 
     # -- what each attack defines ----------------------------------------------------------
     def apply(self, x: torch.Tensor, index: torch.Tensor | None = None, split: str = "train") -> torch.Tensor:

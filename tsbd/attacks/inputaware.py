@@ -227,6 +227,7 @@ class InputAware(Attack):
 
     name = "inputaware"
     config_class = InputAwareConfig
+    builds = "its trigger generator and mask"
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)

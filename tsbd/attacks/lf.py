@@ -157,12 +157,16 @@ class LowFrequency(Attack):
 
     name = "lf"
     config_class = LFConfig
+    builds = "a clean model and its trigger"
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
         self.resource: Resource | None = None
         self._file_info: dict | None = None
         self._trigger: torch.Tensor | None = None  # C x H x W float on the 0-255 scale
+
+    def builds_first(self) -> str:
+        return "" if self.config.trigger_file else self.builds  # a trigger file is read, not trained
 
     # -- resources ---------------------------------------------------------------------------
     def prepare(self, dataset: Dataset, **context):

@@ -67,6 +67,7 @@ class SSBA(Attack):
 
     name = "ssba"
     config_class = SSBAConfig
+    builds = "its encoder"
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)

@@ -135,6 +135,7 @@ class Trojan(Attack):
 
     name = "trojan"
     config_class = TrojanConfig
+    builds = "a clean model and its trigger"
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)

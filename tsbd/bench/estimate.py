@@ -6,9 +6,12 @@ counts compute) of the done cells most like it, with the basis said:
 
 * ``same``: the same attack (or defense with the same options and clean ratio) on the same data set,
   model and training settings;
-* ``like``: an attack cell with another attack but the same data set, model and training (attacks
-  that make their own trigger first, such as Trojan, take longer), or a defense cell of the same
-  defense and clean ratio on the same data set and model but with other options;
+* ``like``: an attack cell with another attack but the same data set, model and training, counting
+  that cell's training and evaluation but not its setup, or a defense cell of the same defense and
+  clean ratio on the same data set and model but with other options. An attack that trains
+  something of its own first (Input-aware's generator, Trojan's clean model and trigger:
+  :meth:`Attack.builds_first`) takes longer than that by the time it builds, which its estimate
+  then names as not counted;
 * no estimate where the store has no done cell like it.
 
 The times are those of the machines and thread counts the cells ran on (the report names the
@@ -39,11 +42,12 @@ class Estimate:
     n: int = 0  # done cells the mean is over
     threads: int | None = None  # the thread count those cells all ran at (None: mixed or unrecorded)
     elsewhere: bool = False  # a machine was planned for and none of those cells ran on one like it
+    uncounted: str = ""  # what the cell builds first that ``seconds`` leaves out (:meth:`Attack.builds_first`)
 
     def text(self) -> str:
         if self.seconds is None:
             return "-"
-        return f"{self.seconds / 60:.0f}" + ("" if self.basis == "same" else "~")
+        return f"{self.seconds / 60:.0f}" + ("" if self.basis == "same" else "~") + ("+" if self.uncounted else "")
 
 
 def cell_seconds(row: dict) -> float | None:
@@ -134,12 +138,28 @@ class Estimator:
                 seconds = [t[0] if basis == "same" else _seconds_like(kind, config, t[3], t[0]) for t in times]
                 return Estimate(sum(seconds) / len(seconds), basis, len(times),
                                 counts.pop() if len(counts) == 1 else None,
-                                elsewhere=self._machine is not None and not here)
+                                elsewhere=self._machine is not None and not here,
+                                uncounted=_builds_first(config) if kind == "attack" and basis == "like" else "")
         return Estimate(None, "")
 
 
+def _builds_first(config: dict) -> str:
+    """What the attack of an attack cell's ``config`` trains before its model (:meth:`Attack.builds_first`)."""
+    from tsbd.attacks import build_attack
+
+    attack = config.get("attack") or {}
+    try:
+        return build_attack(attack["name"], attack.get("config")).builds_first()
+    except (TsbdError, KeyError, TypeError):  # an attack this install does not have, or other options
+        return ""
+
+
 def _seconds_like(kind: str, config: dict, like: dict, like_seconds: float) -> float:
-    """A like cell's time, scaled by its defense for the options that differ (:meth:`Defense.seconds_like`)."""
+    """A like cell's time: an attack cell's without its setup (the trigger, generator or clean model
+    its own attack built), a defense cell's scaled by its defense for the options that differ
+    (:meth:`Defense.seconds_like`)."""
+    if kind == "attack":
+        return max(like_seconds - float((like.get("timings") or {}).get("setup") or 0.0), 0.0)
     if kind != "defense":
         return like_seconds
     try:
@@ -184,8 +204,9 @@ def longest_first(cells: Iterable, estimate: Estimator, results_dir: str | Path 
 
 def remaining(estimates: Iterable[Estimate]) -> dict[str, Any]:
     """Sum of the estimates: {"cells", "seconds", "unknown" (cells without one), "like" (by a like cell),
-    "elsewhere" (only from another machine), "threads" (the one thread count they are all from, or None)}."""
-    out = {"cells": 0, "seconds": 0.0, "unknown": 0, "like": 0, "threads": set(), "elsewhere": 0}
+    "elsewhere" (only from another machine), "threads" (the one thread count they are all from, or None),
+    "uncounted" (cells that build something first their estimate leaves out)}."""
+    out = {"cells": 0, "seconds": 0.0, "unknown": 0, "like": 0, "threads": set(), "elsewhere": 0, "uncounted": 0}
     for e in estimates:
         out["cells"] += 1
         if e.seconds is None:
@@ -194,6 +215,7 @@ def remaining(estimates: Iterable[Estimate]) -> dict[str, Any]:
             out["seconds"] += e.seconds
             out["like"] += e.basis == "like"
             out["elsewhere"] += e.elsewhere
+            out["uncounted"] += bool(e.uncounted)
             out["threads"].add(e.threads)
     out["threads"] = out["threads"].pop() if len(out["threads"]) == 1 else None
     return out
@@ -218,6 +240,9 @@ def remaining_line(total: dict[str, Any]) -> str:
             notes.append(f"{total['elsewhere']} only from cells run on another processor or in another precision")
         if total["like"]:
             notes.append(f"{total['like']} estimated from a cell with another attack or other options")
+        if total.get("uncounted"):
+            notes.append(f"{total['uncounted']} not counting the generator, clean model or encoder its attack "
+                         f"trains first (marked +)")
         if total["unknown"]:
             notes.append(f"{total['unknown']} with no done cell like {'it' if total['unknown'] == 1 else 'them'}, "
                          f"not counted")

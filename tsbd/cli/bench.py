@@ -213,6 +213,7 @@ def _print_plan(plan, store, console, results: Path, threads: int | None = None,
         if status != "done":
             e, note = left_to_run(estimate(cell.kind, cell.config, cell.parent), cell, results)
             status += f", {note}" if note else ""
+            status += f", trains {e.uncounted} first unless cached (not in est.)" if e.uncounted else ""
             left.append(e)
             est = e.text()
         table.add_row(cell.id, cell.kind, what, status, str(row.get("attempts", 0)), est)
@@ -221,7 +222,8 @@ def _print_plan(plan, store, console, results: Path, threads: int | None = None,
         console.print(f"{len(again)} attacked model(s) not in {results / 'artifacts'} train again before the "
                       "defense cells that need them (counted below)")
     console.print(remaining_line(remaining(left)) + " est. min: from done cells of the same attack or defense "
-                  "and options (~: another attack or other options; -: none)")
+                  "and options (~: another attack or other options; +: without what the attack trains first; "
+                  "-: none)")
 
 
 def cmd_report(args) -> int:
