@@ -667,7 +667,9 @@ def _failures_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 NOT_DONE_NOTE = ("Estimated minutes: the mean time of the store's done cells of the same attack, or of the same "
                  "defense with the same options, on the same data set, model and training; ~ marks an estimate "
-                 "from another attack or other options of the defense, - a cell with no done cell like it. "
+                 "from another attack or other options of the defense, + one whose attack first trains something "
+                 "that estimate leaves out (a trigger generator, clean model or encoder, unless cached), - a cell "
+                 "with no done cell like it. "
                  "Times are those of the hosts above.")
 
 
