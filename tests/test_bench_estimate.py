@@ -89,6 +89,11 @@ def test_an_attack_estimated_from_another_leaves_out_that_ones_setup_and_names_w
     assert estimate("attack", _attack("nosuchattack").config).uncounted == ""
     line = remaining_line(remaining([inputaware, blended]))
     assert "1 not counting the generator, clean model or encoder its attack trains first (marked +)" in line
+    # and workers claim it before attacks with the same estimate that train nothing first
+    from tsbd.bench.estimate import longest_first
+
+    cells = [_attack("blended"), _attack("inputaware"), _attack("sig")]
+    assert [c.config["attack"]["name"] for c in longest_first(cells, estimate)] == ["inputaware", "blended", "sig"]
 
 
 def test_the_remaining_work_sums_the_estimates_and_says_what_it_leaves_out():

@@ -189,15 +189,16 @@ def left_to_run(e: Estimate, cell: Any, results_dir: str | Path | None) -> tuple
 def longest_first(cells: Iterable, estimate: Estimator, results_dir: str | Path | None = None) -> list:
     """``cells`` (grid cells: kind, config, parent) in the order several workers should claim them:
     attack cells before defense cells, and within each kind the longest estimated first (a cell with
-    no estimate counts as the longest, since it may be; an attack cell resumed from a checkpoint in
+    no estimate, or one whose attack trains something first that its estimate leaves out, counts as
+    the longest, since it may be; an attack cell resumed from a checkpoint in
     ``results_dir`` by the epochs it has left), the grid's order among equals. Claiming the long
     cells first keeps the last cells to finish short, so no worker waits long on another."""
     cells = list(cells)
 
     def key(item: tuple[int, Any]) -> tuple[bool, float, int]:
         i, cell = item
-        seconds = left_to_run(estimate(cell.kind, cell.config, cell.parent), cell, results_dir)[0].seconds
-        return cell.kind != "attack", -(float("inf") if seconds is None else seconds), i
+        e = left_to_run(estimate(cell.kind, cell.config, cell.parent), cell, results_dir)[0]
+        return cell.kind != "attack", -(float("inf") if e.seconds is None or e.uncounted else e.seconds), i
 
     return [cell for _, cell in sorted(enumerate(cells), key=key)]
 
