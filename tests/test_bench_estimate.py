@@ -60,19 +60,24 @@ def test_other_options_of_the_defense_give_a_marked_estimate_and_an_unrun_defens
 
 def test_an_attack_cell_is_estimated_from_itself_else_from_other_attacks_with_the_same_training(store_rows):
     estimate, cells = store_rows
-    assert estimate("attack", cells["trojan"].config) == Estimate(8000.0, "same", 1)
+    assert estimate("attack", cells["trojan"].config) == Estimate(8000.0, "same", 1,  # no setup recorded
+                                                                  uncounted="a clean model and its trigger")
     assert estimate("attack", cells["blended"].config) == Estimate(7000.0, "like", 2)
     assert estimate("attack", _attack("blended", epochs=20).config).seconds is None  # other training
     assert estimate("attack", _attack("lf", model="vgg19_bn").config).seconds is None  # other model
 
 
-def test_an_attack_estimated_from_another_leaves_out_that_ones_setup_and_names_what_it_trains_first():
+def test_an_attack_estimate_leaves_out_the_setup_of_attacks_that_train_something_first_and_names_it():
     badnets, trojan = _attack("badnets"), _attack("trojan")
     rows = [{**_row(badnets), "timings": {"setup": 2.0, "train": 2800.0, "total": 2820.0}},
             {**_row(trojan), "timings": {"setup": 1200.0, "train": 2900.0, "total": 4110.0}}]
     estimate = Estimator(rows, {c.id: c.config for c in (badnets, trojan)}.get)
     # the same attack: its own recorded time, setup included, nothing named
-    assert estimate("attack", trojan.config) == Estimate(4110.0, "same", 1)
+    assert estimate("attack", badnets.config) == Estimate(2820.0, "same", 1)
+    # ... unless the attack trains something first, built or read from the cache by machine, not grid:
+    # then its setup is left out and named, as from another attack
+    assert estimate("attack", trojan.config) == Estimate(2910.0, "same", 1, uncounted="a clean model and its trigger")
+    assert estimate("attack", trojan.config).text() == "48+"
     # another attack: the like cells' training and evaluation only (Trojan's clean model left out)
     blended = estimate("attack", _attack("blended").config)
     assert blended == Estimate((2818.0 + 2910.0) / 2, "like", 2)

@@ -8,10 +8,11 @@ counts compute) of the done cells most like it, with the basis said:
   model and training settings;
 * ``like``: an attack cell with another attack but the same data set, model and training, counting
   that cell's training and evaluation but not its setup, or a defense cell of the same defense and
-  clean ratio on the same data set and model but with other options. An attack that trains
-  something of its own first (Input-aware's generator, Trojan's clean model and trigger:
-  :meth:`Attack.builds_first`) takes longer than that by the time it builds, which its estimate
-  then names as not counted;
+  clean ratio on the same data set and model but with other options;
+* an attack that trains something of its own first (Input-aware's generator, Trojan's clean model
+  and trigger: :meth:`Attack.builds_first`) is estimated without any cell's setup, ``same`` ones
+  too, since whether that thing is built or read from the cache depends on the machine's cache, not
+  on the grid; its estimate names what it leaves out;
 * no estimate where the store has no done cell like it.
 
 The times are those of the machines and thread counts the cells ran on (the report names the
@@ -135,11 +136,12 @@ class Estimator:
                 here = [t for t in times if t[2] == self._machine]
                 times = here if self._machine is not None and here else times
                 counts = {t[1] for t in times}
-                seconds = [t[0] if basis == "same" else _seconds_like(kind, config, t[3], t[0]) for t in times]
+                builds = _builds_first(config) if kind == "attack" else ""
+                seconds = [t[0] if basis == "same" and not builds else _seconds_like(kind, config, t[3], t[0])
+                           for t in times]
                 return Estimate(sum(seconds) / len(seconds), basis, len(times),
                                 counts.pop() if len(counts) == 1 else None,
-                                elsewhere=self._machine is not None and not here,
-                                uncounted=_builds_first(config) if kind == "attack" and basis == "like" else "")
+                                elsewhere=self._machine is not None and not here, uncounted=builds)
         return Estimate(None, "")
 
 
