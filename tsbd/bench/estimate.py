@@ -157,8 +157,9 @@ def _builds_first(config: dict) -> str:
 
 
 def _seconds_like(kind: str, config: dict, like: dict, like_seconds: float) -> float:
-    """A like cell's time: an attack cell's without its setup (the trigger, generator or clean model
-    its own attack built), a defense cell's scaled by its defense for the options that differ
+    """A like cell's time (or a same cell's, for an attack that trains something first): an attack
+    cell's without its setup (the trigger, generator or clean model its own attack built), a defense
+    cell's scaled by its defense for the options that differ
     (:meth:`Defense.seconds_like`)."""
     if kind == "attack":
         return max(like_seconds - float((like.get("timings") or {}).get("setup") or 0.0), 0.0)
