@@ -137,12 +137,13 @@ def test_nc_interrupted_after_some_labels_reverse_engineers_only_the_rest(traine
     whole = build_defense("nc", NC_TINY).purify(trained, clean, runtime=runtime, seed=1)
 
     ckpt = tmp_path / "ckpt"
-    saves = []
+    saves, seconds = [], {}
     real = nc.save_checkpoint
 
     def save(path, state):
         real(path, state)
         saves.append(sorted(state["labels"]))
+        seconds.update(state["seconds"])
         if len(saves) == 3:
             raise KeyboardInterrupt
 
@@ -160,6 +161,9 @@ def test_nc_interrupted_after_some_labels_reverse_engineers_only_the_rest(traine
     assert resumed.info["resumed"] == {"reverse_engineering": 3} and resumed.timings["earlier_runs"] > 0
     for key in ("mask_l1", "anomaly_index", "flagged", "reverse_epochs"):
         assert resumed.info[key] == whole.info[key], key
+    # each label's cost is kept: the three done before the stop with the time that run measured
+    assert resumed.info["reverse_seconds"][:3] == [seconds[str(k)] for k in range(3)]
+    assert len(whole.info["reverse_seconds"]) == 10 and all(s > 0 for s in resumed.info["reverse_seconds"])
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
 

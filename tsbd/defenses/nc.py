@@ -89,6 +89,7 @@ class RecoveredTrigger:
     l1: float  # |mask|_1 of the kept mask
     reached: bool  # some epoch reached the attack-success threshold
     epochs: int
+    seconds: float = math.nan  # wall time of this label's search (in the run that did it)
 
 
 def _squash(theta: torch.Tensor) -> torch.Tensor:
@@ -230,12 +231,14 @@ def reverse_engineer_all(model: nn.Module, clean: ImageSet, num_classes: int, cf
         if k in done:
             continue
         t0 = time.perf_counter()
-        done[k] = reverse_engineer_trigger(model, clean, k, cfg, runtime, seed=seed, progress=progress)
+        trigger = reverse_engineer_trigger(model, clean, k, cfg, runtime, seed=seed, progress=progress)
         seconds[k] = time.perf_counter() - t0
+        done[k] = dataclasses.replace(trigger, seconds=seconds[k])
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"num_classes": num_classes, "seconds": {str(j): v for j, v in seconds.items()},
                                          "labels": {str(j): dataclasses.asdict(t) for j, t in done.items()}})
-    return [done[k] for k in range(num_classes)]
+    # labels from a checkpoint written before triggers carried their time get it from its "seconds"
+    return [dataclasses.replace(done[k], seconds=seconds.get(k, math.nan)) for k in range(num_classes)]
 
 
 def anomaly_index(l1: torch.Tensor) -> tuple[torch.Tensor, float, float]:
@@ -308,6 +311,7 @@ class NeuralCleanse(Defense):
             "flagged": flagged,
             "reached_success_threshold": [t.reached for t in triggers],
             "reverse_epochs": [t.epochs for t in triggers],
+            "reverse_seconds": [t.seconds for t in triggers],  # each label's cost, resumed labels' too
             "flagged_mask_centroids": {str(k): _centroid(triggers[k].mask) for k in flagged},
         })
         if not flagged:
