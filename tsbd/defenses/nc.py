@@ -89,7 +89,7 @@ class RecoveredTrigger:
     l1: float  # |mask|_1 of the kept mask
     reached: bool  # some epoch reached the attack-success threshold
     epochs: int
-    seconds: float = math.nan  # wall time of this label's search (in the run that did it)
+    seconds: float = math.nan  # wall time of this label's search, set by reverse_engineer_all
 
 
 def _squash(theta: torch.Tensor) -> torch.Tensor:
@@ -231,13 +231,12 @@ def reverse_engineer_all(model: nn.Module, clean: ImageSet, num_classes: int, cf
         if k in done:
             continue
         t0 = time.perf_counter()
-        trigger = reverse_engineer_trigger(model, clean, k, cfg, runtime, seed=seed, progress=progress)
+        done[k] = reverse_engineer_trigger(model, clean, k, cfg, runtime, seed=seed, progress=progress)
         seconds[k] = time.perf_counter() - t0
-        done[k] = dataclasses.replace(trigger, seconds=seconds[k])
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"num_classes": num_classes, "seconds": {str(j): v for j, v in seconds.items()},
                                          "labels": {str(j): dataclasses.asdict(t) for j, t in done.items()}})
-    # labels from a checkpoint written before triggers carried their time get it from its "seconds"
+    # each label's time lives in ``seconds`` alone (the checkpoint keeps it there), attached here
     return [dataclasses.replace(done[k], seconds=seconds.get(k, math.nan)) for k in range(num_classes)]
 
 
