@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -297,6 +298,30 @@ def test_two_processes_on_one_store_share_the_work_and_lose_no_row(tmp_path):
         assert len(rows) == len(plan.cells) and all(r["status"] == "done" for r in rows)
         assert all(r["metrics"] == {"acc": 0.9, "asr": 0.1, "der": 0.9} for r in rows)
         assert runs_by_cell(store) == {c.id: ["done"] for c in plan.cells}
+
+
+def test_no_wait_stops_at_the_cells_another_live_process_holds_and_a_rerun_finishes_them(tmp_path):
+    plan = fake_plan(2, 2)  # attack0 with its 2 defenses, then attack1 with its 2
+    held = plan.cells[3]
+    assert held.kind == "attack"
+    # another process on this host, alive (this test's own pid), is training attack1's model
+    with Store(tmp_path, owner=f"{socket.gethostname()}:{os.getpid()}:other") as other:
+        other.register(plan)
+        assert other.claim(held.id) == "claimed"
+        ran = []
+        with Store(tmp_path) as store:
+            t0 = time.monotonic()
+            s = run_grid(plan, store, CellContext(str(tmp_path)), runner=fake_runner(log=ran), poll_s=30,
+                         no_wait=True)
+            assert time.monotonic() - t0 < 20  # returned without a single 30 s poll
+        assert ran == [c.id for c in plan.cells[:3]]
+        assert (s.done, s.failed, s.left) == (3, 0, 3)  # attack1 and the two defenses waiting on it
+        assert other.state(held.id)["status"] == "running" and other.state(held.id)["owner"] == other.owner
+        other.release(held.id)  # that process stopped and handed its cell back
+    ran = []
+    with Store(tmp_path) as store:
+        s = run_grid(plan, store, CellContext(str(tmp_path)), runner=fake_runner(log=ran), no_wait=True)
+    assert ran == [c.id for c in plan.cells[3:]] and (s.done, s.left) == (6, 0)
 
 
 def test_a_narrowed_run_shares_cells_but_keeps_the_grids_membership(tmp_path):

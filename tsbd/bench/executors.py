@@ -3,7 +3,8 @@ tasks (``ray``).
 
 Both follow the same protocol, which makes reruns resume and lets several bench processes share
 one store: a cell is claimed in the store before it runs (``done`` cells are skipped, ``failed``
-ones too unless retrying, cells another live process runs are waited for), its artifact is
+ones too unless retrying, cells another live process runs are waited for -- or, with ``no_wait``,
+left to it), its artifact is
 written, and only then is it marked done -- or failed with a one-line error, after which the grid
 goes on. A defense cell runs once its attack cell is done; when that failed, the defense cell is
 failed with the reason. Ctrl-C hands the running cells back (pending) before stopping.
@@ -44,6 +45,7 @@ class Summary:
     ran: int = 0  # cells this process ran to done
     errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (cell id, error) failed in this run
     seconds: float = 0.0
+    left: int = 0  # cells neither done nor failed at the end: another live process runs them or their attack cell
     crashed: list[str] = dataclasses.field(default_factory=list)  # worker processes that did not exit cleanly
 
 
@@ -142,6 +144,7 @@ class _Scheduler:
 
     def finalize(self, t0: float) -> Summary:
         self.summary.done, self.summary.failed, _ = _count(self.store, self.plan)
+        self.summary.left = self.summary.total - self.summary.done - self.summary.failed
         self.summary.seconds = time.perf_counter() - t0
         return self.summary
 
@@ -150,7 +153,7 @@ def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "loc
              progress: bool = False, runner: CellRunner = run_cell, address: str | None = None,
              cpus_per_cell: float = 1, gpus_per_cell: float = 0, poll_s: float = 2.0,
              heartbeat_s: float = 30.0, attacks_first: bool = False,
-             copy_index: str | Path | None = None) -> Summary:
+             copy_index: str | Path | None = None, no_wait: bool = False) -> Summary:
     """Run every cell of ``plan`` not yet done into ``store`` (registering the plan first).
 
     ``attacks_first`` (local executor): claim every attack cell before any defense cell, so that
@@ -160,7 +163,10 @@ def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "loc
     that the grid does not end on one long cell while the other processes have nothing left.
     ``copy_index`` (a folder or a ``.sqlite`` file): a copy of the store's index
     (:meth:`Store.snapshot`, no models) is written there at the start and after every finished
-    cell, so a results folder lost with its machine loses no finished cell's record."""
+    cell, so a results folder lost with its machine loses no finished cell's record.
+    ``no_wait``: return as soon as every cell left is one another live process runs, or a defense
+    of an attacked model it trains (``Summary.left`` counts them), instead of waiting to run what
+    that process leaves or take over a cell if it dies; for chaining narrowed runs in a script."""
     if executor not in EXECUTORS:
         raise TsbdError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     store.register(plan)
@@ -173,9 +179,9 @@ def run_grid(plan: Plan, store: Store, ctx: CellContext, *, executor: str = "loc
     try:
         with Heartbeat(store, heartbeat_s):
             if executor == "local":
-                _run_local(plan, sched, ctx, bar, runner, poll_s, attacks_first)
+                _run_local(plan, sched, ctx, bar, runner, poll_s, attacks_first, no_wait)
             else:
-                _run_ray(plan, sched, ctx, bar, runner, address, cpus_per_cell, gpus_per_cell, poll_s)
+                _run_ray(plan, sched, ctx, bar, runner, address, cpus_per_cell, gpus_per_cell, poll_s, no_wait)
     finally:
         bar.close()
     return sched.finalize(t0)
@@ -228,7 +234,7 @@ def compare_retrained(store: Store, cell: Cell, metrics: dict) -> bool | None:
 
 # ------------------------------------------------------------------------------------------
 def _run_local(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, runner: CellRunner,
-               poll_s: float, attacks_first: bool = False) -> None:
+               poll_s: float, attacks_first: bool = False, no_wait: bool = False) -> None:
     cache = DataCache()
     todo = list(plan.cells)
     if attacks_first:
@@ -259,8 +265,16 @@ def _run_local(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, 
                 sched.record(cell, result, None)
             bar.step()
         if waiting and len(waiting) == len(todo):
+            if no_wait:
+                _left_to_others(waiting)
+                return
             time.sleep(poll_s)  # only cells another process is running, or their defenses
         todo = waiting
+
+
+def _left_to_others(cells: list[Cell]) -> None:
+    log.info("no-wait: stopping with %d cell(s) left to other processes: %s", len(cells),
+             ", ".join(cell.label() for cell in cells))
 
 
 # ------------------------------------------------------------------------------------------
@@ -289,7 +303,8 @@ def _ray_error(err: BaseException) -> BaseException:
 
 
 def _run_ray(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, runner: CellRunner,
-             address: str | None, cpus_per_cell: float, gpus_per_cell: float, poll_s: float) -> None:
+             address: str | None, cpus_per_cell: float, gpus_per_cell: float, poll_s: float,
+             no_wait: bool = False) -> None:
     ray = import_ray()
     started_here = False
     if not ray.is_initialized():
@@ -330,6 +345,9 @@ def _run_ray(plan: Plan, sched: _Scheduler, ctx: CellContext, bar: _Progress, ru
                         sched.record(cell, result, None)
                     bar.step(cell.label())
             elif todo:
+                if no_wait:
+                    _left_to_others(todo)
+                    break
                 time.sleep(poll_s)  # cells another process is running
     except BaseException:
         for ref, cell in in_flight.items():
@@ -354,7 +372,7 @@ def _interrupt_once(signum, frame) -> None:
 
 
 def _worker_main(plan: Plan, results_dir: str, ctx: CellContext, retry_failed: bool, poll_s: float,
-                 runner: CellRunner, copy_index: str | Path | None = None) -> None:
+                 runner: CellRunner, copy_index: str | Path | None = None, no_wait: bool = False) -> None:
     """One of ``run_workers``'s processes: the local executor on the shared store, attacks first."""
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's ignored SIGINT stays ignored
         signal.signal(signal.SIGINT, _interrupt_once)
@@ -363,7 +381,7 @@ def _worker_main(plan: Plan, results_dir: str, ctx: CellContext, retry_failed: b
     try:
         with Store(results_dir) as store:
             run_grid(plan, store, ctx, retry_failed=retry_failed, progress=False, poll_s=poll_s,
-                     runner=runner, attacks_first=True, copy_index=copy_index)
+                     runner=runner, attacks_first=True, copy_index=copy_index, no_wait=no_wait)
     except KeyboardInterrupt:  # the running cell was handed back by run_grid; exit quietly
         raise SystemExit(130) from None
 
@@ -383,14 +401,16 @@ def _count(store: Store, plan: Plan) -> tuple[int, int, dict[str, str]]:
 
 def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, retry_failed: bool = False,
                 progress: bool = False, runner: CellRunner = run_cell, poll_s: float = 2.0,
-                stop_timeout_s: float = 60.0, copy_index: str | Path | None = None) -> Summary:
+                stop_timeout_s: float = 60.0, copy_index: str | Path | None = None,
+                no_wait: bool = False) -> Summary:
     """Run ``plan`` with ``workers`` processes on one store, each the local executor with
     ``ctx.threads // workers`` threads (at least one) and attack cells claimed first.
 
     The claim protocol keeps them from running a cell twice. Ctrl-C (SIGINT to the process group,
     as a terminal sends it, or to this process alone) stops every worker; each hands its running
     cell back, so a rerun resumes it from its last checkpoint (attack training, TSBD's stages and
-    ANP's mask optimization after every epoch, NC after every label)."""
+    ANP's mask optimization after every epoch, NC after every label). ``no_wait`` as in
+    :func:`run_grid`, for each worker."""
     if workers < 1:
         raise TsbdError(f"--workers {workers}: must be >= 1")
     store.register(plan)
@@ -401,7 +421,7 @@ def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, ret
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     procs = [spawn.Process(target=_worker_main, name=f"tsbd-bench-worker-{i}", daemon=False,
                            args=(plan, str(Path(store.path).parent), worker_ctx, retry_failed, poll_s, runner,
-                                 copy_index))
+                                 copy_index, no_wait))
              for i in range(workers)]
     bar = _Progress(plan, done0 + len(failed0), progress)
     # the workers inherit this process's SIGINT; where it is ignored (a background job) they are
@@ -440,7 +460,7 @@ def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, ret
     done, failed, errors = _count(store, plan)
     summary = Summary(total=len(plan.cells), done=done, failed=failed, ran=done - done0,
                       errors=[(cid, err) for cid, err in errors.items() if cid not in failed0],
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, left=len(plan.cells) - done - failed)
     summary.crashed = [p.name for p in procs if p.exitcode not in (0, None)]
     if summary.crashed:
         log.warning("bench workers exited with an error: %s", ", ".join(summary.crashed))

@@ -100,17 +100,20 @@ def cmd_bench(args) -> int:
                           save_defended_models=bool(plan.spec.get("save_defended_models", True)))
         if args.workers > 1:
             summary = run_workers(plan, store, ctx, args.workers, retry_failed=args.retry_failed,
-                                  progress=not args.quiet, copy_index=copy_index)
+                                  progress=not args.quiet, copy_index=copy_index, no_wait=args.no_wait)
         else:
             summary = run_grid(plan, store, ctx, executor=args.executor, retry_failed=args.retry_failed,
                                progress=not args.quiet, address=args.address, cpus_per_cell=args.cpus_per_cell,
-                               gpus_per_cell=gpus, copy_index=copy_index)
+                               gpus_per_cell=gpus, copy_index=copy_index, no_wait=args.no_wait)
     finally:
         store.close()
     console.print(f"{summary.done}/{summary.total} cells done, {summary.failed} failed; this run: {summary.ran} "
                   f"cells in {summary.seconds / 60:.1f} min")
     for cell_id, error in summary.errors:
         console.print(f"  [red]failed[/] {cell_id}: {error}")
+    if summary.left and not summary.crashed:
+        console.print(f"{summary.left} cell(s) left to other live processes on {results}; a rerun "
+                      f"after they stop runs whatever they did not finish")
     if args.report:
         from tsbd.bench.report import write_report
 
@@ -280,6 +283,10 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-cell", type=float, default=None,
                    help="Ray: GPUs reserved per cell (default: 1 when the device is CUDA, else 0)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
+    p.add_argument("--no-wait", action="store_true",
+                   help="stop once every cell left is run by another live process on the results folder (or is "
+                        "a defense of a model one trains) instead of waiting to run it or take it over should "
+                        "that process die; for chaining narrowed runs in a script")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run and write nothing")
     p.add_argument("--register-only", action="store_true",
                    help="record the grid's cells in the results store (new ones as pending, creating the store) "
