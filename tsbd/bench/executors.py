@@ -45,8 +45,12 @@ class Summary:
     ran: int = 0  # cells this process ran to done
     errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (cell id, error) failed in this run
     seconds: float = 0.0
-    left: int = 0  # cells neither done nor failed at the end: another live process runs them or their attack cell
     crashed: list[str] = dataclasses.field(default_factory=list)  # worker processes that did not exit cleanly
+
+    @property
+    def left(self) -> int:
+        """Cells neither done nor failed at the end: another live process runs them or their attack cell."""
+        return self.total - self.done - self.failed
 
 
 class _Progress:
@@ -144,7 +148,6 @@ class _Scheduler:
 
     def finalize(self, t0: float) -> Summary:
         self.summary.done, self.summary.failed, _ = _count(self.store, self.plan)
-        self.summary.left = self.summary.total - self.summary.done - self.summary.failed
         self.summary.seconds = time.perf_counter() - t0
         return self.summary
 
@@ -460,7 +463,7 @@ def run_workers(plan: Plan, store: Store, ctx: CellContext, workers: int, *, ret
     done, failed, errors = _count(store, plan)
     summary = Summary(total=len(plan.cells), done=done, failed=failed, ran=done - done0,
                       errors=[(cid, err) for cid, err in errors.items() if cid not in failed0],
-                      seconds=time.perf_counter() - t0, left=len(plan.cells) - done - failed)
+                      seconds=time.perf_counter() - t0)
     summary.crashed = [p.name for p in procs if p.exitcode not in (0, None)]
     if summary.crashed:
         log.warning("bench workers exited with an error: %s", ", ".join(summary.crashed))
